@@ -1,0 +1,68 @@
+"""Test helpers: exact state-dict comparison and DeepSpeed's own reconstruction."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+
+def state_dict_differences(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every key missing, unexpected, of another dtype/shape, or not bit-identical."""
+    problems = [f"missing {k}" for k in expected if k not in actual]
+    problems += [f"unexpected {k}" for k in actual if k not in expected]
+    for key in expected:
+        if key not in actual:
+            continue
+        a, e = actual[key], expected[key]
+        if a.dtype != e.dtype or a.shape != e.shape:
+            problems.append(f"{key}: {a.dtype}{list(a.shape)} != {e.dtype}{list(e.shape)}")
+        elif not torch.equal(a, e):
+            problems.append(f"{key}: values differ (max abs diff {(a.double() - e.double()).abs().max():.3g})")
+    return problems
+
+
+def assert_state_dicts_equal(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    problems = state_dict_differences(actual, expected)
+    assert not problems, "\n".join(problems)
+
+
+def deepspeed_reference(model_dir: Path, tag: str, model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """What DeepSpeed itself reconstructs from ``model_dir/tag``.
+
+    ZeRO-1/2/3: ``get_fp32_state_dict_from_zero_checkpoint`` (zero_to_fp32).
+    ZeRO-0 has no DeepSpeed converter; the reference is then read from the
+    checkpoint's own fields: the module state, with trainable parameters taken
+    from FP16_Optimizer's flat fp32 master group (bf16/fp16 training), which
+    holds ``model``'s trainable parameters back to back in ``parameters()`` order.
+    """
+    ckpt = Path(model_dir) / tag
+    if any(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(model_dir), tag=tag)
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)
+    return _zero0_reference(states, model)
+
+
+def _zero0_reference(states: dict, model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    ref = OrderedDict((k, v.float() if v.is_floating_point() else v) for k, v in states["module"].items())
+    flats = (states.get("optimizer") or {}).get("fp32_groups_flat")
+    if flats is None:
+        return ref
+    (flat,) = flats
+    offset = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            master = flat[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+            for name, q in model.named_parameters(remove_duplicate=False):
+                if q is p:
+                    ref[name] = master
+    assert offset == flat.numel(), f"layout mismatch: {offset} != {flat.numel()}"
+    return ref

@@ -1,0 +1,87 @@
+"""torchrun worker: real DeepSpeed training, then save_checkpoint and consolidate, per case.
+
+Usage: consolidate_matrix.py OUT_DIR CASE [CASE ...], a CASE being
+``z<stage>-<fp32|bf16>-<offload|nooffload>``. For each case it writes, under
+``OUT_DIR/<case>/``: DeepSpeed's sharded checkpoint (tag ``step_3``), our
+``step_3.pt`` (fp32) and ``step_3.bf16.pt`` (dtype="bf16"), the engine's
+module output on a fixed batch (``engine_out.pt``) and ``result.json``.
+The pytest side compares them; this script only records.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from wenet_hooks import Manifest, consolidate, write_state_dict
+from wenet_hooks.demo.model import build_model, make_batch
+from wenet_hooks.demo.train import ds_config, init_engine, train_steps
+
+TAG = "step_3"
+STEPS = 3
+
+
+def parse_case(case: str) -> tuple[int, str, bool]:
+    stage, precision, offload = case.split("-")
+    return int(stage[1:]), precision, offload == "offload"
+
+
+def engine_output(engine) -> torch.Tensor:
+    """Collective under ZeRO-3: the module's eval-mode output on a fixed batch."""
+    feats, tokens, _ = make_batch(seed=1234)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    engine.module.eval()
+    with torch.no_grad():
+        out = engine.module(feats.to(dtype), tokens)
+    engine.module.train()
+    return out
+
+
+def run_case(case: str, out_dir: Path) -> None:
+    stage, precision, offload = parse_case(case)
+    case_dir = out_dir / case
+    config = ds_config(stage, precision, offload_optimizer=offload, offload_param=offload and stage == 3)
+    # ZeRO-3 otherwise swaps F.linear for its own matmul + add, whose bf16
+    # rounding differs from a plain model's: the output comparison would then
+    # test DeepSpeed's kernels, not the weights.
+    config["zero_optimization"]["memory_efficient_linear"] = False
+    engine = init_engine(build_model(), config)
+    losses = train_steps(engine, STEPS)
+    engine.save_checkpoint(str(case_dir), tag=TAG)
+    fp32 = consolidate(engine)
+    bf16 = consolidate(engine, dtype="bf16")
+    out = engine_output(engine)
+    if dist.get_rank() == 0:
+        write_state_dict(fp32, case_dir / f"{TAG}.pt", expected=Manifest.from_state_dict(fp32))
+        write_state_dict(bf16, case_dir / f"{TAG}.bf16.pt", expected=Manifest.from_state_dict(bf16))
+        torch.save(out, case_dir / "engine_out.pt")
+        (case_dir / "result.json").write_text(json.dumps({"ok": True, "losses": losses}))
+    else:
+        assert fp32 is None and bf16 is None, "ranks other than 0 must receive None"
+
+
+def main() -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    out_dir = Path(sys.argv[1])
+    for case in sys.argv[2:]:
+        try:
+            run_case(case, out_dir)
+        except Exception:
+            if dist.get_rank() == 0:
+                (out_dir / case).mkdir(parents=True, exist_ok=True)
+                (out_dir / case / "result.json").write_text(
+                    json.dumps({"ok": False, "error": traceback.format_exc()})
+                )
+            raise
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Typed exceptions. Each carries the file, key or rank it is about, so a
+caller (the WeNet hook, the offline command) can report it without parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+class WenetHooksError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConsolidationError(WenetHooksError):
+    """Gathering the full state dict from a DeepSpeed engine failed."""
+
+
+class CheckpointWriteError(WenetHooksError):
+    """Writing ``path`` failed; nothing was published at ``path``."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"could not write {self.path}: {reason}")
+
+
+class VerificationError(WenetHooksError):
+    """A written checkpoint does not hold what was expected.
+
+    ``problems`` lists every difference found, one line each, so a user sees
+    the whole picture at once instead of fixing one key per run.
+    """
+
+    def __init__(self, path: Path, problems: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.problems = list(problems)
+        listing = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(
+            f"{self.path} failed verification ({len(self.problems)} problem(s)):\n{listing}"
+        )
