@@ -11,6 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = Path(__file__).resolve().parent / "jobs"
+# A WeNet-shaped stand-in (tests/standin/README.md); on PYTHONPATH as users put WeNet.
+STANDIN = Path(__file__).resolve().parent / "standin"
 
 # DeepSpeed on the CPU: its CPU accelerator, gloo, one thread per rank so two
 # ranks share two cores without oversubscription.
@@ -28,7 +30,8 @@ def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 600,
     """Launch ``script`` on ``nproc`` real ranks with torchrun and return its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(script), *args]
-    full_env = {**os.environ, **DIST_ENV, "PYTHONPATH": os.pathsep.join([str(REPO), str(JOBS)]), **(env or {})}
+    full_env = {**os.environ, **DIST_ENV, "PYTHONPATH": os.pathsep.join([str(REPO), str(JOBS), str(STANDIN)]),
+                **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         pytest.fail(f"{script.name} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -30,3 +31,20 @@ def log_rank0(logger: logging.Logger, level: int, msg: str, *args: object) -> No
     """Log on rank 0 only, so an N-GPU job prints each line once, not N times."""
     if is_rank0():
         logger.log(level, msg, *args)
+
+
+def first_error(error: Optional[str]) -> Optional[tuple[int, str]]:
+    """Collective: every rank learns the first ``(rank, message)`` any rank reported.
+
+    Each rank passes ``None`` when its part of a phase succeeded. All ranks get
+    the same answer, so they raise together or continue together instead of
+    one rank raising while the others wait in the next collective.
+    """
+    if get_world_size() == 1:
+        return (0, error) if error else None
+    reports: list[Optional[str]] = [None] * get_world_size()
+    dist.all_gather_object(reports, error)
+    for rank, report in enumerate(reports):
+        if report:
+            return rank, report
+    return None

@@ -38,3 +38,20 @@ class VerificationError(WenetHooksError):
         super().__init__(
             f"{self.path} failed verification ({len(self.problems)} problem(s)):\n{listing}"
         )
+
+
+class ConfigError(WenetHooksError):
+    """The ``wenet_hooks`` configuration is invalid; ``problems`` lists every one."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        listing = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid wenet_hooks configuration ({len(self.problems)} problem(s)):\n{listing}")
+
+
+class SaveError(WenetHooksError):
+    """A save failed on some rank; every rank raises it together."""
+
+    def __init__(self, tag: str, rank: int, phase: str, reason: str) -> None:
+        self.tag, self.rank, self.phase, self.reason = tag, rank, phase, reason
+        super().__init__(f"save '{tag}' failed on rank {rank} while {phase}: {reason}")

@@ -1,0 +1,1 @@
+"""Hydra configs shipped with wenet_hooks (installed as the package ``wenet_hooks.conf``)."""

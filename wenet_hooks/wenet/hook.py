@@ -1,0 +1,138 @@
+"""What the wrapped ``save_model`` does at each WeNet save.
+
+``check_modify_and_save_config`` (called by train.py right after reading the
+yaml, before the model is built) composes and validates the ``wenet_hooks``
+section once, so a bad section stops the run before any step. Then, at each
+``save_model(model, info_dict)`` with the hook active:
+
+- ``save_states: model+optimizer``: WeNet's own save runs (DeepSpeed's sharded
+  ``<tag>/`` and ``<tag>.yaml``), then every rank joins the gather and rank 0
+  writes the verified ``<tag>.pt``; retention may then remove older folders.
+- ``save_states: model_only``: nothing sharded is written, read or deleted;
+  the ``.pt`` comes straight from memory and ``<tag>.yaml`` is written as WeNet
+  writes it.
+
+Inactive (section absent, ``enabled: false``, or another ``train_engine``),
+the original ``save_model`` runs untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from wenet_hooks.config import SECTION, ConsolidateConfig, OnError, compose_section
+from wenet_hooks.dist import is_rank0, log_rank0
+from wenet_hooks.errors import SaveError
+from wenet_hooks.save import save_consolidated
+from wenet_hooks.wenet.files import FinalLink, ShardedRetention, write_info_yaml
+
+logger = logging.getLogger(__name__)
+
+DEEPSPEED = "deepspeed"
+MODEL_ONLY = "model_only"
+
+
+class _Session:
+    """Per-process state: the validated config, retention and final.pt."""
+
+    def __init__(self) -> None:
+        self.configured = False
+        self.active: Optional[ConsolidateConfig] = None
+        self.retention = ShardedRetention()
+        self.final_link = FinalLink()
+
+
+_session = _Session()
+
+
+def configure(configs: Mapping[str, Any]) -> Optional[ConsolidateConfig]:
+    """Compose and validate ``configs['wenet_hooks']``; the active config, or None.
+
+    Raises:
+        ConfigError: listing every problem of the section.
+    """
+    if not _session.configured:
+        _log_installed()
+    section = configs.get(SECTION)
+    config = compose_section(section).consolidate
+    engine = configs.get("train_engine")
+    _session.configured = True
+    _session.active = config if config.enabled and engine == DEEPSPEED else None
+    if _session.active is not None:
+        log_rank0(logger, logging.INFO,
+                  "wenet_hooks: writing <model_dir>/<tag>.pt at every %s save (dtype %s, verify %s, "
+                  "keep_sharded %s, on_error %s)", "/".join(t.value for t in config.tags),
+                  config.dtype.value, config.verify, config.keep_sharded, config.on_error.value)
+    elif section is not None:
+        reason = "consolidate.enabled is false" if not config.enabled else f"train_engine is {engine}"
+        log_rank0(logger, logging.INFO, "wenet_hooks: section present but inactive (%s): WeNet saves as usual",
+                  reason)
+    return _session.active
+
+
+def _log_installed() -> None:
+    from wenet_hooks.wenet.install import installed_places
+
+    places = installed_places()
+    if places:
+        logger.info("wenet_hooks: installed into WeNet (%s)", ", ".join(places))
+
+
+def wrap_check_modify_and_save_config(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def check_modify_and_save_config(args, configs, *rest, **kwargs):
+        configs = original(args, configs, *rest, **kwargs)
+        configure(configs)
+        return configs
+
+    return check_modify_and_save_config
+
+
+def wrap_save_model(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def save_model(model, info_dict):
+        if not _session.configured:  # a trainer that never called the config check
+            configure(info_dict)
+        config = _session.active
+        if config is None or not config.converts(info_dict["tag"]):
+            return original(model, info_dict)
+        return _save(original, model, info_dict, config)
+
+    return save_model
+
+
+def _save(original: Callable, model: Any, info_dict: dict, config: ConsolidateConfig) -> None:
+    model_dir, tag = Path(info_dict["model_dir"]), info_dict["tag"]
+    model_only = info_dict.get("save_states") == MODEL_ONLY
+    if not model_only:
+        original(model, info_dict)  # sharded checkpoint + <tag>.yaml, as WeNet does
+    converted = _consolidate(model, model_dir, tag, config, info_dict, fall_back_to_sharded=model_only)
+    if is_rank0():
+        if model_only:
+            write_info_yaml(model_dir, tag, info_dict)
+        if converted and not model_only:
+            _session.retention.after_verified(model_dir, tag, config.keep_last())
+        if tag.startswith("epoch_"):
+            _session.final_link.remember(model_dir, tag)
+
+
+def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfig,
+                 info_dict: dict, fall_back_to_sharded: bool) -> bool:
+    """Collective: True if ``<tag>.pt`` was written (and verified)."""
+    try:
+        save_consolidated(model, model_dir, tag, dtype=config.dtype.value, verify=config.verify)
+        return True
+    except SaveError as e:
+        if config.on_error is OnError.stop:
+            raise
+        log_rank0(logger, logging.WARNING, "wenet_hooks: %s; on_error is warn: training goes on", e)
+    if fall_back_to_sharded:
+        # model_only wrote nothing else: keep DeepSpeed's sharded checkpoint
+        # so the save is not lost (wenet-hooks-convert turns it into a .pt).
+        model.save_checkpoint(save_dir=str(model_dir), tag=tag, client_state=info_dict)
+        log_rank0(logger, logging.WARNING, "wenet_hooks: kept DeepSpeed's sharded %s instead; convert it "
+                  "later with `wenet-hooks-convert model_dir=%s tag=%s`", model_dir / tag, model_dir, tag)
+    return False
