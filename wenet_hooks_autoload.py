@@ -4,7 +4,7 @@ It must cost nothing in processes that never import WeNet, so it imports only
 the standard library and does one thing: put a finder on ``sys.meta_path``
 that notices when ``wenet.utils.train_utils`` is imported. Right after that
 module has run, and before ``train.py`` or ``executor.py`` bind
-``save_model`` by name, ``wenet_hooks.wenet.install.patch_train_utils``
+``save_model`` by name, ``wenet_hooks.wenet.patch.patch_train_utils``
 wraps it. Whether the wrapped ``save_model`` does anything is decided by the
 ``wenet_hooks`` section of ``train.yaml``.
 
@@ -36,7 +36,7 @@ class _PatchAfterExec(Loader):
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        from wenet_hooks.wenet.install import patch_train_utils
+        from wenet_hooks.wenet.patch import patch_train_utils
 
         patch_train_utils(module)
 

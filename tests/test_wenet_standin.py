@@ -135,3 +135,31 @@ def test_explicit_entry_and_override_config(tmp_path):
     reference = deepspeed_reference(exp, "epoch_0", build_model())
     assert_state_dicts_equal(saved, {k: v.to(torch.bfloat16) if v.is_floating_point() else v
                                      for k, v in reference.items()})
+
+
+def test_on_error_warn_keeps_training_and_the_data(tmp_path):
+    """A save that cannot be written (a folder-shaped init.pt is in the way) with on_error: warn."""
+    write_configs(tmp_path, stage=2, section={"consolidate": {"enabled": True, "on_error": "warn"}})
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "init.pt").mkdir()
+    proc = train(tmp_path, "model_only")
+    exp = tmp_path / "exp"
+    # model_only wrote nothing else for init, so DeepSpeed's sharded checkpoint was kept instead.
+    assert (exp / "init").is_dir() and (exp / "init.pt").is_dir()
+    assert_recognize_ready(exp / "epoch_0.pt")
+    assert "wenet_hooks: save 'init' failed on rank 0 while writing" in proc.stderr
+    assert "on_error is warn: training goes on" in proc.stderr
+    assert f"convert it later with `wenet-hooks-convert model_dir={exp} tag=init`" in proc.stderr
+
+
+def test_on_error_stop_stops_every_rank_with_the_reason(tmp_path):
+    write_configs(tmp_path, stage=3, section={"consolidate": {"enabled": True}})
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "init.pt").mkdir()
+    proc = train(tmp_path, "model+optimizer", check=False)
+    assert proc.returncode != 0
+    stderr = re.sub(r"(?m)^\[rank\d\]: ", "", proc.stderr)
+    reason = (f"SaveError: save 'init' failed on rank 0 while writing {tmp_path / 'exp' / 'init.pt'}: "
+              f"could not write {tmp_path / 'exp' / 'init.pt'}: a folder of that name exists")
+    assert stderr.count(reason) == 2  # both ranks raised it, neither hung
+    assert not (tmp_path / "exp" / "epoch_0").exists()

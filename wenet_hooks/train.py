@@ -17,7 +17,7 @@ WENET_TRAIN = "wenet.bin.train"
 
 
 def main() -> None:
-    from wenet_hooks.wenet.install import install
+    from wenet_hooks.wenet.patch import install
 
     try:
         install()

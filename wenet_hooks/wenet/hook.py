@@ -74,7 +74,7 @@ def configure(configs: Mapping[str, Any]) -> Optional[ConsolidateConfig]:
 
 
 def _log_installed() -> None:
-    from wenet_hooks.wenet.install import installed_places
+    from wenet_hooks.wenet.patch import installed_places
 
     places = installed_places()
     if places:
