@@ -54,8 +54,11 @@ setup(
         "deepspeed>=0.15.3",
         "hydra-core>=1.3,<1.4",
         "pyyaml",
+        "safetensors",  # reading folder-shaped zero_to_fp32 outputs
+        "tqdm",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # huggingface_hub: the tests make sharded zero_to_fp32 folders with DeepSpeed itself.
+    extras_require={"test": ["pytest>=7", "huggingface_hub"]},
     entry_points={"console_scripts": ["wenet-hooks-convert = wenet_hooks.cli:main"]},
     cmdclass=cmdclass,
     classifiers=[

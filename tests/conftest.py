@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,34 @@ def no_stray_files():
     stray = sorted(_repo_files() - before)
     if stray:
         pytest.fail(f"test left files behind: {stray[:10]}")
+
+
+# ZeRO stage x precision x optimizer offload, as the matrix job names them.
+CASES = [
+    f"z{stage}-{precision}-{offload}"
+    for stage in (0, 1, 2, 3)
+    for precision in ("fp32", "bf16")
+    for offload in (("nooffload",) if stage == 0 else ("nooffload", "offload"))
+]
+
+
+@pytest.fixture(scope="session")
+def matrix(tmp_path_factory):
+    """One real 2-rank DeepSpeed job over every case (tests/jobs/consolidate_matrix.py).
+
+    Per case: a sharded checkpoint ``step_3/`` and our ``step_3.pt`` of the same step.
+    """
+    out = tmp_path_factory.mktemp("matrix")
+    proc = run_torchrun(JOBS / "consolidate_matrix.py", str(out), *CASES, timeout=1200, check=False)
+    return out, proc
+
+
+def case_dir(matrix, case):
+    """The output folder of one case of the session's DeepSpeed job (conftest.matrix)."""
+    out, proc = matrix
+    result = out / case / "result.json"
+    if not result.exists():
+        pytest.fail(f"the job never reached {case}; exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    status = json.loads(result.read_text())
+    assert status["ok"], status.get("error")
+    return out / case

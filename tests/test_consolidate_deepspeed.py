@@ -13,46 +13,21 @@ compare them. Cases not run, and why:
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from helpers import assert_state_dicts_equal, deepspeed_reference
-from conftest import JOBS, run_torchrun
+from conftest import CASES, case_dir
 from wenet_hooks.demo.model import build_model, make_batch
 
 TAG = "step_3"
 FROZEN = ["encoder.embed.weight", "encoder.embed.bias"]
 TIED = ("decoder.embed.0.weight", "decoder.output_layer.weight")
 
-CASES = [
-    f"z{stage}-{precision}-{offload}"
-    for stage in (0, 1, 2, 3)
-    for precision in ("fp32", "bf16")
-    for offload in (("nooffload",) if stage == 0 else ("nooffload", "offload"))
-]
 NOT_RUN = [
     pytest.param("z2-fp16-nooffload", marks=pytest.mark.skip(reason="fp16 is refused by DeepSpeed on CPU")),
     pytest.param("z0-fp32-offload", marks=pytest.mark.skip(reason="offload needs ZeRO; ignored at stage 0")),
 ]
-
-
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    out = tmp_path_factory.mktemp("matrix")
-    proc = run_torchrun(JOBS / "consolidate_matrix.py", str(out), *CASES, timeout=1200, check=False)
-    return out, proc
-
-
-def case_dir(matrix, case):
-    out, proc = matrix
-    result = out / case / "result.json"
-    if not result.exists():
-        pytest.fail(f"the job never reached {case}; exit {proc.returncode}\n{proc.stderr[-4000:]}")
-    status = json.loads(result.read_text())
-    assert status["ok"], status.get("error")
-    return out / case
 
 
 def load(path):

@@ -70,11 +70,28 @@ class WenetHooksConfig:
     consolidate: ConsolidateConfig = field(default_factory=ConsolidateConfig)
 
 
+@dataclass
+class ConvertConfig:
+    """Options of ``wenet-hooks-convert`` (defaults in ``conf/convert.yaml``)."""
+
+    model_dir: str = "???"  # the WeNet experiment folder, e.g. exp/whisper
+    tag: Optional[str] = None  # one tag (or "latest"); None: every tag not yet converted
+    dtype: Dtype = Dtype.fp32
+    dry_run: bool = False  # list what would be done, write nothing
+    overwrite: bool = False  # replace an existing valid <tag>.pt
+    keep_sharded: bool = True  # keep <tag>/ after its <tag>.pt verified
+    config: Optional[str] = None  # a WeNet train.yaml: check keys and shapes against the model it builds
+
+
+CONVERT_SCHEMA_NAME = "convert_schema"
+
+
 def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore (idempotent)."""
+    """Register the schemas in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name=SCHEMA_NAME, node=WenetHooksConfig)
+    ConfigStore.instance().store(name=CONVERT_SCHEMA_NAME, node=ConvertConfig)
 
 
 def compose_section(section: Optional[Mapping[str, Any]]) -> WenetHooksConfig:

@@ -55,3 +55,12 @@ class SaveError(WenetHooksError):
     def __init__(self, tag: str, rank: int, phase: str, reason: str) -> None:
         self.tag, self.rank, self.phase, self.reason = tag, rank, phase, reason
         super().__init__(f"save '{tag}' failed on rank {rank} while {phase}: {reason}")
+
+
+class CheckpointReadError(WenetHooksError):
+    """An existing checkpoint cannot be read or is inconsistent; names the file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

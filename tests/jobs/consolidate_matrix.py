@@ -3,7 +3,7 @@
 Usage: consolidate_matrix.py OUT_DIR CASE [CASE ...], a CASE being
 ``z<stage>-<fp32|bf16>-<offload|nooffload>``. For each case it writes, under
 ``OUT_DIR/<case>/``: DeepSpeed's sharded checkpoint (tag ``step_3``), our
-``step_3.pt`` (fp32) and ``step_3.bf16.pt`` (dtype="bf16"), the engine's
+``step_3.pt`` (fp32), a second sharded save ``step_4/`` one step later, and ``step_3.bf16.pt`` (dtype="bf16"), the engine's
 module output on a fixed batch (``engine_out.pt``) and ``result.json``.
 The pytest side compares them; this script only records.
 """
@@ -23,6 +23,7 @@ from wenet_hooks.demo.model import build_model, make_batch
 from wenet_hooks.demo.train import ds_config, init_engine, train_steps
 
 TAG = "step_3"
+NEXT_TAG = "step_4"
 STEPS = 3
 
 
@@ -56,6 +57,9 @@ def run_case(case: str, out_dir: Path) -> None:
     fp32 = consolidate(engine)
     bf16 = consolidate(engine, dtype="bf16")
     out = engine_output(engine)
+    # One step more, saved too: tests of mixed-up shards take a file from here.
+    train_steps(engine, 1, first_step=STEPS)
+    engine.save_checkpoint(str(case_dir), tag=NEXT_TAG)
     if dist.get_rank() == 0:
         write_state_dict(fp32, case_dir / f"{TAG}.pt", expected=Manifest.from_state_dict(fp32))
         write_state_dict(bf16, case_dir / f"{TAG}.bf16.pt", expected=Manifest.from_state_dict(bf16))
