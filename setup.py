@@ -21,6 +21,18 @@ class BuildPyWithPth(build_py):
 
 cmdclass = {"build_py": BuildPyWithPth}
 
+try:  # `setup.py develop`: the legacy editable install some pip/setuptools pairs still use
+    from setuptools.command.develop import develop
+
+    class DevelopWithPth(develop):
+        def run(self):
+            super().run()
+            self.copy_file(str(ROOT / PTH_FILE), str(Path(self.install_dir, PTH_FILE)), preserve_mode=0)
+
+    cmdclass["develop"] = DevelopWithPth
+except ImportError:
+    pass
+
 try:  # setuptools >= 64: `pip install -e .` builds an editable wheel instead
     from setuptools.command.editable_wheel import editable_wheel
 

@@ -18,7 +18,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from wenet_hooks.config import ConvertConfig, register_configs
+from wenet_hooks.config import ConvertConfig, config_search_path, register_configs
 from wenet_hooks.errors import WenetHooksError
 from wenet_hooks.offline.convert import (
     Outcome,
@@ -91,7 +91,7 @@ def _convert_one(source: Source, options: ConvertConfig, expected) -> Outcome:
             return Outcome(source.tag, source.kind, error=str(e).splitlines()[0])
 
 
-@hydra.main(version_base="1.3", config_path="pkg://wenet_hooks.conf", config_name="convert")
+@hydra.main(version_base="1.3", config_path=config_search_path(), config_name="convert")
 def _hydra_main(cfg: DictConfig) -> Optional[int]:
     options: ConvertConfig = OmegaConf.to_object(cfg)
     status = run(options)

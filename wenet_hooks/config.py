@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional
 
 from wenet_hooks.errors import ConfigError
@@ -110,11 +111,29 @@ def compose_section(section: Optional[Mapping[str, Any]]) -> WenetHooksConfig:
     return OmegaConf.to_object(OmegaConf.merge(defaults, section))
 
 
+def config_search_path() -> str:
+    """Where Hydra finds ``conf/``: the installed package, or the source checkout.
+
+    A legacy ``setup.py develop`` install puts the checkout on sys.path without
+    the ``wenet_hooks.conf`` -> ``conf/`` mapping; the folder is used directly then.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(CONFIG_MODULE) is not None:
+        return f"pkg://{CONFIG_MODULE}"
+    return str(Path(__file__).resolve().parents[1] / "conf")
+
+
 def _compose_defaults():
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir, initialize_config_module
 
     register_configs()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+    source = config_search_path()
+    if source.startswith("pkg://"):
+        context = initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
+    else:
+        context = initialize_config_dir(config_dir=source, version_base="1.3")
+    with context:
         return compose(config_name=SECTION)
 
 
