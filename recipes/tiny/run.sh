@@ -6,6 +6,7 @@
 #
 #   WENET_ROOT=/path/to/wenet bash recipes/tiny/run.sh
 #   ds_config=recipes/tiny/conf/ds_stage3.json save_states=model_only bash recipes/tiny/run.sh
+#   train_config=recipes/tiny/conf/train_whisper.yaml checkpoint=init.pt bash recipes/tiny/run.sh
 set -euo pipefail
 : "${WENET_ROOT:?set WENET_ROOT to your WeNet checkout}"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -17,6 +18,7 @@ dir=${dir:-exp/tiny}
 nproc=${nproc:-2}
 ds_config=${ds_config:-$here/conf/ds_stage2.json}
 save_states=${save_states:-model+optimizer}  # or model_only: no sharded folder at all
+train_config=${train_config:-$here/conf/train.yaml}  # or conf/train_whisper.yaml (with checkpoint=...)
 
 export PYTHONPATH=$WENET_ROOT${PYTHONPATH:+:$PYTHONPATH}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -27,12 +29,16 @@ fi
 
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   mkdir -p "$dir"
+  overrides=()
+  if grep -q "^tokenizer: char" "$train_config"; then
+    overrides=(--override_config "tokenizer_conf.symbol_table_path $data/lang_char.txt")
+  fi
   # The usual WeNet command: wenet_hooks is active because train.yaml has its section.
   torchrun --standalone --nproc_per_node "$nproc" "$WENET_ROOT/wenet/bin/train.py" \
     --train_engine deepspeed --device cpu --ddp.dist_backend gloo \
     --deepspeed_config "$ds_config" --deepspeed.save_states "$save_states" \
-    --config "$here/conf/train.yaml" \
-    --override_config "tokenizer_conf.symbol_table_path $data/lang_char.txt" \
+    --config "$train_config" \
+    "${overrides[@]}" \
     --data_type raw --train_data "$data/data.list" --cv_data "$data/data.list" \
     --model_dir "$dir" --tensorboard_dir "$dir/tensorboard" --num_workers 1 ${checkpoint:+--checkpoint $checkpoint}
 fi

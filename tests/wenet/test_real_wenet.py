@@ -85,3 +85,45 @@ def test_zero3_model_only_writes_no_sharded_folder(tmp_path):
     assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["decode", "tensorboard"]
     assert not (exp / "latest").exists()
     assert "missing tensor" not in log and "unexpected tensor" not in log
+
+
+def whisper_init_checkpoint(tmp_path):
+    """A deterministic start: WeNet leaves the learnable decoder PE uninitialised."""
+    config = REPO / "recipes/tiny/conf/train_whisper.yaml"
+    configs = yaml.load(config.read_text(), Loader=yaml.FullLoader)
+    configs["output_dim"] = configs["vocab_size"] = 51866
+    torch.manual_seed(0)
+    sys.path.insert(0, WENET_ROOT)
+    import argparse
+
+    from wenet.utils.init_model import init_model
+
+    model, _ = init_model(argparse.Namespace(checkpoint=None, jit=False), configs)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("embed.1.pe"):
+                param.normal_(0.0, 0.02)
+    path = tmp_path / "whisper_init.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_whisper_style_zero3_tied_embedding(tmp_path):
+    init = whisper_init_checkpoint(tmp_path)
+    log = run_recipe(tmp_path, ds_config=str(REPO / "recipes/tiny/conf/ds_stage3.json"),
+                     train_config=str(REPO / "recipes/tiny/conf/train_whisper.yaml"), checkpoint=str(init))
+    exp = tmp_path / "exp"
+    model = wenet_model(exp / "train.yaml")
+    for tag in ("init", "epoch_0", "epoch_1"):
+        assert_loads_strict(model, exp / f"{tag}.pt")
+    saved = torch.load(exp / "epoch_1.pt", weights_only=True)
+    tied = saved["decoder.embed.0.weight"], saved["decoder.output_layer.weight"]
+    assert tied[0].untyped_storage().data_ptr() == tied[1].untyped_storage().data_ptr()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = get_fp32_state_dict_from_zero_checkpoint(str(exp), tag="epoch_1")
+    assert set(saved) == set(reference)
+    assert all(torch.equal(saved[k], reference[k]) for k in reference)
+    assert "missing tensor" not in log and "unexpected tensor" not in log
+    assert len((exp / "decode" / "attention_rescoring" / "text").read_text().splitlines()) == 16

@@ -1,0 +1,116 @@
+"""torchrun worker of the in-training benchmarks (questions 1 and 2 of bench/README.md).
+
+    torchrun --standalone --nproc_per_node 2 bench/train_job.py --params 53e6 --stage 2 --out /tmp/b
+
+Alternates, ``--repeats`` times each, and prints one table row per question:
+1. blocking time of a save with ``save_states: model+optimizer``: DeepSpeed's
+   ``save_checkpoint`` alone vs ``save_checkpoint`` + this package's save;
+2. ``model_only``: WeNet's current path (``save_checkpoint`` + DeepSpeed's
+   ``convert_zero_checkpoint_to_fp32_state_dict`` on rank 0 + removal) vs this
+   package, time to a recognize-ready file and bytes written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, sized_model, table, timer  # noqa: E402
+
+from wenet_hooks.demo.train import ds_config, init_engine  # noqa: E402
+from wenet_hooks.save import save_consolidated  # noqa: E402
+
+
+def folder_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def one_step(engine) -> None:
+    x = torch.randn(2, engine.module[0].in_features)
+    loss = F.mse_loss(engine(x), torch.zeros_like(x))
+    engine.backward(loss)
+    engine.step()
+
+
+def wenet_model_only(engine, out: Path, tag: str) -> int:
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+    engine.save_checkpoint(str(out), tag=tag)
+    written = 0
+    if dist.get_rank() == 0:
+        written = folder_bytes(out / tag)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            convert_zero_checkpoint_to_fp32_state_dict(str(out), str(out / f"{tag}.pt"), tag=tag)
+        written += folder_bytes(out / f"{tag}.pt")
+        shutil.rmtree(out / tag)
+    dist.barrier()
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params", type=float, default=53e6)
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--save_only", metavar="TAG", help="only save a sharded checkpoint (for bench/offline.py)")
+    args = parser.parse_args()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = ds_config(args.stage)
+    config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4}}
+    engine = init_engine(sized_model(args.params), config)
+    one_step(engine)
+    if args.save_only:
+        engine.save_checkpoint(str(args.out), tag=args.save_only)
+        return
+    nparams = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    sharded, hooked, wenet, ours, wenet_bytes, our_bytes = [], [], [], [], [], []
+    for i in range(args.repeats):
+        with timer(sharded):
+            engine.save_checkpoint(str(args.out), tag=f"a{i}")
+            dist.barrier()
+        with timer(hooked):
+            engine.save_checkpoint(str(args.out), tag=f"b{i}")
+            save_consolidated(engine, args.out, f"b{i}")
+            dist.barrier()
+        with timer(wenet):
+            wenet_bytes.append(wenet_model_only(engine, args.out, f"c{i}"))
+        with timer(ours):
+            save_consolidated(engine, args.out, f"d{i}")
+            dist.barrier()
+        our_bytes.append(folder_bytes(args.out / f"d{i}.pt"))
+        if dist.get_rank() == 0:
+            for name in (f"a{i}", f"b{i}", f"b{i}.pt", f"c{i}.pt", f"d{i}.pt"):
+                path = args.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        dist.barrier()
+    if dist.get_rank() != 0:
+        return
+    size = f"{nparams / 1e6:.0f}M, ZeRO-{args.stage}"
+    extra = median(hooked) - median(sharded)
+    print(table(["model", "save_checkpoint (s)", "+ wenet_hooks (s)", "extra blocking (s)", "extra / save_checkpoint"],
+                [[size, f"{median(sharded):.2f}", f"{median(hooked):.2f}", f"{extra:.2f}",
+                  f"{extra / median(sharded):.2f}"]]))
+    print()
+    print(table(["model", "WeNet model_only (s)", "wenet_hooks (s)", "time ratio", "WeNet bytes written",
+                 "wenet_hooks bytes", "bytes ratio"],
+                [[size, f"{median(wenet):.2f}", f"{median(ours):.2f}", f"{median(ours) / median(wenet):.2f}",
+                  f"{median(wenet_bytes) / 1e9:.2f} GB", f"{median(our_bytes) / 1e9:.2f} GB",
+                  f"{median(our_bytes) / median(wenet_bytes):.2f}"]]))
+
+
+if __name__ == "__main__":
+    main()
