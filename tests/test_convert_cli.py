@@ -279,3 +279,43 @@ def test_interrupted_repair_is_finished_by_the_next_run(tmp_path):
     assert sorted(p.name for p in exp.iterdir() if p.name.startswith("epoch_0.pt")) == ["epoch_0.pt"]
     assert_state_dicts_equal(load(exp / "epoch_0.pt"),
                              load(FIXTURES / "t_z2_model_only" / "epoch_0.pt" / "pytorch_model.bin"))
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path, nbytes):
+    """A tmpfs of ``nbytes`` at tmp_path/disk (skips where mounting is not permitted)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={nbytes}", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def folder_size(folder):
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@needs_fixtures
+def test_full_disk_says_how_much_and_leaves_nothing_half_written(tmp_path):
+    source = FIXTURES / "t_z3_model_optimizer"
+    with small_disk(tmp_path, folder_size(source) + 512 * 1024) as disk:
+        exp = disk / "exp"
+        shutil.copytree(source, exp)
+        assert_refused(exp, f"could not write {exp / 'epoch_0.pt'}: no space left on the device of {exp}: about "
+                       "3.7 MB needed, ", "tag=epoch_0")
+        assert_refused(exp, "MB free; HINT: free space or point model_dir elsewhere", "tag=epoch_0")
+
+
+@needs_fixtures
+def test_read_only_folder(tmp_path):
+    with small_disk(tmp_path, 64 * 2**20) as disk:
+        exp = disk / "exp"
+        shutil.copytree(FIXTURES / "t_z2_model_optimizer", exp)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert_refused(exp, f"could not write {exp / 'epoch_0.pt'}: {exp} is not writable (Read-only file "
+                       "system); HINT: check its permissions or mount", "tag=epoch_0")

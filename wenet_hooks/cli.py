@@ -86,7 +86,7 @@ def _convert_one(source: Source, options: ConvertConfig, expected) -> Outcome:
             return convert_tag(source, Path(options.model_dir), dtype=options.dtype.value,
                                overwrite=options.overwrite, keep_sharded=options.keep_sharded,
                                expected=expected, progress=progress.update)
-        except WenetHooksError as e:
+        except (WenetHooksError, OSError) as e:  # OSError: the file system refused (permissions, space)
             logger.error("%s: %s", source.tag, e)
             return Outcome(source.tag, source.kind, error=str(e).splitlines()[0])
 

@@ -22,7 +22,6 @@ from wenet_hooks.errors import ConsolidationError
 
 logger = logging.getLogger(__name__)
 
-StateDict = "OrderedDict[str, torch.Tensor]"
 DtypeLike = Union[str, torch.dtype]
 
 # The spellings WeNet and DeepSpeed configs use for training precision.

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
@@ -62,24 +62,48 @@ def write_state_dict(
         VerificationError: the written file does not match ``expected``.
     """
     path = Path(path)
-    _check_target(path)
-    tmp = tmp_path_for(path)
-    started = time.perf_counter()
-    try:
+
+    def fill(tmp: Path) -> Optional[Manifest]:
         _write_and_sync(state_dict, tmp)
-        if expected is not None:
-            _verify_as(tmp, expected, path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointWriteError(path, _describe_os_error(e, path, state_dict)) from e
-        raise
+        return expected
+
+    started = time.perf_counter()
+    atomic_publish(path, fill, verify=expected is not None, nbytes_hint=state_dict_nbytes(state_dict))
     nbytes = path.stat().st_size
     seconds = time.perf_counter() - started
     logger.info("wrote %s (%.1f MB, %.0f MB/s)", path, nbytes / 1e6, nbytes / 1e6 / max(seconds, 1e-9))
     return path
+
+
+def atomic_publish(path: Path, fill: Callable[[Path], Optional[Manifest]], *, verify: bool,
+                   nbytes_hint: int) -> None:
+    """The one publishing path: ``fill(tmp)`` writes and fsyncs ``<path>.tmp`` and returns
+    what it must hold; it is verified (if asked), renamed over ``path``, and the folder fsynced.
+    On failure the temporary file is removed and an ``OSError`` becomes a ``CheckpointWriteError``.
+    """
+    _check_target(path)
+    tmp = tmp_path_for(path)
+    try:
+        expected = fill(tmp)
+        if verify and expected is not None:
+            _verify_as(tmp, expected, path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        _remove_quietly(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(path, _describe_os_error(e, path, nbytes_hint)) from e
+        raise
+
+
+def _remove_quietly(tmp: Path) -> None:
+    # Cleaning up must not hide the error being reported (on a read-only file
+    # system even unlinking a missing file fails).
+    try:
+        if tmp.exists():
+            tmp.unlink()
+    except OSError as e:
+        logger.warning("could not remove %s: %s", tmp, e)
 
 
 def _check_target(path: Path) -> None:
@@ -129,10 +153,9 @@ def state_dict_nbytes(state_dict: Mapping[str, torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def _describe_os_error(e: OSError, path: Path, state_dict: Mapping[str, torch.Tensor]) -> str:
+def _describe_os_error(e: OSError, path: Path, needed: int) -> str:
     if e.errno == errno.ENOSPC:
         free = shutil.disk_usage(path.parent).free
-        needed = state_dict_nbytes(state_dict)
         return (
             f"no space left on the device of {path.parent}: about {needed / 1e6:.1f} MB needed, "
             f"{free / 1e6:.1f} MB free; HINT: free space or point model_dir elsewhere"

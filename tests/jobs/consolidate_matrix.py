@@ -3,8 +3,9 @@
 Usage: consolidate_matrix.py OUT_DIR CASE [CASE ...], a CASE being
 ``z<stage>-<fp32|bf16>-<offload|nooffload>``. For each case it writes, under
 ``OUT_DIR/<case>/``: DeepSpeed's sharded checkpoint (tag ``step_3``), our
-``step_3.pt`` (fp32), a second sharded save ``step_4/`` one step later, and ``step_3.bf16.pt`` (dtype="bf16"), the engine's
-module output on a fixed batch (``engine_out.pt``) and ``result.json``.
+``step_3.pt`` (fp32) and ``step_3.bf16.pt`` (dtype="bf16"), a second sharded
+save ``step_4/`` one step later, the engine's module output on a fixed batch
+(``engine_out.pt``) and ``result.json``.
 The pytest side compares them; this script only records.
 """
 

@@ -23,7 +23,8 @@ from wenet_hooks.errors import CheckpointReadError, VerificationError, WenetHook
 from wenet_hooks.io import state_dict_nbytes, tmp_path_for, write_state_dict
 from wenet_hooks.offline.folder import FolderCheckpoint, is_folder_shaped
 from wenet_hooks.offline.sharded import ShardedCheckpoint, is_sharded_checkpoint
-from wenet_hooks.verify import Manifest, compare, load_state_dict_file
+from wenet_hooks.stream import can_stream, write_streamed
+from wenet_hooks.verify import Manifest, load_state_dict_file
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +117,18 @@ def convert_tag(source: Source, model_dir: Path, *, dtype: str, overwrite: bool,
     started = time.perf_counter()
     target = model_dir / f"{source.tag}.pt"
     _check_target(target, source, overwrite)
+    if source.kind == SHARDED and can_stream():
+        outcome = _stream_sharded(source, target, resolve_dtype(dtype), expected, progress)
+        _clean_up(source, keep_sharded)
+        outcome.seconds = time.perf_counter() - started
+        return outcome
     tensors, outcome = read_source(source, resolve_dtype(dtype))
     state_dict = OrderedDict()
     for key, tensor in tensors:
         state_dict[key] = tensor
         progress(tensor)
     if expected is not None:
-        _check_against_model(state_dict, expected, source)
+        _check_against_model({k: (t.shape, t.dtype) for k, t in state_dict.items()}, expected, source)
     source = _move_folder_aside(source, target)
     write_state_dict(state_dict, target, expected=Manifest.from_state_dict(state_dict))
     outcome.tensors, outcome.nbytes, outcome.verified = len(state_dict), state_dict_nbytes(state_dict), "yes"
@@ -131,17 +137,38 @@ def convert_tag(source: Source, model_dir: Path, *, dtype: str, overwrite: bool,
     return outcome
 
 
+def _stream_sharded(source: Source, target: Path, dtype: torch.dtype, expected: Optional[Manifest],
+                    progress) -> Outcome:
+    """Sharded -> single file holding one tensor in memory at a time."""
+    checkpoint = ShardedCheckpoint(source.path)
+    entries = checkpoint.entries(dtype)
+    if expected is not None:
+        found: dict[str, tuple] = {}
+        for e in entries:
+            found[e.key] = found[e.alias_of] if e.alias_of else (e.shape, e.dtype)
+        _check_against_model(found, expected, source)
+    write_streamed(entries, checkpoint.values(entries, dtype), target, on_tensor=progress)
+    info = checkpoint.info()
+    return Outcome(source.tag, source.kind, str(info.zero_stage), str(info.world_size), len(entries),
+                   target.stat().st_size, str(dtype).replace("torch.", ""), verified="yes")
+
+
 def _check_target(target: Path, source: Source, overwrite: bool) -> None:
-    tmp_path_for(target).unlink(missing_ok=True)  # left by a crash mid-write: never a valid file
+    tmp = tmp_path_for(target)
+    if tmp.exists():  # left by a crash mid-write: never a valid file
+        tmp.unlink()
     if target.is_file() and not overwrite and has_valid_single_file(target.parent, source.tag):
         raise WenetHooksError(f"{target} already exists and loads as a single file; HINT: pass overwrite=true "
                               "to replace it")
 
 
-def _check_against_model(state_dict: dict, expected: Manifest, source: Source) -> None:
-    shapes_only = Manifest({k: type(s)(s.shape, state_dict[k].dtype if k in state_dict else s.dtype)
-                            for k, s in expected.tensors.items()})
-    problems = [p for p in compare(state_dict, shapes_only) if "different order" not in p]
+def _check_against_model(found: dict[str, tuple], expected: Manifest, source: Source) -> None:
+    """Keys and shapes of ``found`` (``key -> (shape, dtype)``) against the model's."""
+    problems = [f"missing key '{k}' (expected shape {list(s.shape)})" for k, s in expected.tensors.items()
+                if k not in found]
+    problems += [f"unexpected key '{k}'" for k in found if k not in expected.tensors]
+    problems += [f"'{k}': shape {list(found[k][0])}, expected {list(s.shape)}" for k, s in expected.tensors.items()
+                 if k in found and tuple(found[k][0]) != tuple(s.shape)]
     if problems:
         raise VerificationError(source.path, ["does not match the model that config builds:", *problems])
 

@@ -31,7 +31,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from wenet_hooks.errors import CheckpointReadError
-from wenet_hooks.offline.safe_load import load_shard
+from wenet_hooks.offline.safe_load import load_shard, release_pages
+from wenet_hooks.stream import Entry
 
 OSD = "optimizer_state_dict"
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_states\.pt$")
@@ -75,28 +76,59 @@ class ShardedCheckpoint:
     def info(self) -> ShardedInfo:
         return ShardedInfo(self.zero_stage, self.world_size, len(self.module))
 
-    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(key, full tensor)`` in the module's ``state_dict()`` order.
+    def entries(self, dtype: torch.dtype) -> list[Entry]:
+        """The file's layout, from metadata alone: every key in ``state_dict()`` order.
 
-        Floating tensors are cast to ``dtype``; a shared (tied) key yields the
-        very tensor yielded for its source key.
+        Of keys that share a tensor (DeepSpeed's ``shared_params``: tied
+        weights), the first in order owns it and the others are aliases.
+        Floating tensors take ``dtype``.
         """
-        readers = {**self._frozen_fragments(), **self._trainable_slices()}
-        shared = self.model_states[0].get("shared_params") or {}
-        done: dict[str, torch.Tensor] = {}
-
-        def resolve(key: str) -> torch.Tensor:
-            if key not in done:
-                if key in shared:
-                    done[key] = resolve(shared[key])
-                elif key in readers:
-                    done[key] = _cast(readers[key](), dtype)
-                else:  # a buffer, or (ZeRO-1/2) a frozen parameter kept whole in the module state
-                    done[key] = _cast(self.module[key].clone(), dtype)
-            return done[key]
-
+        source_of = self._sources()
+        shapes = self._full_shapes()
+        owner_of: dict[str, str] = {}
+        layout = []
         for key in self.module:
-            yield key, resolve(key)
+            source = source_of.get(key, key)
+            if source in owner_of:
+                layout.append(Entry(key, alias_of=owner_of[source]))
+                continue
+            owner_of[source] = key
+            value = self.module[source]
+            layout.append(Entry(key, tuple(shapes.get(source, value.shape)),
+                                dtype if value.is_floating_point() else value.dtype))
+        return layout
+
+    def values(self, entries: list[Entry], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """The tensors of the non-alias ``entries``, one at a time, read from the shards."""
+        readers = {**self._frozen_fragments(), **self._trainable_slices()}
+        source_of = self._sources()
+        for e in entries:
+            if e.alias_of:
+                continue
+            source = source_of.get(e.key, e.key)
+            if source in readers:
+                yield _cast(readers[source](), dtype)
+            else:  # a buffer, or (ZeRO-1/2) a frozen parameter kept whole in the module state
+                yield _cast(self.module[source].clone(), dtype)
+
+    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, full tensor)`` in ``state_dict()`` order; aliases yield their owner's tensor."""
+        entries = self.entries(dtype)
+        values = self.values(entries, dtype)
+        done: dict[str, torch.Tensor] = {}
+        for e in entries:
+            done[e.key] = done[e.alias_of] if e.alias_of else next(values)
+            yield e.key, done[e.key]
+
+    def _sources(self) -> dict[str, str]:
+        return dict(self.model_states[0].get("shared_params") or {})
+
+    def _full_shapes(self) -> dict[str, torch.Size]:
+        shapes: dict[str, torch.Size] = {}
+        for group in self.model_states[0]["param_shapes"]:
+            shapes.update(group)
+        shapes.update(self.model_states[0].get("frozen_param_shapes") or {})
+        return shapes
 
     def _trainable_slices(self) -> dict[str, Any]:
         shapes = self.model_states[0]["param_shapes"]
@@ -147,7 +179,9 @@ def _read_span(parts: list[torch.Tensor], offset: int, shape: torch.Size) -> tor
         end = start + part.numel()
         lo, hi = max(offset, start), min(offset + out.numel(), end)
         if lo < hi:
-            out[filled:filled + hi - lo] = part[lo - start:hi - start]
+            span = part[lo - start:hi - start]
+            out[filled:filled + hi - lo] = span
+            release_pages(span)
             filled += hi - lo
         start = end
     return out.view(shape)
