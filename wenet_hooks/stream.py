@@ -74,14 +74,15 @@ def _nbytes(entry: Entry) -> int:
 
 def _lay_out(entries: list[Entry], tmp: Path) -> list[int]:
     """Write the skeleton file; the byte offset of each non-alias entry's storage."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    # Uninitialised tensors: the allocator maps their pages but nothing touches
+    # them (skip_data does not read them), so they cost no resident memory.
+    # (FakeTensorMode would do too, but importing it pulls in torch._dynamo: ~2 s.)
     skeleton: dict[str, torch.Tensor] = {}
-    with FakeTensorMode():
-        for e in entries:
-            skeleton[e.key] = skeleton[e.alias_of] if e.alias_of else torch.empty(e.shape, dtype=e.dtype)
-    with torch.serialization.skip_data(materialize_fake_tensors=True), open(tmp, "wb") as f:
+    for e in entries:
+        skeleton[e.key] = skeleton[e.alias_of] if e.alias_of else torch.empty(e.shape, dtype=e.dtype)
+    with torch.serialization.skip_data(), open(tmp, "wb") as f:
         torch.save(skeleton, f)
+    del skeleton
     # torch.save numbers storages in the order it first meets them: dict order.
     with open(tmp, "rb") as f:
         reader = torch._C.PyTorchFileReader(f)

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Union
 import torch
 
 from wenet_hooks.errors import VerificationError
+from wenet_hooks.pages import release_pages
 
 
 @dataclass(frozen=True)
@@ -125,19 +126,24 @@ def verify(path: Union[str, Path], expected: Union[Manifest, Mapping[str, torch.
     if not isinstance(expected, Manifest):
         expected = Manifest.from_state_dict(expected)
     loaded = load_state_dict_file(path)
-    problems = compare(loaded, expected)
+    problems = compare(loaded, expected, from_mapped_file=True)
     if problems:
         raise VerificationError(Path(path), problems)
 
 
-def compare(state_dict: Mapping[str, torch.Tensor], expected: Manifest) -> list[str]:
-    """Every difference between ``state_dict`` and ``expected``, one line per problem."""
+def compare(state_dict: Mapping[str, torch.Tensor], expected: Manifest, *, from_mapped_file: bool = False) -> list[str]:
+    """Every difference between ``state_dict`` and ``expected``, one line per problem.
+
+    ``from_mapped_file``: the tensors come from ``torch.load(mmap=True)``; the
+    pages of each are dropped once checksummed, so checking a 6 GB file does
+    not keep 6 GB resident. Never set it for tensors in ordinary memory.
+    """
     problems: list[str] = []
     for key, spec in expected.tensors.items():
         if key not in state_dict:
             problems.append(f"missing key '{key}' (expected {spec.describe()})")
             continue
-        problems.extend(_tensor_problems(key, state_dict[key], spec))
+        problems.extend(_tensor_problems(key, state_dict[key], spec, from_mapped_file))
     for key in state_dict:
         if key not in expected.tensors:
             found = state_dict[key]
@@ -150,7 +156,7 @@ def compare(state_dict: Mapping[str, torch.Tensor], expected: Manifest) -> list[
     return problems
 
 
-def _tensor_problems(key: str, tensor: torch.Tensor, spec: TensorSpec) -> list[str]:
+def _tensor_problems(key: str, tensor: torch.Tensor, spec: TensorSpec, from_mapped_file: bool) -> list[str]:
     problems = []
     if tuple(tensor.shape) != spec.shape:
         problems.append(f"'{key}': shape {list(tensor.shape)}, expected {list(spec.shape)}")
@@ -160,6 +166,8 @@ def _tensor_problems(key: str, tensor: torch.Tensor, spec: TensorSpec) -> list[s
         )
     if not problems and spec.checksum is not None:
         found = tensor_checksum(tensor)
+        if from_mapped_file:
+            release_pages(tensor)
         if found != spec.checksum:
             problems.append(
                 f"'{key}': values differ from those gathered (crc32 {found:08x}, expected {spec.checksum:08x})"

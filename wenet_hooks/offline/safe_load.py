@@ -8,8 +8,6 @@ code here, and reading a checkpoint needs no DeepSpeed import (seconds saved).
 
 from __future__ import annotations
 
-import ctypes
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -79,32 +77,3 @@ def _unsupported(e: BaseException) -> str:
         if "Unsupported global" in line or "Unsupported operand" in line:
             return line.strip()
     return _first_line(e)
-
-
-def _madvise():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.madvise, os.sysconf("SC_PAGE_SIZE")
-    except (OSError, AttributeError, ValueError):  # not Linux: resident pages stay until unmapped
-        return None, 1
-
-
-_MADVISE, _PAGE = _madvise()
-_MADV_DONTNEED = 4
-
-
-def release_pages(tensor: torch.Tensor) -> None:
-    """Let the kernel drop the pages of a tensor read from a ``load_shard`` mapping.
-
-    Only for tensors of those read-only, private file mappings: a dropped page
-    is read again from the file if touched, so nothing is lost; the whole
-    point is that pages already consumed stop counting as resident memory
-    (otherwise converting a model keeps every shard's bytes resident).
-    """
-    if _MADVISE is None or not tensor.numel():
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
-    if hi > lo:
-        _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)

@@ -31,7 +31,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from wenet_hooks.errors import CheckpointReadError
-from wenet_hooks.offline.safe_load import load_shard, release_pages
+from wenet_hooks.offline.safe_load import load_shard
+from wenet_hooks.pages import release_pages
 from wenet_hooks.stream import Entry
 
 OSD = "optimizer_state_dict"
