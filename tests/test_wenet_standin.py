@@ -159,7 +159,9 @@ def test_on_error_stop_stops_every_rank_with_the_reason(tmp_path):
     proc = train(tmp_path, "model+optimizer", check=False)
     assert proc.returncode != 0
     stderr = re.sub(r"(?m)^\[rank\d\]: ", "", proc.stderr)
-    reason = (f"SaveError: save 'init' failed on rank 0 while writing {tmp_path / 'exp' / 'init.pt'}: "
-              f"could not write {tmp_path / 'exp' / 'init.pt'}: a folder of that name exists")
+    # model+optimizer: rank 0 writes init.pt in the background; the next save learns it failed.
+    path = tmp_path / "exp" / "init.pt"
+    reason = (f"SaveError: save 'epoch_0' failed on rank 0 while writing in the background: writing {path}: "
+              f"could not write {path}: a folder of that name exists")
     assert stderr.count(reason) == 2  # both ranks raised it, neither hung
-    assert not (tmp_path / "exp" / "epoch_0").exists()
+    assert not (tmp_path / "exp" / "epoch_0").exists()  # stopped before the next save

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
+from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.consolidate import DtypeLike, consolidate
 from wenet_hooks.dist import first_error, is_rank0
 from wenet_hooks.errors import SaveError
@@ -26,13 +27,17 @@ def save_consolidated(
     *,
     dtype: DtypeLike = "fp32",
     verify: bool = True,
+    writer: Optional[BackgroundWriter] = None,
+    on_written: Optional[Callable[[], None]] = None,
 ) -> Path:
     """Collective: must be called on all ranks. Write ``<model_dir>/<tag>.pt``.
 
     Gathers the full state dict (:func:`wenet_hooks.consolidate`), writes it
     atomically on rank 0 and, with ``verify``, reopens it and checks every
-    tensor before publishing it. After each phase the ranks share their
-    outcome, so a failure anywhere raises on every rank.
+    tensor before publishing it; then rank 0 calls ``on_written``. After each
+    phase the ranks share their outcome, so a failure anywhere raises on
+    every rank. With a ``writer``, rank 0 writes in the background and this
+    returns after the gather; ``settle_background`` reports the outcome.
 
     Returns:
         The path of the file (on every rank).
@@ -43,17 +48,35 @@ def save_consolidated(
     path = Path(model_dir) / f"{tag}.pt"
     state_dict, error = _run_phase(lambda: consolidate(engine, dtype), tag)
     _raise_if_any_failed(error, tag, "gathering the weights")
-    _, error = _run_phase(lambda: _write_on_rank0(state_dict, path, verify), tag)
+    job = _write_job(state_dict, path, verify, on_written) if is_rank0() else None
     del state_dict
+    if writer is not None:
+        if job is not None:
+            writer.submit(job, f"writing {path}")
+        return path
+    _, error = _run_phase(job, tag) if job is not None else (None, None)
     _raise_if_any_failed(error, tag, f"writing {path}")
     return path
 
 
-def _write_on_rank0(state_dict: Optional[dict], path: Path, verify: bool) -> None:
-    if not is_rank0():
-        return
-    expected = Manifest.from_state_dict(state_dict) if verify else None
-    write_state_dict(state_dict, path, expected=expected)
+def settle_background(writer: BackgroundWriter, tag: str) -> None:
+    """Collective: wait for rank 0's write in flight; raise on every rank if it failed.
+
+    Raises:
+        SaveError: naming the write that failed (a previous save's).
+    """
+    error = writer.wait() if is_rank0() else None
+    _raise_if_any_failed(error, tag, "writing in the background")
+
+
+def _write_job(state_dict: dict, path: Path, verify: bool, on_written: Optional[Callable[[], None]]):
+    def job() -> None:
+        expected = Manifest.from_state_dict(state_dict) if verify else None
+        write_state_dict(state_dict, path, expected=expected)
+        if on_written is not None:
+            on_written()
+
+    return job
 
 
 def _run_phase(work, tag: str) -> tuple[Any, Optional[str]]:

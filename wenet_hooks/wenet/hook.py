@@ -18,6 +18,7 @@ the original ``save_model`` runs untouched.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 from pathlib import Path
@@ -26,7 +27,8 @@ from typing import Any, Callable, Mapping, Optional
 from wenet_hooks.config import SECTION, ConsolidateConfig, OnError, compose_section
 from wenet_hooks.dist import is_rank0, log_rank0
 from wenet_hooks.errors import SaveError
-from wenet_hooks.save import save_consolidated
+from wenet_hooks.background import BackgroundWriter
+from wenet_hooks.save import save_consolidated, settle_background
 from wenet_hooks.wenet.files import FinalLink, ShardedRetention, write_info_yaml
 
 logger = logging.getLogger(__name__)
@@ -36,13 +38,22 @@ MODEL_ONLY = "model_only"
 
 
 class _Session:
-    """Per-process state: the validated config, retention and final.pt."""
+    """Per-process state: the validated config, the background writer, retention and final.pt."""
 
     def __init__(self) -> None:
         self.configured = False
         self.active: Optional[ConsolidateConfig] = None
+        self.writer = BackgroundWriter()
         self.retention = ShardedRetention()
         self.final_link = FinalLink()
+        atexit.register(self.report_last_write)
+
+    def report_last_write(self) -> None:
+        """At exit, after the interpreter waited for the writer thread: say if the last write failed."""
+        error = self.writer.wait()
+        if error:
+            logger.error("wenet_hooks: the last save's single file was not written (%s); its sharded folder is "
+                         "kept: convert it with wenet-hooks-convert", error)
 
 
 _session = _Session()
@@ -107,32 +118,52 @@ def wrap_save_model(original: Callable) -> Callable:
 def _save(original: Callable, model: Any, info_dict: dict, config: ConsolidateConfig) -> None:
     model_dir, tag = Path(info_dict["model_dir"]), info_dict["tag"]
     model_only = info_dict.get("save_states") == MODEL_ONLY
+    _settle_previous_write(tag, config)
     if not model_only:
         original(model, info_dict)  # sharded checkpoint + <tag>.yaml, as WeNet does
-    converted = _consolidate(model, model_dir, tag, config, info_dict, fall_back_to_sharded=model_only)
+    _consolidate(model, model_dir, tag, config, info_dict, model_only)
     if is_rank0():
         if model_only:
             write_info_yaml(model_dir, tag, info_dict)
-        if converted and not model_only:
-            _session.retention.after_verified(model_dir, tag, config.keep_last())
         if tag.startswith("epoch_"):
             _session.final_link.remember(model_dir, tag)
 
 
-def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfig,
-                 info_dict: dict, fall_back_to_sharded: bool) -> bool:
-    """Collective: True if ``<tag>.pt`` was written (and verified)."""
+def _settle_previous_write(tag: str, config: ConsolidateConfig) -> None:
+    """Collective: the previous save's background write must have succeeded."""
     try:
-        save_consolidated(model, model_dir, tag, dtype=config.dtype.value, verify=config.verify)
-        return True
+        settle_background(_session.writer, tag)
+    except SaveError as e:
+        if config.on_error is OnError.stop:
+            raise
+        log_rank0(logger, logging.WARNING, "wenet_hooks: %s; on_error is warn: training goes on, the sharded "
+                  "folder is kept", e)
+
+
+def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfig,
+                 info_dict: dict, model_only: bool) -> None:
+    """Collective: gather, then write ``<tag>.pt``.
+
+    With model+optimizer the sharded folder already holds the save, so rank 0
+    writes in the background (training goes on; the next save, or the end of
+    the process, waits for it) and retention runs once the file verified. With
+    model_only the file is the only copy: it is written before returning.
+    """
+    def written() -> None:
+        _session.retention.after_verified(model_dir, tag, config.keep_last())
+
+    try:
+        save_consolidated(model, model_dir, tag, dtype=config.dtype.value, verify=config.verify,
+                          writer=None if model_only else _session.writer,
+                          on_written=None if model_only else written)
+        return
     except SaveError as e:
         if config.on_error is OnError.stop:
             raise
         log_rank0(logger, logging.WARNING, "wenet_hooks: %s; on_error is warn: training goes on", e)
-    if fall_back_to_sharded:
+    if model_only:
         # model_only wrote nothing else: keep DeepSpeed's sharded checkpoint
         # so the save is not lost (wenet-hooks-convert turns it into a .pt).
         model.save_checkpoint(save_dir=str(model_dir), tag=tag, client_state=info_dict)
         log_rank0(logger, logging.WARNING, "wenet_hooks: kept DeepSpeed's sharded %s instead; convert it "
                   "later with `wenet-hooks-convert model_dir=%s tag=%s`", model_dir / tag, model_dir, tag)
-    return False
