@@ -7,7 +7,8 @@ section once, so a bad section stops the run before any step. Then, at each
 
 - ``save_states: model+optimizer``: WeNet's own save runs (DeepSpeed's sharded
   ``<tag>/`` and ``<tag>.yaml``), then every rank joins the gather and rank 0
-  writes the verified ``<tag>.pt``; retention may then remove older folders.
+  writes the verified ``<tag>.pt`` in the background; once it verified,
+  retention may remove older folders. The next save first settles that write.
 - ``save_states: model_only``: nothing sharded is written, read or deleted;
   the ``.pt`` comes straight from memory and ``<tag>.yaml`` is written as WeNet
   writes it.
@@ -24,10 +25,10 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.config import SECTION, ConsolidateConfig, OnError, compose_section
 from wenet_hooks.dist import is_rank0, log_rank0
 from wenet_hooks.errors import SaveError
-from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.save import save_consolidated, settle_background
 from wenet_hooks.wenet.files import FinalLink, ShardedRetention, write_info_yaml
 
