@@ -319,3 +319,16 @@ def test_read_only_folder(tmp_path):
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         assert_refused(exp, f"could not write {exp / 'epoch_0.pt'}: {exp} is not writable (Read-only file "
                        "system); HINT: check its permissions or mount", "tag=epoch_0")
+
+
+@needs_fixtures
+def test_repair_interrupted_after_publishing_is_cleaned_up(tmp_path):
+    """A crash between publishing epoch_0.pt and removing the moved-aside folder."""
+    exp = tmp_path / "exp"
+    shutil.copytree(FIXTURES / "t_z2_model_only", exp)
+    shutil.copytree(exp / "epoch_0.pt", exp / "epoch_0.pt.being-replaced")
+    shutil.rmtree(exp / "epoch_0.pt")
+    torch.save(load(FIXTURES / "t_z2_model_only" / "epoch_0.pt" / "pytorch_model.bin"), exp / "epoch_0.pt")
+    proc = convert(f"model_dir={exp}")
+    assert proc.stdout.splitlines()[-1] == "0 converted, 0 failed"
+    assert sorted(p.name for p in exp.iterdir() if p.name.startswith("epoch_0")) == ["epoch_0.pt", "epoch_0.yaml"]

@@ -25,6 +25,7 @@ from wenet_hooks.offline.convert import (
     Source,
     convert_tag,
     find_sources,
+    finish_interrupted_repairs,
     has_valid_single_file,
     resolve_tag,
 )
@@ -42,6 +43,11 @@ def plan(options: ConvertConfig) -> list[Source]:
         raise WenetHooksError(f"model_dir {model_dir} is not a folder; HINT: pass the experiment folder that "
                               "holds <tag>/ or <tag>.pt/, e.g. model_dir=exp/whisper")
     sources = find_sources(model_dir)
+    if not sources:
+        raise WenetHooksError(f"{model_dir} holds no DeepSpeed checkpoint (<tag>/ with *model_states.pt) and no "
+                              "folder-shaped <tag>.pt/; HINT: is this the right model_dir?")
+    if not options.dry_run:
+        finish_interrupted_repairs(model_dir, sources)
     if options.tag is not None:
         tag = resolve_tag(model_dir, options.tag, sources)
         if tag not in sources:
@@ -49,9 +55,6 @@ def plan(options: ConvertConfig) -> list[Source]:
                                   f"{tag}.pt/); HINT: tags found: {', '.join(sorted(sources)) or 'none'}")
         return [sources[tag]]
     todo = [s for tag, s in sorted(sources.items()) if options.overwrite or not has_valid_single_file(model_dir, tag)]
-    if not sources:
-        raise WenetHooksError(f"{model_dir} holds no DeepSpeed checkpoint (<tag>/ with *model_states.pt) and no "
-                              "folder-shaped <tag>.pt/; HINT: is this the right model_dir?")
     return todo
 
 

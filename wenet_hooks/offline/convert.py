@@ -63,16 +63,28 @@ def find_sources(model_dir: Path) -> dict[str, Source]:
     """Every tag in ``model_dir`` with a sharded folder or a folder-shaped ``.pt``."""
     sources: dict[str, Source] = {}
     for entry in sorted(model_dir.iterdir()):
-        name = entry.name
-        if name.endswith(".pt" + ASIDE_SUFFIX) and is_folder_shaped(entry):
-            sources.setdefault(name[: -len(".pt" + ASIDE_SUFFIX)], Source(name[: -len(".pt" + ASIDE_SUFFIX)],
-                                                                          FOLDER, entry))
-        elif name.endswith(".pt") and is_folder_shaped(entry):
-            sources.setdefault(name[:-3], Source(name[:-3], FOLDER, entry))
+        for suffix in (".pt" + ASIDE_SUFFIX, ".pt"):
+            if entry.name.endswith(suffix) and is_folder_shaped(entry):
+                tag = entry.name[: -len(suffix)]
+                sources.setdefault(tag, Source(tag, FOLDER, entry))
+                break
     for entry in sorted(model_dir.iterdir()):
         if is_sharded_checkpoint(entry):  # preferred: complete, frozen weights included
             sources[entry.name] = Source(entry.name, SHARDED, entry)
     return sources
+
+
+def finish_interrupted_repairs(model_dir: Path, sources: dict[str, Source]) -> None:
+    """Remove ``<tag>.pt.being-replaced/`` folders whose single file was already published.
+
+    A file is published only after it verified, so such a folder is a leftover
+    of a run stopped between the rename and the clean-up.
+    """
+    for tag, source in list(sources.items()):
+        if source.path.name.endswith(ASIDE_SUFFIX) and has_valid_single_file(model_dir, tag):
+            shutil.rmtree(source.path)
+            logger.info("removed %s: %s.pt was already written and verified", source.path, tag)
+            del sources[tag]
 
 
 def resolve_tag(model_dir: Path, tag: str, sources: dict[str, Source]) -> str:
