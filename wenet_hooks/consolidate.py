@@ -73,10 +73,9 @@ def consolidate(engine: Any, dtype: DtypeLike = "fp32") -> "OrderedDict[str, tor
         ``engine.module.state_dict().keys()``; tied keys map to one tensor.
         ``None`` on every other rank.
     """
-    target = resolve_dtype(dtype)
     module = unwrap_model(engine)
     masters = unpartitioned_masters(engine)
-    rank0 = is_rank0()
+    copy = _RankZeroCopies(resolve_dtype(dtype), enabled=is_rank0())
     started = time.perf_counter()
     result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     # Tied weights are one Parameter object under several keys: gather it once
@@ -86,13 +85,41 @@ def consolidate(engine: Any, dtype: DtypeLike = "fp32") -> "OrderedDict[str, tor
         for key, tensor in module.state_dict(keep_vars=True).items():
             ident = id(tensor)
             if ident not in gathered:
-                gathered[ident] = _gather_to_rank0(key, tensor, masters.get(ident), target, rank0)
-            if rank0:
-                result[key] = gathered[ident]
-    if not rank0:
+                gathered[ident] = _gather_to_rank0(key, tensor, masters.get(ident), copy)
+            result[key] = gathered[ident]
+    copy.raise_if_failed()
+    if not copy.enabled:
         return None
     _log_summary(result, time.perf_counter() - started)
     return result
+
+
+class _RankZeroCopies:
+    """Rank 0's host copies of the gathered tensors.
+
+    A failure here (host memory exhausted, say) must not leave the other ranks
+    alone in the next collective: it is recorded, the loop goes on with the
+    collectives only, and it is raised once every rank has left the loop.
+    """
+
+    def __init__(self, target: torch.dtype, enabled: bool) -> None:
+        self.target = target
+        self.enabled = enabled
+        self.error: tuple[str, Exception] | None = None
+
+    def __call__(self, key: str, tensor: torch.Tensor, fresh: bool) -> torch.Tensor | None:
+        if not self.enabled or self.error is not None:
+            return None
+        try:
+            return _to_cpu(tensor, self.target, fresh)
+        except Exception as e:
+            self.error = (key, e)
+            return None
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            key, e = self.error
+            raise ConsolidationError(f"rank {get_rank()}: copying '{key}' to host memory failed: {e}") from e
 
 
 def unpartitioned_masters(engine: Any) -> dict[int, torch.Tensor]:
@@ -127,39 +154,39 @@ def _split_flat_groups(groups: list[list[torch.Tensor]], flats: list[torch.Tenso
 
 
 def _gather_to_rank0(
-    key: str, tensor: torch.Tensor, master: torch.Tensor | None, target: torch.dtype, rank0: bool
+    key: str, tensor: torch.Tensor, master: torch.Tensor | None, copy: _RankZeroCopies
 ) -> torch.Tensor | None:
     """Collective for parameters: the full value of one entry as a CPU tensor on rank 0."""
     try:
         if master is not None:
-            return _to_cpu(master, target, fresh=False) if rank0 else None
+            return copy(key, master, fresh=False)
         if isinstance(tensor, nn.Parameter):
-            return _gather_parameter(tensor, target, rank0)
+            return _gather_parameter(key, tensor, copy)
         # Buffers are never partitioned; rank 0's copy is the one to keep
         # (BatchNorm statistics differ between ranks).
-        return _to_cpu(tensor, target, fresh=False) if rank0 else None
+        return copy(key, tensor, fresh=False)
     except Exception as e:
         raise ConsolidationError(
             f"rank {get_rank()}: gathering '{key}' (shape {list(_full_shape(tensor))}) failed: {e}"
         ) from e
 
 
-def _gather_parameter(param: nn.Parameter, target: torch.dtype, rank0: bool) -> torch.Tensor | None:
+def _gather_parameter(key: str, param: nn.Parameter, copy: _RankZeroCopies) -> torch.Tensor | None:
     """Collective: the fp32 master weight if DeepSpeed holds one, else the module's full value."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     master = safe_get_full_fp32_param(param)
     if master is not None:
-        return _to_cpu(master.view(_full_shape(param)), target, fresh=True) if rank0 else None
+        return copy(key, master.view(_full_shape(param)), fresh=True)
     if hasattr(param, "ds_id"):
         # A ZeRO-3 parameter without a master copy (frozen): materialise it
         # from the partitions, in training precision, while the context lasts.
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
         with GatheredParameters([param], modifier_rank=None):
-            return _to_cpu(param.data, target, fresh=False) if rank0 else None
+            return copy(key, param.data, fresh=False)
     # ZeRO-0/1/2 keep every parameter whole on every rank.
-    return _to_cpu(param, target, fresh=False) if rank0 else None
+    return copy(key, param, fresh=False)
 
 
 def _full_shape(tensor: torch.Tensor) -> torch.Size:
