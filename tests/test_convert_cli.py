@@ -332,3 +332,12 @@ def test_repair_interrupted_after_publishing_is_cleaned_up(tmp_path):
     proc = convert(f"model_dir={exp}")
     assert proc.stdout.splitlines()[-1] == "0 converted, 0 failed"
     assert sorted(p.name for p in exp.iterdir() if p.name.startswith("epoch_0")) == ["epoch_0.pt", "epoch_0.yaml"]
+
+
+@needs_fixtures
+def test_a_file_of_another_kind_in_the_folder(tmp_path):
+    exp = bad_input(tmp_path, "t_z2_model_optimizer", lambda e: torch.save(
+        {"weights": torch.zeros(2)}, e / "epoch_0" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    assert_refused(exp, f"{exp / 'epoch_0' / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'}: is not a DeepSpeed "
+                   "checkpoint shard (no 'optimizer_state_dict' in it); HINT: a file of another kind was put in "
+                   "this folder", "tag=epoch_0")

@@ -86,6 +86,7 @@ def main() -> None:
                 )
             raise
         dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def main() -> None:
     save_consolidated(engine, out, "step_2_again")
     seen["second"] = "ok"
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(seen))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class ShardedCheckpoint:
                 self.folder, "is not a DeepSpeed checkpoint (no *model_states.pt inside); HINT: pass the "
                 "experiment folder as model_dir and the checkpoint's folder name as tag")
         self.optim_files = _rank_files(self.folder, "optim")
-        self.optim = [load_shard(f)[OSD] for f in self.optim_files]
+        self.optim = [_field(load_shard(f), OSD, f) for f in self.optim_files]
         self.zero_stage = int(_first(self.optim, "zero_stage", self.optim_files))
         self.world_size = _world_size(self.optim, self.optim_files)
         _check_same_step(self.optim, self.optim_files)
@@ -72,6 +72,9 @@ class ShardedCheckpoint:
             self.model_files = _rank_files(self.folder, "model")
             _check_rank_count(self.model_files, self.world_size, "model")
         self.model_states = [load_shard(f) for f in self.model_files]
+        for path, states in zip(self.model_files, self.model_states):
+            _field(states, "module", path)
+            _field(states, "param_shapes", path)
         self.module = self.model_states[0]["module"]
 
     def info(self) -> ShardedInfo:
@@ -214,6 +217,13 @@ def _rank_files(folder: Path, kind: str) -> list[Path]:
         raise CheckpointReadError(folder, f"the {kind} shard of rank {missing[0]} is missing "
                                   f"(found ranks {sorted(by_rank)}); HINT: copy it back from the node that wrote it")
     return [by_rank[r] for r in sorted(by_rank)]
+
+
+def _field(state: Any, key: str, path: Path) -> Any:
+    if not isinstance(state, dict) or key not in state:
+        raise CheckpointReadError(path, f"is not a DeepSpeed checkpoint shard (no '{key}' in it); HINT: a file "
+                                  "of another kind was put in this folder")
+    return state[key]
 
 
 def _first(states: list[dict], key: str, files: list[Path]) -> Any:
