@@ -8,6 +8,7 @@ code here, and reading a checkpoint needs no DeepSpeed import (seconds saved).
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,11 @@ def load_shard(path: Path) -> Any:
         CheckpointReadError: the file is missing, truncated, corrupt, or holds
             objects that are not plain data.
     """
+    # torch < 2.5 has no safe_globals: plain tensor files still load; DeepSpeed's
+    # optimizer shards are then refused below, with the version named.
+    allow = getattr(torch.serialization, "safe_globals", None)
     try:
-        with torch.serialization.safe_globals(_STAND_INS):
+        with allow(_STAND_INS) if allow else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError as e:
         raise CheckpointReadError(path, "does not exist") from e
@@ -57,8 +61,9 @@ def load_shard(path: Path) -> Any:
         raise CheckpointReadError(
             path,
             "holds objects that are not plain tensors and data, refused by weights_only loading "
-            f"({_unsupported(e)}); HINT: this package never unpickles arbitrary objects. If the file is yours "
-            "and was written by another DeepSpeed version, report the class named above",
+            f"({_unsupported(e)}); HINT: this package never unpickles arbitrary objects. "
+            + ("Reading DeepSpeed's shards needs torch >= 2.5" if allow is None else
+               "If the file is yours and was written by another DeepSpeed version, report the class named above"),
         ) from e
     except Exception as e:
         raise CheckpointReadError(
