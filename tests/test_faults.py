@@ -29,3 +29,43 @@ def test_rank0_failure_mid_gather_is_shared_and_collectives_stay_matched(tmp_pat
     assert [s["second"] for s in seen] == ["ok", "ok"]
     assert not (tmp_path / "step_2.pt").exists()
     assert list(torch.load(tmp_path / "step_2_again.pt", weights_only=True)) == list(build_model().state_dict())
+
+
+def test_rank0_killed_while_writing_leaves_no_file_and_the_offline_command_recovers(tmp_path):
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import DIST_ENV, REPO, STANDIN
+    from helpers import assert_state_dicts_equal, deepspeed_reference
+
+    env = {**os.environ, **DIST_ENV, "PYTHONPATH": os.pathsep.join([str(REPO), str(JOBS), str(STANDIN)])}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(JOBS / "kill_job.py"), str(tmp_path)], env=env, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "writing").exists():
+            assert job.poll() is None, f"the job ended (exit {job.returncode}) before writing"
+            assert time.monotonic() < deadline, "the job never reached the write"
+            time.sleep(0.2)
+    finally:
+        # SIGKILL: no cleanup code runs. Rank 0 dies mid-write; rank 1 and the launcher with it.
+        for pid_file in sorted(tmp_path.glob("pid*")):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            pid_file.unlink()
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert not (tmp_path / "step_2.pt").exists()
+    assert (tmp_path / "step_2.pt.tmp").is_file()  # at most a temporary file...
+    reference = deepspeed_reference(tmp_path, "step_2", build_model())  # ...and the sharded save intact
+    convert = [sys.executable, "-c", "from wenet_hooks.cli import main; main()", f"model_dir={tmp_path}",
+               "tag=step_2"]
+    subprocess.run(convert, check=True, capture_output=True, timeout=300)
+    assert not (tmp_path / "step_2.pt.tmp").exists()  # recognised and removed
+    assert_state_dicts_equal(dict(sorted(torch.load(tmp_path / "step_2.pt", weights_only=True).items())),
+                             dict(sorted(reference.items())))
