@@ -24,6 +24,7 @@ import torch.distributed as dist
 from wenet_hooks import Manifest, consolidate, write_state_dict
 from wenet_hooks.demo.model import build_model
 from wenet_hooks.demo.train import ds_config, init_engine, train_steps
+from wenet_hooks.offline.report import table
 
 STEPS = 4
 
@@ -64,9 +65,7 @@ def run_stage(stage: int, root: Path) -> list[str] | None:
 
 def print_table(rows: list[list[str]]) -> None:
     header = ["stage", "loss", "wrote", "tensors", "size", "verified", "vs DeepSpeed zero_to_fp32"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)), flush=True)
+    print(table(header, rows), flush=True)
 
 
 def main() -> None:

@@ -117,8 +117,7 @@ def read_source(source: Source, dtype: torch.dtype) -> tuple[Iterator[tuple[str,
     outcome = Outcome(source.tag, source.kind, dtype=str(dtype).replace("torch.", ""))
     if source.kind == SHARDED:
         checkpoint = ShardedCheckpoint(source.path)
-        info = checkpoint.info()
-        outcome.zero_stage, outcome.world_size = str(info.zero_stage), str(info.world_size)
+        outcome.zero_stage, outcome.world_size = str(checkpoint.zero_stage), str(checkpoint.world_size)
         return checkpoint.tensors(dtype), outcome
     return FolderCheckpoint(source.path).tensors(dtype), outcome
 
@@ -160,8 +159,7 @@ def _stream_sharded(source: Source, target: Path, dtype: torch.dtype, expected: 
             found[e.key] = found[e.alias_of] if e.alias_of else (e.shape, e.dtype)
         _check_against_model(found, expected, source)
     write_streamed(entries, checkpoint.values(entries, dtype), target, on_tensor=progress)
-    info = checkpoint.info()
-    return Outcome(source.tag, source.kind, str(info.zero_stage), str(info.world_size), len(entries),
+    return Outcome(source.tag, source.kind, str(checkpoint.zero_stage), str(checkpoint.world_size), len(entries),
                    target.stat().st_size, str(dtype).replace("torch.", ""), verified="yes")
 
 

@@ -22,9 +22,9 @@ converter drops them at ZeRO-1) or from the frozen fragments (ZeRO-3).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -37,15 +37,6 @@ from wenet_hooks.stream import Entry
 
 OSD = "optimizer_state_dict"
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_states\.pt$")
-
-
-@dataclass
-class ShardedInfo:
-    """What a sharded checkpoint is, for the summary table."""
-
-    zero_stage: int
-    world_size: int
-    num_tensors: int
 
 
 def is_sharded_checkpoint(folder: Path) -> bool:
@@ -76,9 +67,6 @@ class ShardedCheckpoint:
             _field(states, "module", path)
             _field(states, "param_shapes", path)
         self.module = self.model_states[0]["module"]
-
-    def info(self) -> ShardedInfo:
-        return ShardedInfo(self.zero_stage, self.world_size, len(self.module))
 
     def entries(self, dtype: torch.dtype) -> list[Entry]:
         """The file's layout, from metadata alone: every key in ``state_dict()`` order.
@@ -147,7 +135,7 @@ class ShardedCheckpoint:
             parts = [osd["single_partition_of_fp32_groups"][group] for osd in self.optim]
             offset = 0
             for index, (name, shape) in enumerate(group_shapes.items()):
-                readers[name] = _bind(_read_span, parts, offset, torch.Size(shape))
+                readers[name] = functools.partial(_read_span, parts, offset, torch.Size(shape))
                 offset += math.prod(shape) + (paddings[group][index] if paddings else 0)
             _check_consumed(offset, parts, self.world_size, self.folder)
         return readers
@@ -158,7 +146,7 @@ class ShardedCheckpoint:
         for group_shapes in shapes:
             for name, shape in group_shapes.items():
                 part = math.ceil(math.prod(shape) / self.world_size)
-                readers[name] = _bind(_read_zero3, flats, offset, part, torch.Size(shape))
+                readers[name] = functools.partial(_read_zero3, flats, offset, part, torch.Size(shape))
                 offset += part
         return readers
 
@@ -167,12 +155,8 @@ class ShardedCheckpoint:
             return {}  # frozen parameters are whole in the module state
         shapes = self.model_states[0].get("frozen_param_shapes") or {}
         fragments = [states.get("frozen_param_fragments") or {} for states in self.model_states]
-        return {name: _bind(_read_frozen, [f[name] for f in fragments], torch.Size(shape))
+        return {name: functools.partial(_read_frozen, [f[name] for f in fragments], torch.Size(shape))
                 for name, shape in shapes.items()}
-
-
-def _bind(fn, *args):
-    return lambda: fn(*args)
 
 
 def _read_span(parts: list[torch.Tensor], offset: int, shape: torch.Size) -> torch.Tensor:
