@@ -21,9 +21,14 @@ def state_dict_differences(actual: Mapping[str, torch.Tensor], expected: Mapping
         a, e = actual[key], expected[key]
         if a.dtype != e.dtype or a.shape != e.shape:
             problems.append(f"{key}: {a.dtype}{list(a.shape)} != {e.dtype}{list(e.shape)}")
-        elif not torch.equal(a, e):
+        elif not same_bits(a, e):
             problems.append(f"{key}: values differ (max abs diff {(a.double() - e.double()).abs().max():.3g})")
     return problems
+
+
+def same_bits(a: torch.Tensor, e: torch.Tensor) -> bool:
+    """Bit for bit: unlike torch.equal, -0.0 differs from 0.0 and NaN equals itself."""
+    return torch.equal(a.contiguous().flatten().view(torch.uint8), e.contiguous().flatten().view(torch.uint8))
 
 
 def assert_state_dicts_equal(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:

@@ -308,7 +308,7 @@ def test_full_disk_says_how_much_and_leaves_nothing_half_written(tmp_path):
         shutil.copytree(source, exp)
         assert_refused(exp, f"could not write {exp / 'epoch_0.pt'}: no space left on the device of {exp}: about "
                        "3.7 MB needed, ", "tag=epoch_0")
-        assert_refused(exp, "MB free; HINT: free space or point model_dir elsewhere", "tag=epoch_0")
+        assert_refused(exp, "B free; HINT: free space or point model_dir elsewhere", "tag=epoch_0")
 
 
 @needs_fixtures

@@ -15,20 +15,45 @@ from conftest import JOBS, run_torchrun
 from wenet_hooks.demo.model import build_model
 
 
+# scenario -> (failing rank, the phase the message names, what the reason says)
+EXPECTED = {
+    "gather@1": (1, "gathering the weights", "rank 1: reading elements 256..384 of the fp32 partition failed: "
+                                             "injected: cannot read partition"),
+    "gather@0": (0, "gathering the weights", "rank 0: reading elements 256..384 of the fp32 partition failed: "
+                                             "injected: cannot read partition"),
+    "host-copy@0": (0, "gathering the weights", "to host memory failed: injected: host out of memory"),
+    "write@0": (0, "writing {model_dir}/write_at_0.pt", "no space left on the device of {model_dir}: about "),
+    "verify@0": (0, "writing {model_dir}/verify_at_0.pt", "values differ from those gathered"),
+    "background@0": (0, "writing in the background", "no space left on the device of {model_dir}: about "),
+}
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_rank0_failure_mid_gather_is_shared_and_collectives_stay_matched(tmp_path, stage):
+def test_a_failure_on_one_rank_in_any_phase_ends_the_save_on_every_rank_in_seconds(tmp_path, stage):
+    """tests/jobs/fault_job.py injects one failure per save (rank 1 or rank 0; gather, host copy,
+    write, verify, background write), each followed by a save that must work."""
     # Judged by what each rank recorded, so a crash in the interpreter's own
     # teardown (seen once: gloo threads at exit) is not mistaken for the behaviour.
-    proc = run_torchrun(JOBS / "fault_job.py", str(tmp_path), str(stage), timeout=180, check=False)
+    proc = run_torchrun(JOBS / "fault_job.py", str(tmp_path), str(stage), timeout=300, check=False)
     missing = [r for r in (0, 1) if not (tmp_path / f"rank{r}.json").exists()]
     assert not missing, f"ranks {missing} never finished (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    expected = ("save 'step_2' failed on rank 0 while gathering the weights: rank 0: copying "
-                "'encoder.norm.weight' to host memory failed: injected: host out of memory")
-    assert [s["first"] for s in seen] == [expected, expected]
-    assert [s["second"] for s in seen] == ["ok", "ok"]
-    assert not (tmp_path / "step_2.pt").exists()
-    assert list(torch.load(tmp_path / "step_2_again.pt", weights_only=True)) == list(build_model().state_dict())
+    assert list(seen[0]) == list(EXPECTED)
+    keys = list(build_model().state_dict())
+    for scenario, (rank, phase, reason) in EXPECTED.items():
+        tag = seen[0][scenario]["tag"]
+        failed_tag = "next_save" if scenario.startswith("background") else tag
+        messages = [s[scenario]["message"] for s in seen]
+        head = f"save '{failed_tag}' failed on rank {rank} while {phase.format(model_dir=tmp_path)}: "
+        assert messages[0] == messages[1], scenario  # every rank raised the same SaveError
+        assert messages[0].startswith(head), (scenario, messages[0])
+        assert reason.format(model_dir=tmp_path) in messages[0], (scenario, messages[0])
+        print(f"{scenario}: failing save ended on both ranks in "
+              f"{max(s[scenario]['seconds'] for s in seen):.2f} s")
+        assert all(s[scenario]["seconds"] < 60 for s in seen), scenario
+        assert not (tmp_path / f"{tag}.pt").exists(), scenario
+        assert list(torch.load(tmp_path / f"{tag}_then.pt", weights_only=True)) == keys, scenario
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_rank0_killed_while_writing_leaves_no_file_and_the_offline_command_recovers(tmp_path):

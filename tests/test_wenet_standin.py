@@ -116,7 +116,7 @@ def test_invalid_section_stops_before_training(tmp_path):
         "  - wenet_hooks.consolidate.dtype: expected one of fp32, bf16, fp16; found 'f32'\n"
         "  - wenet_hooks.consolidate.keep_sharded: expected all, none or a number of folders to keep; found 'last'\n"
         "  - wenet_hooks.consolidate.verfiy: unknown key; expected one of enabled, dtype, verify, on_error, "
-        "keep_sharded, tags"
+        "keep_sharded, tags, bucket_mb"
     ) in re.sub(r"(?m)^\[rank\d\]: ", "", proc.stderr)  # torchrun prefixes each rank's traceback
     assert listing(tmp_path / "exp") == ["train.yaml"]  # WeNet's copy of the config; no init save
 

@@ -4,8 +4,7 @@ The core is free of WeNet imports so it serves any DeepSpeed trainer::
 
     state_dict = consolidate(engine)            # collective: every rank calls it
     if state_dict is not None:                  # rank 0
-        write_state_dict(state_dict, "exp/epoch_3.pt",
-                         expected=Manifest.from_state_dict(state_dict))
+        write_state_dict(state_dict, "exp/epoch_3.pt", verify=True)
 """
 
 from wenet_hooks.consolidate import DTYPES, consolidate, resolve_dtype, unwrap_model

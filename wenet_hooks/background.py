@@ -11,6 +11,8 @@ import logging
 import threading
 from typing import Callable, Optional
 
+from wenet_hooks.errors import describe
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,4 +45,4 @@ class BackgroundWriter:
             job()
         except Exception as e:  # reported to every rank at the next save
             logger.exception("wenet_hooks: %s failed in the background", description)
-            self._error = f"{description}: {e}"
+            self._error = f"{description}: {describe(e)}"

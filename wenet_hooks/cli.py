@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from wenet_hooks.config import ConvertConfig, config_search_path, register_configs
-from wenet_hooks.errors import WenetHooksError
+from wenet_hooks.errors import WenetHooksError, describe
 from wenet_hooks.offline.convert import (
     Outcome,
     Source,
@@ -91,7 +91,7 @@ def _convert_one(source: Source, options: ConvertConfig, expected) -> Outcome:
                                expected=expected, progress=progress.update)
         except (WenetHooksError, OSError) as e:  # OSError: the file system refused (permissions, space)
             logger.error("%s: %s", source.tag, e)
-            return Outcome(source.tag, source.kind, error=str(e).splitlines()[0])
+            return Outcome(source.tag, source.kind, error=describe(e).splitlines()[0])
 
 
 @hydra.main(version_base="1.3", config_path=config_search_path(), config_name="convert")

@@ -51,6 +51,7 @@ class ConsolidateConfig:
     on_error: OnError = OnError.stop
     keep_sharded: str = "all"  # "all", "none" or K (the K most recent)
     tags: List[TagKind] = field(default_factory=lambda: list(TagKind))
+    bucket_mb: float = 16.0  # received by rank 0 per collective; 0: DeepSpeed's per-parameter gather
 
     def keep_last(self) -> Optional[int]:
         """How many sharded folders to keep; ``None`` keeps all."""
@@ -168,15 +169,23 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(m.name for m in hint)
     if typing.get_origin(hint) in (list, List):
         return "a list of " + _describe(typing.get_args(hint)[0]).replace("one of ", "")
-    return {bool: "true or false", int: "an integer", str: "a string"}.get(hint, str(hint))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 def _keep_sharded_ok(value: Any) -> bool:
     return str(value) in ("all", "none") or str(value).isdigit()
 
 
+def _not_negative(value: Any) -> bool:
+    return float(value) >= 0
+
+
 # Checks beyond the type, per (schema, key).
 _FIELD_CHECKS: dict[tuple[type, str], Callable[[Any], bool]] = {
     (ConsolidateConfig, "keep_sharded"): _keep_sharded_ok,
+    (ConsolidateConfig, "bucket_mb"): _not_negative,
 }
-_FIELD_EXPECTED = {(ConsolidateConfig, "keep_sharded"): "all, none or a number of folders to keep"}
+_FIELD_EXPECTED = {
+    (ConsolidateConfig, "keep_sharded"): "all, none or a number of folders to keep",
+    (ConsolidateConfig, "bucket_mb"): "a number of megabytes >= 0",
+}

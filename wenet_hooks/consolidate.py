@@ -19,6 +19,7 @@ from torch import nn
 
 from wenet_hooks.dist import get_rank, is_rank0
 from wenet_hooks.errors import ConsolidationError
+from wenet_hooks.gather import DEFAULT_BUCKET_MB, gather_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +53,26 @@ def unwrap_model(engine: Any) -> nn.Module:
     return module
 
 
-def consolidate(engine: Any, dtype: DtypeLike = "fp32") -> "OrderedDict[str, torch.Tensor] | None":
+def consolidate(
+    engine: Any, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB
+) -> "OrderedDict[str, torch.Tensor] | None":
     """Collective: must be called on all ranks. Gather the full state dict onto rank 0's CPU.
 
-    Parameters come from DeepSpeed's fp32 master copy
-    (``deepspeed.utils.safe_get_full_fp32_param``) for ZeRO-1/2/3 and the bf16
-    optimizer; parameters without a master copy (ZeRO-0 in fp32, frozen
-    parameters) come from the module itself, gathered with
-    ``deepspeed.zero.GatheredParameters`` under ZeRO-3. Buffers come from rank 0.
-    Only one parameter is materialised at a time, so the extra accelerator
-    memory is that of the largest parameter.
+    Parameters come from DeepSpeed's fp32 master copy for ZeRO-1/2/3 and the
+    bf16 optimizer: its flat partitions are sent to rank 0 in buckets of
+    ``bucket_mb`` (:mod:`wenet_hooks.gather`); where their layout is not one we
+    know, or with ``bucket_mb=0``, parameter by parameter with
+    ``deepspeed.utils.safe_get_full_fp32_param``. Parameters without a master
+    copy (ZeRO-0 in fp32, frozen parameters) come from the module itself,
+    gathered with ``deepspeed.zero.GatheredParameters`` under ZeRO-3. Buffers
+    come from rank 0. The extra accelerator memory is one bucket on rank 0
+    (the largest parameter on the per-parameter path).
 
     Args:
         engine: a ``deepspeed.DeepSpeedEngine`` (or a plain ``nn.Module``).
         dtype: floating tensors are cast to this (``"fp32"``, ``"bf16"``,
             ``"fp16"``); integer buffers keep their dtype.
+        bucket_mb: megabytes rank 0 receives per collective.
 
     Returns:
         On rank 0, an ordered ``dict[str, Tensor]`` on CPU whose keys are exactly
@@ -77,12 +83,18 @@ def consolidate(engine: Any, dtype: DtypeLike = "fp32") -> "OrderedDict[str, tor
     masters = unpartitioned_masters(engine)
     copy = _RankZeroCopies(resolve_dtype(dtype), enabled=is_rank0())
     started = time.perf_counter()
-    result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    entries = module.state_dict(keep_vars=True)
     # Tied weights are one Parameter object under several keys: gather it once
     # and reuse the CPU copy, so the file stores it once, as torch.save would.
-    gathered: dict[int, torch.Tensor | None] = {}
+    params = list({id(t): t for t in entries.values() if isinstance(t, nn.Parameter) and id(t) not in masters}.values())
     with torch.no_grad():
-        for key, tensor in module.state_dict(keep_vars=True).items():
+        bucketed = gather_partitions(engine, params, copy.target, int(bucket_mb * 2**20), copy.record)
+    gathered: dict[int, torch.Tensor | None] = {
+        id(params[i]): bucketed.tensors.get(i) for i in bucketed.indices
+    }
+    result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    with torch.no_grad():
+        for key, tensor in entries.items():
             ident = id(tensor)
             if ident not in gathered:
                 gathered[ident] = _gather_to_rank0(key, tensor, masters.get(ident), copy)
@@ -95,7 +107,7 @@ def consolidate(engine: Any, dtype: DtypeLike = "fp32") -> "OrderedDict[str, tor
 
 
 class _RankZeroCopies:
-    """Rank 0's host copies of the gathered tensors.
+    """Rank 0's host copies of the gathered tensors, and this rank's first failure.
 
     A failure here (host memory exhausted, say) must not leave the other ranks
     alone in the next collective: it is recorded, the loop goes on with the
@@ -113,13 +125,17 @@ class _RankZeroCopies:
         try:
             return _to_cpu(tensor, self.target, fresh)
         except Exception as e:
-            self.error = (key, e)
+            self.record(f"copying '{key}' to host memory", e)
             return None
+
+    def record(self, what: str, error: Exception) -> None:
+        if self.error is None:
+            self.error = (what, error)
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
-            key, e = self.error
-            raise ConsolidationError(f"rank {get_rank()}: copying '{key}' to host memory failed: {e}") from e
+            what, e = self.error
+            raise ConsolidationError(f"rank {get_rank()}: {what} failed: {e}") from e
 
 
 def unpartitioned_masters(engine: Any) -> dict[int, torch.Tensor]:

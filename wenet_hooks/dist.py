@@ -41,10 +41,10 @@ def first_error(error: Optional[str]) -> Optional[tuple[int, str]]:
     one rank raising while the others wait in the next collective.
     """
     if get_world_size() == 1:
-        return (0, error) if error else None
+        return (0, error) if error is not None else None
     reports: list[Optional[str]] = [None] * get_world_size()
     dist.all_gather_object(reports, error)
     for rank, report in enumerate(reports):
-        if report:
+        if report is not None:
             return rank, report
     return None

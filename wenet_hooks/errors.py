@@ -64,3 +64,8 @@ class CheckpointReadError(WenetHooksError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+def describe(error: BaseException) -> str:
+    """A one-line-or-more message that is never empty (``StopIteration()`` says nothing)."""
+    return str(error) or type(error).__name__

@@ -39,19 +39,23 @@ def write_state_dict(
     path: Union[str, Path],
     *,
     expected: Optional[Manifest] = None,
+    verify: bool = False,
 ) -> Path:
     """Write ``state_dict`` as ONE regular file at ``path``, atomically.
 
     The file loads with ``torch.load(path, map_location="cpu", mmap=True,
     weights_only=True)``; tensors that share a storage (tied weights) are
     stored once. If ``expected`` is given, the written bytes are reopened and
-    verified against it before the file is published. On any failure nothing
-    exists at ``path`` that was not there before, and no temporary file is left.
+    verified against it before the file is published; ``verify=True`` does
+    the same against ``state_dict`` itself, checksummed as it is written.
+    On any failure nothing exists at ``path`` that was not there before, and
+    no temporary file is left.
 
     Args:
         state_dict: a flat ``dict[str, Tensor]`` on CPU.
         path: the final file, e.g. ``exp/whisper/epoch_3.pt``.
-        expected: what the file must hold; ``None`` skips verification.
+        expected: what the file must hold (e.g. the model's keys and shapes).
+        verify: check the file against ``state_dict`` when no ``expected`` is given.
 
     Returns:
         ``path`` as a ``Path``.
@@ -63,12 +67,14 @@ def write_state_dict(
     """
     path = Path(path)
 
+    checksums = verify and expected is None
+
     def fill(tmp: Path) -> Optional[Manifest]:
-        _write_and_sync(state_dict, tmp)
-        return expected
+        written = _write_and_sync(state_dict, tmp, checksums)
+        return expected if expected is not None else written
 
     started = time.perf_counter()
-    atomic_publish(path, fill, verify=expected is not None, nbytes_hint=state_dict_nbytes(state_dict))
+    atomic_publish(path, fill, verify=expected is not None or verify, nbytes_hint=state_dict_nbytes(state_dict))
     nbytes = path.stat().st_size
     seconds = time.perf_counter() - started
     logger.info("wrote %s (%.1f MB, %.0f MB/s)", path, nbytes / 1e6, nbytes / 1e6 / max(seconds, 1e-9))
@@ -118,7 +124,18 @@ def _check_target(path: Path) -> None:
         raise CheckpointWriteError(path, f"the folder {path.parent} does not exist")
 
 
-def _write_and_sync(state_dict: Mapping[str, torch.Tensor], tmp: Path) -> None:
+def _write_and_sync(state_dict: Mapping[str, torch.Tensor], tmp: Path, checksums: bool) -> Manifest:
+    """Write and fsync ``tmp``; what it holds (with CRC32s if ``checksums``)."""
+    from wenet_hooks.stream import can_stream, entries_for, write_into  # stream builds on this module
+
+    if can_stream():
+        # pwrite straight from each tensor: no copy through Python's buffered
+        # writer (about 0.5 of the disk's speed at 1 GB with torch.save), and
+        # each tensor checksummed while it is hot in the cache.
+        entries, tensors = entries_for(state_dict)
+        specs = write_into(tmp, entries, tensors, checksums=checksums)
+        return Manifest(specs, tuple((e.alias_of, e.key) for e in entries if e.alias_of))
+    written = Manifest.from_state_dict(state_dict, checksums=checksums)
     # A Python file object (not a path) makes write failures surface as
     # OSError with errno (ENOSPC, EROFS), which the caller turns into advice.
     with open(tmp, "wb") as f:
@@ -126,6 +143,7 @@ def _write_and_sync(state_dict: Mapping[str, torch.Tensor], tmp: Path) -> None:
         f.flush()
         # Without fsync a power loss after the rename can publish a file of zeros.
         os.fsync(f.fileno())
+    return written
 
 
 def _verify_as(tmp: Path, expected: Manifest, path: Path) -> None:
@@ -157,9 +175,16 @@ def _describe_os_error(e: OSError, path: Path, needed: int) -> str:
     if e.errno == errno.ENOSPC:
         free = shutil.disk_usage(path.parent).free
         return (
-            f"no space left on the device of {path.parent}: about {needed / 1e6:.1f} MB needed, "
-            f"{free / 1e6:.1f} MB free; HINT: free space or point model_dir elsewhere"
+            f"no space left on the device of {path.parent}: about {_size(needed)} needed, "
+            f"{_size(free)} free; HINT: free space or point model_dir elsewhere"
         )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{path.parent} is not writable ({e.strerror}); HINT: check its permissions or mount"
     return f"{e.strerror or e} ({type(e).__name__})"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"

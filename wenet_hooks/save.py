@@ -12,10 +12,10 @@ from typing import Any, Callable, Optional, Union
 
 from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.consolidate import DtypeLike, consolidate
+from wenet_hooks.gather import DEFAULT_BUCKET_MB
 from wenet_hooks.dist import first_error, is_rank0
-from wenet_hooks.errors import SaveError
+from wenet_hooks.errors import SaveError, describe
 from wenet_hooks.io import write_state_dict
-from wenet_hooks.verify import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ def save_consolidated(
     *,
     dtype: DtypeLike = "fp32",
     verify: bool = True,
+    bucket_mb: float = DEFAULT_BUCKET_MB,
     writer: Optional[BackgroundWriter] = None,
     on_written: Optional[Callable[[], None]] = None,
 ) -> Path:
@@ -46,7 +47,7 @@ def save_consolidated(
         SaveError: on every rank, naming the rank and phase that failed.
     """
     path = Path(model_dir) / f"{tag}.pt"
-    state_dict, error = _run_phase(lambda: consolidate(engine, dtype), tag)
+    state_dict, error = _run_phase(lambda: consolidate(engine, dtype, bucket_mb), tag)
     _raise_if_any_failed(error, tag, "gathering the weights")
     job = _write_job(state_dict, path, verify, on_written) if is_rank0() else None
     del state_dict
@@ -71,8 +72,7 @@ def settle_background(writer: BackgroundWriter, tag: str) -> None:
 
 def _write_job(state_dict: dict, path: Path, verify: bool, on_written: Optional[Callable[[], None]]):
     def job() -> None:
-        expected = Manifest.from_state_dict(state_dict) if verify else None
-        write_state_dict(state_dict, path, expected=expected)
+        write_state_dict(state_dict, path, verify=verify)
         if on_written is not None:
             on_written()
 
@@ -84,7 +84,7 @@ def _run_phase(work, tag: str) -> tuple[Any, Optional[str]]:
         return work(), None
     except Exception as e:  # shared with the other ranks, then re-raised there
         logger.exception("wenet_hooks: save '%s' failed here", tag)
-        return None, str(e)
+        return None, describe(e)
 
 
 def _raise_if_any_failed(error: Optional[str], tag: str, phase: str) -> None:

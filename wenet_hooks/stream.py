@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -51,8 +51,7 @@ def write_streamed(entries: list[Entry], tensors: Iterable[torch.Tensor], path: 
     started = time.perf_counter()
 
     def fill(tmp: Path) -> Manifest:
-        records = _lay_out(entries, tmp)
-        specs = _fill(entries, tensors, tmp, records, on_tensor)
+        specs = write_into(tmp, entries, tensors, on_tensor=on_tensor)
         tied = tuple((e.alias_of, e.key) for e in entries if e.alias_of)
         return Manifest(specs, tied)
 
@@ -61,6 +60,33 @@ def write_streamed(entries: list[Entry], tensors: Iterable[torch.Tensor], path: 
     logger.info("wrote %s (%.1f MB, %.0f MB/s, streamed)", path, size / 1e6,
                 size / 1e6 / max(time.perf_counter() - started, 1e-9))
     return path
+
+
+def write_into(tmp: Path, entries: list[Entry], tensors: Iterable[torch.Tensor], *, checksums: bool = True,
+               on_tensor: Optional[Callable[[torch.Tensor], None]] = None) -> dict[str, TensorSpec]:
+    """Write and fsync ``tmp`` (no publishing); what each entry holds, with CRC32s if ``checksums``."""
+    offsets = _lay_out(entries, tmp)
+    return _fill(entries, tensors, tmp, offsets, on_tensor, checksums)
+
+
+def entries_for(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[Entry], list[torch.Tensor]]:
+    """The entries of an in-memory state dict and the tensors to write, in order.
+
+    Keys holding the same tensor (tied weights) become aliases, stored once as
+    torch.save would; distinct views into one buffer (``consolidate`` may
+    return those) are stored separately, each with only its own bytes.
+    """
+    entries, tensors, first = [], [], {}
+    for key, tensor in state_dict.items():
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tensor.stride(), tensor.dtype)
+        if tensor.numel() and view in first:
+            entries.append(Entry(key, alias_of=first[view]))
+            continue
+        first.setdefault(view, key)
+        entries.append(Entry(key, tuple(tensor.shape), tensor.dtype))
+        tensors.append(tensor)
+    return entries, tensors
 
 
 def _nbytes(entry: Entry) -> int:
@@ -92,7 +118,7 @@ def _lay_out(entries: list[Entry], tmp: Path) -> list[int]:
 
 
 def _fill(entries: list[Entry], tensors: Iterable[torch.Tensor], tmp: Path, offsets: list[int],
-          on_tensor) -> dict[str, TensorSpec]:
+          on_tensor, checksums: bool) -> dict[str, TensorSpec]:
     specs: dict[str, TensorSpec] = {}
     produced: Iterator[torch.Tensor] = iter(tensors)
     fd = os.open(tmp, os.O_WRONLY)
@@ -107,7 +133,7 @@ def _fill(entries: list[Entry], tensors: Iterable[torch.Tensor], tmp: Path, offs
                 raise ValueError(f"'{e.key}': produced {tensor.dtype}{list(tensor.shape)}, laid out as "
                                  f"{e.dtype}{list(e.shape)}")
             _pwrite_all(fd, tensor, offsets[index])
-            specs[e.key] = TensorSpec(tuple(e.shape), e.dtype, tensor_checksum(tensor))
+            specs[e.key] = TensorSpec(tuple(e.shape), e.dtype, tensor_checksum(tensor) if checksums else None)
             if on_tensor is not None:
                 on_tensor(tensor)
             index += 1

@@ -3,7 +3,9 @@
 Usage: consolidate_matrix.py OUT_DIR CASE [CASE ...], a CASE being
 ``z<stage>-<fp32|bf16>-<offload|nooffload>``. For each case it writes, under
 ``OUT_DIR/<case>/``: DeepSpeed's sharded checkpoint (tag ``step_3``), our
-``step_3.pt`` (fp32) and ``step_3.bf16.pt`` (dtype="bf16"), a second sharded
+``step_3.pt`` (fp32) and ``step_3.bf16.pt`` (dtype="bf16"), the same weights
+gathered parameter by parameter (``step_3.per_param.pt``, bucket_mb=0) and in
+buckets of 1 KiB that split parameters (``step_3.small_buckets.pt``), a second sharded
 save ``step_4/`` one step later, the engine's module output on a fixed batch
 (``engine_out.pt``) and ``result.json``.
 The pytest side compares them; this script only records.
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from wenet_hooks import Manifest, consolidate, write_state_dict
 from wenet_hooks.demo.model import build_model, make_batch
 from wenet_hooks.demo.train import ds_config, init_engine, train_steps
+from wenet_hooks.gather import gather_partitions
 
 TAG = "step_3"
 NEXT_TAG = "step_4"
@@ -31,6 +34,10 @@ STEPS = 3
 def parse_case(case: str) -> tuple[int, str, bool]:
     stage, precision, offload = case.split("-")
     return int(stage[1:]), precision, offload == "offload"
+
+
+def _raise(what: str, error: Exception) -> None:
+    raise RuntimeError(what) from error
 
 
 def engine_output(engine) -> torch.Tensor:
@@ -57,6 +64,9 @@ def run_case(case: str, out_dir: Path) -> None:
     engine.save_checkpoint(str(case_dir), tag=TAG)
     fp32 = consolidate(engine)
     bf16 = consolidate(engine, dtype="bf16")
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    bucketed = gather_partitions(engine, trainable, torch.float32, 2**20, on_error=_raise).indices
+    variants = {"per_param": consolidate(engine, bucket_mb=0), "small_buckets": consolidate(engine, bucket_mb=1 / 1024)}
     out = engine_output(engine)
     # One step more, saved too: tests of mixed-up shards take a file from here.
     train_steps(engine, 1, first_step=STEPS)
@@ -64,10 +74,12 @@ def run_case(case: str, out_dir: Path) -> None:
     if dist.get_rank() == 0:
         write_state_dict(fp32, case_dir / f"{TAG}.pt", expected=Manifest.from_state_dict(fp32))
         write_state_dict(bf16, case_dir / f"{TAG}.bf16.pt", expected=Manifest.from_state_dict(bf16))
+        for name, state_dict in variants.items():
+            write_state_dict(state_dict, case_dir / f"{TAG}.{name}.pt")
         torch.save(out, case_dir / "engine_out.pt")
-        (case_dir / "result.json").write_text(json.dumps({"ok": True, "losses": losses}))
+        (case_dir / "result.json").write_text(json.dumps({"ok": True, "losses": losses, "bucketed": len(bucketed), "trainable": len(trainable)}))
     else:
-        assert fp32 is None and bf16 is None, "ranks other than 0 must receive None"
+        assert fp32 is None and bf16 is None and not any(variants.values()), "ranks other than 0 must receive None"
 
 
 def main() -> None:

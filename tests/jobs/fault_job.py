@@ -1,40 +1,120 @@
-"""torchrun worker: a failure on rank 0 in the middle of the gather must not hang the job.
+"""torchrun worker: a failure on one rank in any phase of a save ends that save on every rank.
 
-Usage: fault_job.py OUT_DIR STAGE. Rank 0's host copy of the 5th tensor raises
-(as an out-of-memory would); every rank must then leave ``save_consolidated``
-with the same SaveError, and a second save must work (the collectives stayed
-matched). Writes ``OUT_DIR/rank<r>.json`` with what each rank saw.
+Usage: fault_job.py OUT_DIR STAGE. One injected failure per save, each followed
+by a save that must work (the collectives stayed matched):
+
+- ``gather@1``, ``gather@0``: reading the 3rd chunk of the fp32 partition
+  raises on rank 1 (then on rank 0) while the other rank is in the collectives;
+- ``host-copy@0``: rank 0's copy of a received chunk into host memory raises
+  (as an out-of-memory would);
+- ``write@0``: the disk fills up (ENOSPC) half-way through rank 0's write;
+- ``verify@0``: the file rank 0 wrote is corrupted before it is verified;
+- ``background@0``: the same ENOSPC in a background write (model+optimizer
+  saves), reported to every rank when the next save settles it.
+
+Writing and verifying happen on rank 0 only; rank 1's part of those phases is
+its vote. Writes ``OUT_DIR/rank<r>.json``: per scenario, the message each rank
+got and how long the failing save took.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
+from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.demo.model import build_model
 from wenet_hooks.demo.train import ds_config, init_engine, train_steps
 from wenet_hooks.errors import SaveError
-from wenet_hooks.save import save_consolidated
+from wenet_hooks.save import save_consolidated, settle_background
 
-FAIL_AT = 5
-# The module (the package exports its function under the same name).
-consolidate_module = importlib.import_module("wenet_hooks.consolidate")
+gather = importlib.import_module("wenet_hooks.gather")
+io = importlib.import_module("wenet_hooks.io")
+stream = importlib.import_module("wenet_hooks.stream")
 
 
-def fail_on_rank0_at(call: int):
-    real, calls = consolidate_module._to_cpu, [0]
+@contextmanager
+def patched(owner, name, make):
+    real = getattr(owner, name)
+    setattr(owner, name, make(real))
+    try:
+        yield
+    finally:
+        setattr(owner, name, real)
 
-    def to_cpu(tensor, target, fresh):
-        calls[0] += 1
-        if dist.get_rank() == 0 and calls[0] == call:
-            raise RuntimeError("injected: host out of memory")
-        return real(tensor, target, fresh)
 
-    return to_cpu, real
+def fail_on(rank: int, call: int, error: Exception):
+    """A wrapper factory: the ``call``-th call on ``rank`` raises ``error``."""
+    def make(real):
+        calls = [0]
+
+        def wrapper(*args, **kwargs):
+            calls[0] += 1
+            if dist.get_rank() == rank and calls[0] == call:
+                raise error
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    return make
+
+
+def corrupt_before_verify(real):
+    def verify_as(tmp, expected, path):
+        with open(tmp, "rb") as f:
+            reader = torch._C.PyTorchFileReader(f)
+            record = next(r for r in reader.get_all_records() if r == "data/0" or r.endswith("/data/0"))
+            offset = reader.get_record_offset(record)
+        with open(tmp, "r+b") as f:  # flip one byte of the first tensor's data
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        return real(tmp, expected, path)
+
+    return verify_as
+
+
+# 1 KiB buckets: the demo model's partitions take dozens of collectives, so
+# a failure at the 3rd chunk happens with collectives still to come.
+BUCKET_MB = 1 / 1024
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+SCENARIOS = {
+    "gather@1": (gather, "_read_chunk", fail_on(1, 3, RuntimeError("injected: cannot read partition"))),
+    "gather@0": (gather, "_read_chunk", fail_on(0, 3, RuntimeError("injected: cannot read partition"))),
+    "host-copy@0": (gather._Receiver, "_place_rank", fail_on(0, 2, MemoryError("injected: host out of memory"))),
+    "write@0": (stream, "_pwrite_all", fail_on(0, 4, ENOSPC)),
+    "verify@0": (io, "_verify_as", corrupt_before_verify),
+    "background@0": (stream, "_pwrite_all", fail_on(0, 4, ENOSPC)),
+}
+
+
+def run_scenario(engine, out: Path, name: str) -> dict:
+    owner, attr, make = SCENARIOS[name]
+    tag = name.replace("@", "_at_").replace("-", "_")
+    started = time.monotonic()
+    try:
+        with patched(owner, attr, make):
+            if name.startswith("background"):
+                writer = BackgroundWriter()
+                save_consolidated(engine, out, tag, writer=writer, bucket_mb=BUCKET_MB)
+                settle_background(writer, "next_save")
+            else:
+                save_consolidated(engine, out, tag, bucket_mb=BUCKET_MB)
+        message = "no error"
+    except SaveError as e:
+        message = str(e)
+    seconds = time.monotonic() - started
+    save_consolidated(engine, out, f"{tag}_then")
+    return {"tag": tag, "message": message, "seconds": seconds}
 
 
 def main() -> None:
@@ -44,17 +124,7 @@ def main() -> None:
     out, stage = Path(sys.argv[1]), int(sys.argv[2])
     engine = init_engine(build_model(), ds_config(stage))
     train_steps(engine, 2)
-    faulty, real = fail_on_rank0_at(FAIL_AT)
-    consolidate_module._to_cpu = faulty
-    seen = {}
-    try:
-        save_consolidated(engine, out, "step_2")
-        seen["first"] = "no error"
-    except SaveError as e:
-        seen["first"] = str(e)
-    consolidate_module._to_cpu = real
-    save_consolidated(engine, out, "step_2_again")
-    seen["second"] = "ok"
+    seen = {name: run_scenario(engine, out, name) for name in SCENARIOS}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(seen))
     dist.barrier()
     dist.destroy_process_group()

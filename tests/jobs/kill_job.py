@@ -24,7 +24,7 @@ io_module = importlib.import_module("wenet_hooks.io")
 
 
 def stalled_write(marker: Path):
-    def write_and_sync(state_dict, tmp):
+    def write_and_sync(state_dict, tmp, checksums):
         with open(tmp, "wb") as f:
             f.write(b"PK\x03\x04 the first bytes of a zip")
             f.flush()

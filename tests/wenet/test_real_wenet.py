@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,34 @@ def test_whisper_style_zero3_tied_embedding(tmp_path):
     assert all(torch.equal(saved[k], reference[k]) for k in reference)
     assert "missing tensor" not in log and "unexpected tensor" not in log
     assert len((exp / "decode" / "attention_rescoring" / "text").read_text().splitlines()) == 16
+
+
+def train_losses(log, epoch):
+    """Rank 0's logged training losses of ``epoch``, by batch: WeNet's 'TRAIN | ... Batch E/B loss X ... rank 0'."""
+    found = re.findall(rf"TRAIN \|.*?Batch {epoch}/(\d+) loss ([0-9.]+) .*rank 0$", log, flags=re.M)
+    return {int(batch): float(loss) for batch, loss in found}
+
+
+def test_resume_from_the_single_file_continues_with_the_same_loss(tmp_path):
+    """``--checkpoint exp/epoch_0.pt`` (WeNet's way to resume; the optimizer starts afresh):
+    the first loss of epoch 1 equals the uninterrupted run's. An epoch save is used because
+    WeNet restarts an epoch's data from its first batch when it resumes, so only there do
+    both runs see the same batch; dropout and dither are off so both forwards are the same."""
+    configs = yaml.load((REPO / "recipes/tiny/conf/train.yaml").read_text(), Loader=yaml.FullLoader)
+    for section in ("encoder_conf", "decoder_conf"):
+        configs[section]["dropout_rate"] = configs[section]["positional_dropout_rate"] = 0.0
+    configs["dataset_conf"]["fbank_conf"]["dither"] = 0.0
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text(yaml.dump(configs))
+    straight = run_recipe(tmp_path, train_config=str(train_yaml), stop_stage="1", dir=str(tmp_path / "exp"))
+    (tmp_path / "resumed").mkdir()
+    for name in ("epoch_0.pt", "epoch_0.yaml"):  # only the single file travels, as a user would copy it
+        os.replace(tmp_path / "exp" / name, tmp_path / "resumed" / name)
+    resumed = run_recipe(tmp_path, train_config=str(train_yaml), stage="1", stop_stage="1",
+                         dir=str(tmp_path / "exp_resumed"), checkpoint=str(tmp_path / "resumed" / "epoch_0.pt"))
+    assert "missing tensor" not in resumed and "unexpected tensor" not in resumed
+    expected, got = train_losses(straight, 1), train_losses(resumed, 1)
+    assert 1 in expected and 1 in got, (expected, got)
+    assert train_losses(resumed, 0) == {}  # it resumed at epoch 1
+    print(f"first loss of epoch 1: uninterrupted {expected[1]}, resumed {got[1]}")
+    assert abs(got[1] - expected[1]) <= 1e-6 * abs(expected[1]) + 1e-6

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from wenet_hooks import Manifest, consolidate, write_state_dict
+from wenet_hooks import consolidate, write_state_dict
 from wenet_hooks.demo.model import build_model
 from wenet_hooks.demo.train import ds_config, init_engine, train_steps
 from wenet_hooks.offline.report import table
@@ -35,7 +35,7 @@ def save_both(engine, model_dir: Path, tag: str) -> Path | None:
     state_dict = consolidate(engine)
     if state_dict is None:
         return None
-    return write_state_dict(state_dict, model_dir / f"{tag}.pt", expected=Manifest.from_state_dict(state_dict))
+    return write_state_dict(state_dict, model_dir / f"{tag}.pt", verify=True)
 
 
 def matches_zero_to_fp32(path: Path, model_dir: Path, tag: str) -> str:

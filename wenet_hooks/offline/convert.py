@@ -141,7 +141,7 @@ def convert_tag(source: Source, model_dir: Path, *, dtype: str, overwrite: bool,
     if expected is not None:
         _check_against_model({k: (t.shape, t.dtype) for k, t in state_dict.items()}, expected, source)
     source = _move_folder_aside(source, target)
-    write_state_dict(state_dict, target, expected=Manifest.from_state_dict(state_dict))
+    write_state_dict(state_dict, target, verify=True)
     outcome.tensors, outcome.nbytes, outcome.verified = len(state_dict), state_dict_nbytes(state_dict), "yes"
     _clean_up(source, keep_sharded)
     outcome.seconds = time.perf_counter() - started

@@ -155,7 +155,7 @@ def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfi
 
     try:
         save_consolidated(model, model_dir, tag, dtype=config.dtype.value, verify=config.verify,
-                          writer=None if model_only else _session.writer,
+                          bucket_mb=config.bucket_mb, writer=None if model_only else _session.writer,
                           on_written=None if model_only else written)
         return
     except SaveError as e:

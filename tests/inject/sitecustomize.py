@@ -1,0 +1,58 @@
+"""Test-only instruments for the stand-in's training runs (on PYTHONPATH only in the tests that ask).
+
+- ``WENET_HOOKS_TEST_ENOSPC=step_3[,...]``: the disk "fills up" while rank 0
+  writes those tags' single files (a few bytes land in ``<tag>.pt.tmp``, then
+  ``OSError(ENOSPC)``), as a full disk would; nothing else is changed.
+- ``WENET_HOOKS_TEST_PROBE=<folder>``: after each save, every rank records its
+  resident memory, open file descriptors, threads and the ``*.tmp`` files in
+  model_dir; written to ``<folder>/probe<rank>.json`` at exit.
+"""
+
+import os
+
+if os.environ.get("WENET_HOOKS_TEST_ENOSPC"):
+    import errno
+
+    import wenet_hooks.stream as _stream
+
+    _full_tags = os.environ["WENET_HOOKS_TEST_ENOSPC"].split(",")
+    _write_into = _stream.write_into
+
+    def _write_into_full_disk(tmp, entries, tensors, **kwargs):
+        if any(tmp.name == f"{tag}.pt.tmp" for tag in _full_tags):
+            tmp.write_bytes(b"PK\x03\x04 the first bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return _write_into(tmp, entries, tensors, **kwargs)
+
+    _stream.write_into = _write_into_full_disk
+
+if os.environ.get("WENET_HOOKS_TEST_PROBE"):
+    import atexit
+    import json
+    import threading
+    from pathlib import Path
+
+    import wenet_hooks.wenet.hook as _hook
+
+    _samples = []
+    _save = _hook._save
+
+    def _probed_save(original, model, info_dict, config):
+        _save(original, model, info_dict, config)
+        with open("/proc/self/status") as f:
+            rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        _samples.append({
+            "tag": info_dict["tag"],
+            "rss_mb": rss_kb / 1024,
+            "fds": len(os.listdir("/proc/self/fd")),
+            "threads": threading.active_count(),
+            "tmp_files": len(list(Path(info_dict["model_dir"]).glob("*.tmp"))),
+        })
+
+    def _dump():
+        if "RANK" in os.environ:  # a training rank, not torchrun's own process
+            path = Path(os.environ["WENET_HOOKS_TEST_PROBE"], f"probe{os.environ['RANK']}.json")
+            path.write_text(json.dumps(_samples))
+
+    _hook._save = _probed_save
+    atexit.register(_dump)

@@ -1,0 +1,98 @@
+"""Reliability of the WeNet integration over whole training runs, against the WeNet-shaped stand-in.
+
+Like tests/test_wenet_standin.py these launch ``tests/standin/wenet/bin/train.py``
+(which imports and calls ``save_model`` exactly as WeNet's train.py and
+executor.py do; see tests/standin/README.md) on 2 real DeepSpeed ranks
+(gloo). Faults and measurements come from ``tests/inject/sitecustomize.py``,
+put on PYTHONPATH by these tests only; the package itself is not modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from conftest import JOBS, REPO, STANDIN
+from helpers import assert_state_dicts_equal, deepspeed_reference
+from test_convert_cli import convert
+from test_wenet_standin import assert_recognize_ready, load, train, write_configs
+from wenet_hooks.demo.model import build_model
+
+INJECT = REPO / "tests" / "inject"
+
+
+def instrumented(**env: str) -> dict[str, str]:
+    return {"PYTHONPATH": os.pathsep.join(map(str, [INJECT, REPO, JOBS, STANDIN])), **env}
+
+
+def test_disk_full_with_on_error_warn_keeps_training_and_the_sharded_folder(tmp_path):
+    section = {"consolidate": {"enabled": True, "on_error": "warn", "keep_sharded": 1}}
+    write_configs(tmp_path, stage=2, section=section, save_interval=2)
+    proc = train(tmp_path, "model+optimizer", env=instrumented(STANDIN_STEPS="6", WENET_HOOKS_TEST_ENOSPC="step_3"))
+    exp = tmp_path / "exp"
+    # The failed write is reported (where, how much) at the next save; training went on and later saves worked.
+    assert (f"wenet_hooks: save 'step_5' failed on rank 0 while writing in the background: writing "
+            f"{exp / 'step_3.pt'}: could not write {exp / 'step_3.pt'}: no space left on the device of {exp}: "
+            f"about ") in proc.stderr
+    assert "on_error is warn: training goes on, the sharded folder is kept" in proc.stderr
+    assert not (exp / "step_3.pt").exists() and not list(exp.glob("*.tmp"))
+    for tag in ("init", "step_1", "step_5", "epoch_0"):
+        assert_recognize_ready(exp / f"{tag}.pt")
+    # keep_sharded 1 removed every verified folder but the newest; step_3 has no .pt, so it stays.
+    assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["epoch_0", "step_3"]
+    # ... and it still holds the save: the offline command makes the .pt from it later.
+    convert(f"model_dir={exp}", "tag=step_3")
+    assert_recognize_ready(exp / "step_3.pt")
+    assert_state_dicts_equal(load(exp / "step_3.pt"), deepspeed_reference(exp, "step_3", build_model()))
+
+
+def test_200_saves_in_one_run_do_not_leak(tmp_path):
+    saves = 200
+    section = {"consolidate": {"enabled": True, "keep_sharded": 1}}
+    write_configs(tmp_path, stage=2, section=section, save_interval=1)
+    # The stand-in saves after steps 1..N-1 (WeNet's `(step + 1) % save_interval` at step 0 is skipped).
+    train(tmp_path, "model+optimizer", env=instrumented(STANDIN_STEPS=str(saves + 1),
+                                                       WENET_HOOKS_TEST_PROBE=str(tmp_path)))
+    exp = tmp_path / "exp"
+    for rank in (0, 1):
+        samples = json.loads((tmp_path / f"probe{rank}.json").read_text())
+        assert len(samples) == saves + 2  # init, step_1..step_200, epoch_0
+        early, late = samples[20], samples[-1]  # after warm-up (allocator pools, DeepSpeed's lazy state)
+        print(f"rank {rank}: after save 20 / {len(samples)}: RSS {early['rss_mb']:.1f} / {late['rss_mb']:.1f} MB, "
+              f"fds {early['fds']} / {late['fds']}, threads {early['threads']} / {late['threads']}, "
+              f"tmp files at most {max(s['tmp_files'] for s in samples)}")
+        assert late["rss_mb"] - early["rss_mb"] < 25, samples[::20]
+        assert late["fds"] <= early["fds"] and late["threads"] <= early["threads"], samples[::20]
+        # At most the write in flight has a .tmp (it is published before the next save returns).
+        assert max(s["tmp_files"] for s in samples) <= 1
+    assert not list(exp.glob("*.tmp"))
+    keys = list(build_model().state_dict())
+    files = sorted(exp.glob("*.pt"))
+    assert len(files) == saves + 3  # + init, epoch_0 and WeNet's final.pt link
+    for path in files:
+        assert list(load(path)) == keys, path
+    assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["epoch_0"]
+
+
+def test_resume_from_a_step_file_continues_with_the_same_loss(tmp_path):
+    """WeNet resumes with ``--checkpoint model_dir/step_N.pt`` (weights and step from <tag>.yaml; a
+    fresh optimizer): the first loss after resuming equals the uninterrupted run's at that step."""
+    section = {"consolidate": {"enabled": True}}
+    write_configs(tmp_path, stage=2, section=section, save_interval=3)
+    straight, resumed = tmp_path / "straight.txt", tmp_path / "resumed.txt"
+    train(tmp_path, "model+optimizer", env={"STANDIN_STEPS": "6", "STANDIN_LOSSES": str(straight)})
+    exp = tmp_path / "exp"
+    step_file = exp / "step_2.pt"
+    assert_state_dicts_equal(load(step_file), deepspeed_reference(exp, "step_2", build_model()))
+    (tmp_path / "exp2").mkdir()
+    os.replace(step_file, tmp_path / "exp2" / "step_2.pt")
+    os.replace(exp / "step_2.yaml", tmp_path / "exp2" / "step_2.yaml")
+    train(tmp_path, "model+optimizer", "--checkpoint", str(tmp_path / "exp2" / "step_2.pt"),
+          env={"STANDIN_STEPS": "1", "STANDIN_LOSSES": str(resumed)})
+    losses = dict(line.split() for line in straight.read_text().splitlines())
+    (step, loss), = (line.split() for line in resumed.read_text().splitlines())
+    assert step == "3"
+    print(f"loss at step 3: uninterrupted {losses['3']}, resumed {loss}")
+    assert torch.isclose(torch.tensor(float(loss)), torch.tensor(float(losses["3"])), rtol=1e-6, atol=0)
