@@ -21,6 +21,8 @@ EXPECTED = {
                                              "injected: cannot read partition"),
     "gather@0": (0, "gathering the weights", "rank 0: reading elements 256..384 of the fp32 partition failed: "
                                              "injected: cannot read partition"),
+    "alloc@0": (0, "gathering the weights", "rank 0: allocating memory for the gathered weights failed: "
+                                            "injected: cannot allocate 6.4 GB"),
     "host-copy@0": (0, "gathering the weights", "to host memory failed: injected: host out of memory"),
     "write@0": (0, "writing {model_dir}/write_at_0.pt", "no space left on the device of {model_dir}: about "),
     "verify@0": (0, "writing {model_dir}/verify_at_0.pt", "values differ from those gathered"),
@@ -30,8 +32,8 @@ EXPECTED = {
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_failure_on_one_rank_in_any_phase_ends_the_save_on_every_rank_in_seconds(tmp_path, stage):
-    """tests/jobs/fault_job.py injects one failure per save (rank 1 or rank 0; gather, host copy,
-    write, verify, background write), each followed by a save that must work."""
+    """tests/jobs/fault_job.py injects one failure per save (rank 1 or rank 0; gather, allocation,
+    host copy, write, verify, background write), each followed by a save that must work."""
     # Judged by what each rank recorded, so a crash in the interpreter's own
     # teardown (seen once: gloo threads at exit) is not mistaken for the behaviour.
     proc = run_torchrun(JOBS / "fault_job.py", str(tmp_path), str(stage), timeout=300, check=False)

@@ -65,16 +65,24 @@ def gather_partitions(
     if layout is None:
         return Gathered()
     assert parts is not None  # every rank described its partitions
-    receiver = _Receiver(layout, params, target, on_error) if dist.get_rank() == 0 else None
-    world = dist.get_world_size()
-    chunk = max(1, bucket_bytes // (_FP32_BYTES * world))
-    device = _comm_device(parts.process_group)
+    chunk = max(1, bucket_bytes // (_FP32_BYTES * dist.get_world_size()))
+    try:
+        device = _comm_device(parts.process_group)
+        # Rank 0's host tensors and receive buffer: allocated before the first
+        # chunk, so running out of memory here cannot strand the others mid-loop.
+        receiver = _Receiver(layout, params, target, chunk, device, on_error) if dist.get_rank() == 0 else None
+        ready = True
+    except Exception as e:
+        on_error("allocating memory for the gathered weights", e)
+        ready = False
+    if not _all(ready):
+        return Gathered(set(layout.by_param))
     failed = False
     for group, flat in enumerate(parts.flats):
         for lo in range(0, layout.flat_numels[group], chunk):
             numel = min(chunk, layout.flat_numels[group] - lo)
             send, failed = _chunk_to_send(flat, lo, numel, device, failed, on_error)
-            gathered = receiver.buffer(numel, device) if receiver else None
+            gathered = receiver.buffer(numel) if receiver else None
             dist.gather(send, gather_list=gathered, dst=0, group=parts.process_group)
             if receiver:
                 receiver.place(group, lo, gathered)
@@ -117,6 +125,13 @@ def _agree_on_layout(parts: Optional[Partitions], params: Sequence[torch.nn.Para
         if not _covers(fragments, _full_numel(params[index])):
             return _unusable(f"fragments of parameter {index} do not cover it exactly once")
     return _Layout(sizes, [r[1] for r in reports], dict(by_param))
+
+
+def _all(ok: bool) -> bool:
+    """Collective: whether every rank says ok."""
+    answers: list = [None] * dist.get_world_size()
+    dist.all_gather_object(answers, ok)
+    return all(answers)
 
 
 def _covers(fragments: list[Fragment], numel: int) -> bool:
@@ -173,7 +188,7 @@ class _Receiver:
     """
 
     def __init__(self, layout: _Layout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
-                 on_error: OnError) -> None:
+                 chunk: int, device: torch.device, on_error: OnError) -> None:
         self.world = len(layout.by_rank)
         self.on_error = on_error
         self.failed = False
@@ -188,11 +203,9 @@ class _Receiver:
             for f in sorted(fragments, key=lambda f: f.offset):
                 self.queues[(f.group, rank)].append(f)
         self.cursors: dict[tuple[int, int], int] = defaultdict(int)
-        self._buffer: Optional[torch.Tensor] = None
+        self._buffer = torch.empty(self.world, chunk, dtype=torch.float32, device=device)
 
-    def buffer(self, numel: int, device: torch.device) -> list[torch.Tensor]:
-        if self._buffer is None or self._buffer.size(1) < numel:
-            self._buffer = torch.empty(self.world, numel, dtype=torch.float32, device=device)
+    def buffer(self, numel: int) -> list[torch.Tensor]:
         return [self._buffer[rank, :numel] for rank in range(self.world)]
 
     def place(self, group: int, lo: int, received: list[torch.Tensor]) -> None:

@@ -5,6 +5,7 @@ by a save that must work (the collectives stayed matched):
 
 - ``gather@1``, ``gather@0``: reading the 3rd chunk of the fp32 partition
   raises on rank 1 (then on rank 0) while the other rank is in the collectives;
+- ``alloc@0``: rank 0 cannot allocate the host tensors for the gathered weights;
 - ``host-copy@0``: rank 0's copy of a received chunk into host memory raises
   (as an out-of-memory would);
 - ``write@0``: the disk fills up (ENOSPC) half-way through rank 0's write;
@@ -90,6 +91,7 @@ ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 SCENARIOS = {
     "gather@1": (gather, "_read_chunk", fail_on(1, 3, RuntimeError("injected: cannot read partition"))),
     "gather@0": (gather, "_read_chunk", fail_on(0, 3, RuntimeError("injected: cannot read partition"))),
+    "alloc@0": (gather._Receiver, "__init__", fail_on(0, 1, MemoryError("injected: cannot allocate 6.4 GB"))),
     "host-copy@0": (gather._Receiver, "_place_rank", fail_on(0, 2, MemoryError("injected: host out of memory"))),
     "write@0": (stream, "_pwrite_all", fail_on(0, 4, ENOSPC)),
     "verify@0": (io, "_verify_as", corrupt_before_verify),

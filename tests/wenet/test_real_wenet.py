@@ -140,11 +140,13 @@ def test_resume_from_the_single_file_continues_with_the_same_loss(tmp_path):
     """``--checkpoint exp/epoch_0.pt`` (WeNet's way to resume; the optimizer starts afresh):
     the first loss of epoch 1 equals the uninterrupted run's. An epoch save is used because
     WeNet restarts an epoch's data from its first batch when it resumes, so only there do
-    both runs see the same batch; dropout and dither are off so both forwards are the same."""
+    both runs see the same batch; dropout, dither and the list shuffle are off so both
+    forwards are the same."""
     configs = yaml.load((REPO / "recipes/tiny/conf/train.yaml").read_text(), Loader=yaml.FullLoader)
     for section in ("encoder_conf", "decoder_conf"):
         configs[section]["dropout_rate"] = configs[section]["positional_dropout_rate"] = 0.0
     configs["dataset_conf"]["fbank_conf"]["dither"] = 0.0
+    configs["dataset_conf"]["list_shuffle"] = False  # WeNet shuffles the data list by default
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text(yaml.dump(configs))
     straight = run_recipe(tmp_path, train_config=str(train_yaml), stop_stage="1", dir=str(tmp_path / "exp"))
