@@ -101,7 +101,6 @@ def main() -> None:
             with timer(hook_part):  # the extra alone, timed directly
                 save_consolidated(engine, args.out, f"b{i}", writer=writer)
                 dist.barrier()
-        quiet_disk()
         with timer(background):  # training would run meanwhile; waited for here to keep runs apart
             settle_background(writer, f"b{i}")
 

@@ -48,13 +48,13 @@ def test_keep_sharded(keep, expected):
 def test_every_problem_reported_with_its_full_key():
     section = {
         "consolidate": {"enabled": "maybe", "dtype": "f32", "keep_sharded": "last", "tags": ["init", "epochs"],
-                        "verfiy": False, "on_error": "ignore"},
+                        "verfiy": False, "on_error": "ignore", "bucket_mb": -1},
         "convert": {},
     }
     with pytest.raises(ConfigError) as info:
         compose_section(section)
     assert str(info.value) == (
-        "invalid wenet_hooks configuration (7 problem(s)):\n"
+        "invalid wenet_hooks configuration (8 problem(s)):\n"
         "  - wenet_hooks.consolidate.enabled: expected true or false; found 'maybe'\n"
         "  - wenet_hooks.consolidate.dtype: expected one of fp32, bf16, fp16; found 'f32'\n"
         "  - wenet_hooks.consolidate.keep_sharded: expected all, none or a number of folders to keep; found 'last'\n"
@@ -62,6 +62,7 @@ def test_every_problem_reported_with_its_full_key():
         "  - wenet_hooks.consolidate.verfiy: unknown key; expected one of enabled, dtype, verify, on_error, "
         "keep_sharded, tags, bucket_mb\n"
         "  - wenet_hooks.consolidate.on_error: expected one of stop, warn; found 'ignore'\n"
+        "  - wenet_hooks.consolidate.bucket_mb: expected a number of megabytes >= 0; found -1\n"
         "  - wenet_hooks.convert: unknown key; expected one of consolidate"
     )
 
