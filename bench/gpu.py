@@ -147,7 +147,9 @@ def main() -> None:
     if args.cpu_smoke:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
-           "--worker", "--repeats", str(args.repeats), "--out", str(args.out)] + (["--cpu-smoke"] if args.cpu_smoke else [])
+           "--worker", "--repeats", str(args.repeats), "--out", str(args.out)]
+    if args.cpu_smoke:
+        cmd.append("--cpu-smoke")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"bench/gpu.py worker failed:\n{proc.stderr[-4000:]}")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from wenet_hooks.dist import get_rank, is_rank0
-from wenet_hooks.errors import ConsolidationError
+from wenet_hooks.errors import ConsolidationError, describe
 from wenet_hooks.gather import DEFAULT_BUCKET_MB, gather_partitions
 
 logger = logging.getLogger(__name__)
@@ -84,15 +84,15 @@ def consolidate(
     copy = _RankZeroCopies(resolve_dtype(dtype), enabled=is_rank0())
     started = time.perf_counter()
     entries = module.state_dict(keep_vars=True)
-    # Tied weights are one Parameter object under several keys: gather it once
-    # and reuse the CPU copy, so the file stores it once, as torch.save would.
-    params = list({id(t): t for t in entries.values() if isinstance(t, nn.Parameter) and id(t) not in masters}.values())
+    params = _unique_parameters(entries, masters)
     with torch.no_grad():
         bucketed = gather_partitions(engine, params, copy.target, int(bucket_mb * 2**20), copy.record)
     gathered: dict[int, torch.Tensor | None] = {
         id(params[i]): bucketed.tensors.get(i) for i in bucketed.indices
     }
     result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    # Tied weights are one Parameter object under several keys: gather it once
+    # and reuse the CPU copy, so the file stores it once, as torch.save would.
     with torch.no_grad():
         for key, tensor in entries.items():
             ident = id(tensor)
@@ -104,6 +104,12 @@ def consolidate(
         return None
     _log_summary(result, time.perf_counter() - started)
     return result
+
+
+def _unique_parameters(entries: dict, masters: dict[int, torch.Tensor]) -> list[nn.Parameter]:
+    """The parameters DeepSpeed may partition, each once (tied keys share one), in state_dict order."""
+    unique = {id(t): t for t in entries.values() if isinstance(t, nn.Parameter) and id(t) not in masters}
+    return list(unique.values())
 
 
 class _RankZeroCopies:
@@ -135,7 +141,7 @@ class _RankZeroCopies:
     def raise_if_failed(self) -> None:
         if self.error is not None:
             what, e = self.error
-            raise ConsolidationError(f"rank {get_rank()}: {what} failed: {e}") from e
+            raise ConsolidationError(f"rank {get_rank()}: {what} failed: {describe(e)}") from e
 
 
 def unpartitioned_masters(engine: Any) -> dict[int, torch.Tensor]:

@@ -12,9 +12,9 @@ from typing import Any, Callable, Optional, Union
 
 from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.consolidate import DtypeLike, consolidate
-from wenet_hooks.gather import DEFAULT_BUCKET_MB
 from wenet_hooks.dist import first_error, is_rank0
 from wenet_hooks.errors import SaveError, describe
+from wenet_hooks.gather import DEFAULT_BUCKET_MB
 from wenet_hooks.io import write_state_dict
 
 logger = logging.getLogger(__name__)
