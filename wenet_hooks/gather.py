@@ -71,6 +71,7 @@ def gather_partitions(
         # Rank 0's host tensors and receive buffer: allocated before the first
         # chunk, so running out of memory here cannot strand the others mid-loop.
         receiver = _Receiver(layout, params, target, chunk, device, on_error) if dist.get_rank() == 0 else None
+        zeros = torch.zeros(chunk, dtype=torch.float32, device=device)  # sent in place of a part that failed
         ready = True
     except Exception as e:
         on_error("allocating memory for the gathered weights", e)
@@ -81,7 +82,7 @@ def gather_partitions(
     for group, flat in enumerate(parts.flats):
         for lo in range(0, layout.flat_numels[group], chunk):
             numel = min(chunk, layout.flat_numels[group] - lo)
-            send, failed = _chunk_to_send(flat, lo, numel, device, failed, on_error)
+            send, failed = _chunk_to_send(flat, lo, numel, device, zeros, failed, on_error)
             gathered = receiver.buffer(numel) if receiver else None
             dist.gather(send, gather_list=gathered, dst=0, group=parts.process_group)
             if receiver:
@@ -164,15 +165,16 @@ def _comm_device(group: object) -> torch.device:
 
 
 def _chunk_to_send(
-    flat: torch.Tensor, lo: int, numel: int, device: torch.device, failed: bool, on_error: OnError
+    flat: torch.Tensor, lo: int, numel: int, device: torch.device, zeros: torch.Tensor, failed: bool,
+    on_error: OnError,
 ) -> tuple[torch.Tensor, bool]:
-    """This rank's contribution, or zeros once anything here has failed."""
+    """This rank's contribution, or zeros (allocated in advance) once anything here has failed."""
     if not failed:
         try:
             return _read_chunk(flat, lo, numel, device), False
         except Exception as e:
             on_error(f"reading elements {lo}..{lo + numel} of the fp32 partition", e)
-    return torch.zeros(numel, dtype=torch.float32, device=device), True
+    return zeros[:numel], True
 
 
 def _read_chunk(flat: torch.Tensor, lo: int, numel: int, device: torch.device) -> torch.Tensor:

@@ -57,6 +57,8 @@ def find_partitions(engine: Any, params: Sequence[torch.nn.Parameter]) -> Option
         parts = _linked_partitions(optimizer, params)
     if parts is None or not _spans_world(parts.process_group):
         return None
+    if any(flat.dtype != torch.float32 for flat in parts.flats):
+        return None  # masters kept in 16 bits (DeepSpeed's bf16 master option): not what we move
     return parts
 
 
