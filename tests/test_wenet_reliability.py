@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 
@@ -33,10 +34,11 @@ def test_disk_full_with_on_error_warn_keeps_training_and_the_sharded_folder(tmp_
     proc = train(tmp_path, "model+optimizer", env=instrumented(STANDIN_STEPS="6", WENET_HOOKS_TEST_ENOSPC="step_3"))
     exp = tmp_path / "exp"
     # The failed write is reported (where, how much) at the next save; training went on and later saves worked.
-    assert (f"wenet_hooks: save 'step_5' failed on rank 0 while writing in the background: writing "
-            f"{exp / 'step_3.pt'}: could not write {exp / 'step_3.pt'}: no space left on the device of {exp}: "
-            f"about ") in proc.stderr
-    assert "on_error is warn: training goes on, the sharded folder is kept" in proc.stderr
+    step_3 = re.escape(str(exp / "step_3.pt"))
+    assert re.search(rf"^.*wenet_hooks: save 'step_5' failed on rank 0 while writing in the background: writing "
+                     rf"{step_3}: could not write {step_3}: no space left on the device of {re.escape(str(exp))}: "
+                     r"about [0-9.]+ kB needed, [0-9.]+ [kMG]B free; HINT: free space or point model_dir elsewhere; "
+                     r"on_error is warn: training goes on, the sharded folder is kept$", proc.stderr, flags=re.M)
     assert not (exp / "step_3.pt").exists() and not list(exp.glob("*.tmp"))
     for tag in ("init", "step_1", "step_5", "epoch_0"):
         assert_recognize_ready(exp / f"{tag}.pt")
@@ -68,11 +70,10 @@ def test_200_saves_in_one_run_do_not_leak(tmp_path):
         # At most the write in flight has a .tmp (it is published before the next save returns).
         assert max(s["tmp_files"] for s in samples) <= 1
     assert not list(exp.glob("*.tmp"))
-    keys = list(build_model().state_dict())
-    files = sorted(exp.glob("*.pt"))
-    assert len(files) == saves + 3  # + init, epoch_0 and WeNet's final.pt link
+    files = sorted(p for p in exp.glob("*.pt") if not p.is_symlink())
+    assert len(files) == saves + 2  # + init and epoch_0 (final.pt is WeNet's link to epoch_0.pt)
     for path in files:
-        assert list(load(path)) == keys, path
+        assert_recognize_ready(path)
     assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["epoch_0"]
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from wenet_hooks.dist import get_rank, is_rank0
 from wenet_hooks.errors import ConsolidationError, describe
 from wenet_hooks.gather import DEFAULT_BUCKET_MB, gather_partitions
+from wenet_hooks.partitions import full_shape
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def _gather_to_rank0(
         return copy(key, tensor, fresh=False)
     except Exception as e:
         raise ConsolidationError(
-            f"rank {get_rank()}: gathering '{key}' (shape {list(_full_shape(tensor))}) failed: {e}"
+            f"rank {get_rank()}: gathering '{key}' (shape {list(full_shape(tensor))}) failed: {e}"
         ) from e
 
 
@@ -199,7 +200,7 @@ def _gather_parameter(key: str, param: nn.Parameter, copy: _RankZeroCopies) -> t
 
     master = safe_get_full_fp32_param(param)
     if master is not None:
-        return copy(key, master.view(_full_shape(param)), fresh=True)
+        return copy(key, master.view(full_shape(param)), fresh=True)
     if hasattr(param, "ds_id"):
         # A ZeRO-3 parameter without a master copy (frozen): materialise it
         # from the partitions, in training precision, while the context lasts.
@@ -209,11 +210,6 @@ def _gather_parameter(key: str, param: nn.Parameter, copy: _RankZeroCopies) -> t
             return copy(key, param.data, fresh=False)
     # ZeRO-0/1/2 keep every parameter whole on every rank.
     return copy(key, param, fresh=False)
-
-
-def _full_shape(tensor: torch.Tensor) -> torch.Size:
-    # ZeRO-3 leaves an empty placeholder in the module; ds_shape is the real one.
-    return getattr(tensor, "ds_shape", tensor.shape)
 
 
 def _to_cpu(tensor: torch.Tensor, target: torch.dtype, fresh: bool) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from wenet_hooks.partitions import Fragment, Partitions, find_partitions
+from wenet_hooks.partitions import Fragment, Partitions, find_partitions, full_numel, full_shape
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _agree_on_layout(parts: Optional[Partitions], params: Sequence[torch.nn.Para
         for f in fragments:
             by_param[f.param].append(f)
     for index, fragments in by_param.items():
-        if not _covers(fragments, _full_numel(params[index])):
+        if not _covers(fragments, full_numel(params[index])):
             return _unusable(f"fragments of parameter {index} do not cover it exactly once")
     return _Layout(sizes, [r[1] for r in reports], dict(by_param))
 
@@ -148,10 +148,6 @@ def _unusable(why: str) -> None:
     if dist.get_rank() == 0:
         logger.warning("wenet_hooks: gathering parameter by parameter: %s", why)
     return None
-
-
-def _full_numel(param: torch.nn.Parameter) -> int:
-    return getattr(param, "ds_numel", param.numel())
 
 
 def _comm_device(group: object) -> torch.device:
@@ -195,7 +191,7 @@ class _Receiver:
         self.on_error = on_error
         self.failed = False
         self.tensors = {
-            index: torch.empty(getattr(params[index], "ds_shape", params[index].shape), dtype=target)
+            index: torch.empty(full_shape(params[index]), dtype=target)
             for index in layout.by_param
         }
         # Per group and rank, fragments in flat order with a cursor: each chunk

@@ -133,8 +133,7 @@ def _write_and_sync(state_dict: Mapping[str, torch.Tensor], tmp: Path, checksums
         # writer (about 0.5 of the disk's speed at 1 GB with torch.save), and
         # each tensor checksummed while it is hot in the cache.
         entries, tensors = entries_for(state_dict)
-        specs = write_into(tmp, entries, tensors, checksums=checksums)
-        return Manifest(specs, tuple((e.alias_of, e.key) for e in entries if e.alias_of))
+        return write_into(tmp, entries, tensors, checksums=checksums)
     written = Manifest.from_state_dict(state_dict, checksums=checksums)
     # A Python file object (not a path) makes write failures surface as
     # OSError with errno (ENOSPC, EROFS), which the caller turns into advice.

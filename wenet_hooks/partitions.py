@@ -44,6 +44,16 @@ class Partitions:
     process_group: Any
 
 
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """The tensor's real shape: ZeRO-3 leaves an empty placeholder in the module (``ds_shape`` is the real one)."""
+    return getattr(tensor, "ds_shape", tensor.shape)
+
+
+def full_numel(tensor: torch.Tensor) -> int:
+    """The tensor's real number of elements (see :func:`full_shape`)."""
+    return getattr(tensor, "ds_numel", tensor.numel())
+
+
 def find_partitions(engine: Any, params: Sequence[torch.nn.Parameter]) -> Optional[Partitions]:
     """This rank's fp32 partitions of ``params``, or ``None`` if the layout is not one we know."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -51,9 +51,7 @@ def write_streamed(entries: list[Entry], tensors: Iterable[torch.Tensor], path: 
     started = time.perf_counter()
 
     def fill(tmp: Path) -> Manifest:
-        specs = write_into(tmp, entries, tensors, on_tensor=on_tensor)
-        tied = tuple((e.alias_of, e.key) for e in entries if e.alias_of)
-        return Manifest(specs, tied)
+        return write_into(tmp, entries, tensors, on_tensor=on_tensor)
 
     atomic_publish(path, fill, verify=verify, nbytes_hint=sum(_nbytes(e) for e in entries))
     size = path.stat().st_size
@@ -63,10 +61,11 @@ def write_streamed(entries: list[Entry], tensors: Iterable[torch.Tensor], path: 
 
 
 def write_into(tmp: Path, entries: list[Entry], tensors: Iterable[torch.Tensor], *, checksums: bool = True,
-               on_tensor: Optional[Callable[[torch.Tensor], None]] = None) -> dict[str, TensorSpec]:
-    """Write and fsync ``tmp`` (no publishing); what each entry holds, with CRC32s if ``checksums``."""
+               on_tensor: Optional[Callable[[torch.Tensor], None]] = None) -> Manifest:
+    """Write and fsync ``tmp`` (no publishing); what it holds, with CRC32s if ``checksums``."""
     offsets = _lay_out(entries, tmp)
-    return _fill(entries, tensors, tmp, offsets, on_tensor, checksums)
+    specs = _fill(entries, tensors, tmp, offsets, on_tensor, checksums)
+    return Manifest(specs, tuple((e.alias_of, e.key) for e in entries if e.alias_of))
 
 
 def entries_for(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[Entry], list[torch.Tensor]]:
