@@ -1,33 +1,50 @@
 # The two set-up commands of README.md. Each installs what it needs into .venv:
 # torch (the CPU wheel, pinned: an unpinned torch pulls a multi-GB CUDA build),
-# then DeepSpeed built against it, then this package with its test extras.
+# then DeepSpeed built against it, then this package as users install it: a
+# wheel, not an editable install, so the tests see what a user's pip would put
+# in site-packages.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEEPSPEED_VERSION ?= 0.19.8
 NPROC ?= 2
+WHEEL_DIR := dist
+SOURCES := pyproject.toml setup.py wenet_hooks.pth $(shell find wenet_hooks conf -name '*.py' -o -name '*.yaml')
 
 # DeepSpeed on the CPU: its CPU accelerator and gloo, one thread per rank.
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore
 
-.PHONY: demo test clean
+.PHONY: demo test compat clean
 
-$(BIN)/.installed: setup.py
+$(BIN)/.stack:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_VERSION)
 	# DeepSpeed's source package imports torch while it builds.
+	$(BIN)/pip install -q wheel "setuptools<81"
 	$(BIN)/pip install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
-	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.stack $(SOURCES)
+	rm -rf $(WHEEL_DIR) build
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR) .
+	$(BIN)/pip install -q --force-reinstall --no-deps $(WHEEL_DIR)/wenet_hooks-*.whl
+	$(BIN)/pip install -q "$$(ls $(WHEEL_DIR)/wenet_hooks-*.whl)[test]"
+	rm -rf build
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m wenet_hooks.demo exp/demo
+	PYTHONPATH=tests $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) recipes/demo/demo.py exp/demo
 
+# The installed pytest (not `python -m pytest`, which would put the source tree on sys.path).
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest tests -q -rs
+	$(BIN)/pytest tests -q -rs
+
+# One venv per torch + DeepSpeed pair, the suite in each; writes docs/compatibility.md's table.
+compat:
+	.ci/compat
 
 clean:
-	rm -rf $(VENV) exp *.egg-info
+	rm -rf $(VENV) exp build $(WHEEL_DIR) .compat *.egg-info

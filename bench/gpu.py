@@ -88,7 +88,7 @@ def worker(args: argparse.Namespace) -> None:
         with timer(rows["hook_blocking"]):
             save_consolidated(engine, out, f"b{i}", writer=writer)
         with timer(rows["background_write"]):
-            settle_background(writer, f"b{i}")
+            settle_background(writer)
 
     def gather_and_write(i: int) -> None:
         if not smoke:

@@ -27,9 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.tiny_training
 from common import median, sized_model, table, timer  # noqa: E402
 
-from wenet_hooks.demo.train import ds_config, init_engine  # noqa: E402
+from support.tiny_training import ds_config, init_engine  # noqa: E402
 from wenet_hooks.background import BackgroundWriter  # noqa: E402
 from wenet_hooks.save import save_consolidated, settle_background  # noqa: E402
 
@@ -102,7 +103,7 @@ def main() -> None:
                 save_consolidated(engine, args.out, f"b{i}", writer=writer)
                 dist.barrier()
         with timer(background):  # training would run meanwhile; waited for here to keep runs apart
-            settle_background(writer, f"b{i}")
+            settle_background(writer)
 
     def wenet_path(i: int) -> None:
         with timer(wenet):

@@ -1,19 +1,37 @@
-"""Shared test plumbing: real multi-rank launches and a guard against stray files."""
+"""Shared test plumbing: the installed package, real multi-rank launches, a guard against stray files.
+
+The suite tests what users install: the package must come from site-packages
+(a non-editable wheel), never from this source tree. ``make test`` builds and
+installs the wheel; ``WENET_HOOKS_TEST_SOURCE=1`` lets a developer run the
+tests against an editable install on purpose.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-JOBS = Path(__file__).resolve().parent / "jobs"
+import wenet_hooks
+from multirank import MULTIRANK_SKIP_REASON
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+JOBS = TESTS / "jobs"
 # A WeNet-shaped stand-in (tests/standin/README.md); on PYTHONPATH as users put WeNet.
-STANDIN = Path(__file__).resolve().parent / "standin"
+STANDIN = TESTS / "standin"
+# The installed console script, called as a user calls it.
+CONVERT = shutil.which("wenet-hooks-convert", path=str(Path(sys.executable).parent)) or "wenet-hooks-convert"
+
+if Path(wenet_hooks.__file__).resolve().is_relative_to(REPO) and os.environ.get("WENET_HOOKS_TEST_SOURCE") != "1":
+    raise pytest.UsageError(
+        f"wenet_hooks is imported from the source tree ({wenet_hooks.__file__}), not from an installed wheel; "
+        "HINT: run `make test`, which installs the wheel, or set WENET_HOOKS_TEST_SOURCE=1 on purpose")
 
 # DeepSpeed on the CPU: its CPU accelerator, gloo, one thread per rank so two
 # ranks share two cores without oversubscription.
@@ -26,13 +44,21 @@ DIST_ENV = {
 os.environ.update(DIST_ENV)
 
 
+def launch_env(*first_on_path: Path, **env: str) -> dict[str, str]:
+    """The environment of a launched job: test support, jobs and the stand-in importable, not the source tree."""
+    path = [*first_on_path, TESTS, JOBS, STANDIN]
+    return {**os.environ, **DIST_ENV, "PYTHONPATH": os.pathsep.join(map(str, path)), **env}
+
+
 def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 600,
-                 env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+                 env: dict[str, str] | None = None, check: bool = True,
+                 launcher: tuple[str, ...] = ("--standalone",)) -> subprocess.CompletedProcess:
     """Launch ``script`` on ``nproc`` real ranks with torchrun and return its output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
            str(script), *args]
-    full_env = {**os.environ, **DIST_ENV, "PYTHONPATH": os.pathsep.join([str(REPO), str(JOBS), str(STANDIN)]),
-                **(env or {})}
+    full_env = launch_env(**(env or {}))
+    if env and "PYTHONPATH" in env:
+        full_env["PYTHONPATH"] = env["PYTHONPATH"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         pytest.fail(f"{script.name} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
@@ -41,7 +67,7 @@ def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 600,
 
 
 def _repo_files() -> set[str]:
-    skip = {".venv", ".git", ".pytest_cache", "__pycache__"}
+    skip = {".venv", ".git", ".pytest_cache", "__pycache__", ".compat", "build", "dist"}
     found = set()
     for root, dirs, files in os.walk(REPO):
         dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
@@ -66,6 +92,14 @@ CASES = [
     for precision in ("fp32", "bf16")
     for offload in (("nooffload",) if stage == 0 else ("nooffload", "offload"))
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multi-rank tests need collectives that old torch's gloo lacks: skipped there, with the reason."""
+    if MULTIRANK_SKIP_REASON:
+        for item in items:
+            if "multirank" in item.keywords or "matrix" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.skip(reason=MULTIRANK_SKIP_REASON))
 
 
 @pytest.fixture(scope="session")

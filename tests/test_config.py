@@ -5,20 +5,20 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_module
 
-from wenet_hooks.config import (
+from wenet_hooks.dtypes import Dtype
+from wenet_hooks.wenet.config import (
     CONFIG_MODULE,
     ConsolidateConfig,
-    Dtype,
     OnError,
     TagKind,
     compose_section,
-    register_configs,
+    register_schema,
 )
 from wenet_hooks.errors import ConfigError
 
 
 def test_packaged_defaults_compose_with_hydra():
-    register_configs()
+    register_schema()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(config_name="wenet_hooks", overrides=["consolidate.dtype=bf16"])
     assert cfg.consolidate.dtype is Dtype.bf16

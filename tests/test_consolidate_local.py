@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from helpers import assert_state_dicts_equal
-from wenet_hooks import ConsolidationError, consolidate, resolve_dtype
-from wenet_hooks.demo.model import build_model
+from support.tiny_model import build_model
+from wenet_hooks import ConsolidationError, consolidate
+from wenet_hooks.dtypes import resolve_dtype
 
 
 def test_same_keys_order_and_values_as_state_dict():

@@ -13,26 +13,22 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import case_dir
-from helpers import assert_state_dicts_equal
+from conftest import CONVERT, case_dir
+from helpers import assert_state_dicts_equal, small_disk
 from wenet_hooks import Manifest, verify
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "wenet"
-CONVERT = [sys.executable, "-c", "from wenet_hooks.cli import main; main()"]
-if shutil.which("wenet-hooks-convert"):
-    CONVERT = [shutil.which("wenet-hooks-convert")]
 
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} is missing")
 
 
 def convert(*overrides, check=True):
-    proc = subprocess.run([*CONVERT, *overrides], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([CONVERT, *overrides], capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         pytest.fail(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -279,21 +275,6 @@ def test_interrupted_repair_is_finished_by_the_next_run(tmp_path):
     assert sorted(p.name for p in exp.iterdir() if p.name.startswith("epoch_0.pt")) == ["epoch_0.pt"]
     assert_state_dicts_equal(load(exp / "epoch_0.pt"),
                              load(FIXTURES / "t_z2_model_only" / "epoch_0.pt" / "pytorch_model.bin"))
-
-
-@contextlib.contextmanager
-def small_disk(tmp_path, nbytes):
-    """A tmpfs of ``nbytes`` at tmp_path/disk (skips where mounting is not permitted)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={nbytes}", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def folder_size(folder):

@@ -12,8 +12,10 @@ import re
 import pytest
 import torch
 
-from conftest import JOBS, run_torchrun
-from wenet_hooks.demo.model import build_model
+from conftest import CONVERT, JOBS, run_torchrun
+from support.tiny_model import build_model
+
+pytestmark = pytest.mark.multirank
 
 
 GATHER = "save '{tag}' failed on rank {rank} while gathering the weights: rank {rank}: "
@@ -34,8 +36,19 @@ EXPECTED = {
     "verify@0": "save 'verify_at_0' failed on rank 0 while writing {dir}/verify_at_0.pt: {dir}/verify_at_0.pt "
     "failed verification (1 problem(s)):\n  - 'encoder.global_cmvn.mean': values differ from those gathered "
     "(crc32 <crc>, expected <crc>)",
-    "background@0": "save 'next_save' failed on rank 0 while writing in the background: writing "
-    "{dir}/background_at_0.pt: " + FULL.replace("{file}", "background_at_0.pt"),
+    # Reported at the next save, under the failed save's own tag.
+    "background@0": "save 'background_at_0' failed on rank 0 while writing {dir}/background_at_0.pt in the "
+    "background: " + FULL.replace("{file}", "background_at_0.pt"),
+}
+# scenario -> the last line of the failing rank's traceback, which every rank's SaveError carries.
+RAISED = {
+    "gather@1": "ConsolidationError: rank 1: reading elements",
+    "gather@0": "ConsolidationError: rank 0: reading elements",
+    "alloc@0": "ConsolidationError: rank 0: allocating memory",
+    "host-copy@0": "ConsolidationError: rank 0: copying gathered weights",
+    "write@0": "CheckpointWriteError: could not write",
+    "verify@0": "VerificationError: ",
+    "background@0": "CheckpointWriteError: could not write",
 }
 
 
@@ -61,6 +74,9 @@ def test_a_failure_on_one_rank_in_any_phase_ends_the_save_on_every_rank_in_secon
         tag = seen[0][scenario]["tag"]
         messages = [s[scenario]["message"] for s in seen]
         assert messages[0] == messages[1], scenario  # every rank raised the same SaveError
+        failing = int(scenario[-1])
+        where = [s[scenario]["traceback"] for s in seen]  # the other rank carries the failing rank's
+        assert where[failing] == "" and RAISED[scenario] in where[1 - failing], (scenario, where)
         assert re.fullmatch(message_pattern(template, tmp_path), messages[0]), (scenario, messages[0])
         print(f"{scenario}: failing save ended on both ranks in "
               f"{max(s[scenario]['seconds'] for s in seen):.2f} s")
@@ -78,10 +94,10 @@ def test_rank0_killed_while_writing_leaves_no_file_and_the_offline_command_recov
     import sys
     import time
 
-    from conftest import DIST_ENV, REPO, STANDIN
+    from conftest import REPO, launch_env
     from helpers import assert_state_dicts_equal, deepspeed_reference
 
-    env = {**os.environ, **DIST_ENV, "PYTHONPATH": os.pathsep.join([str(REPO), str(JOBS), str(STANDIN)])}
+    env = launch_env()
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             str(JOBS / "kill_job.py"), str(tmp_path)], env=env, cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -102,8 +118,7 @@ def test_rank0_killed_while_writing_leaves_no_file_and_the_offline_command_recov
     assert not (tmp_path / "step_2.pt").exists()
     assert (tmp_path / "step_2.pt.tmp").is_file()  # at most a temporary file...
     reference = deepspeed_reference(tmp_path, "step_2", build_model())  # ...and the sharded save intact
-    convert = [sys.executable, "-c", "from wenet_hooks.cli import main; main()", f"model_dir={tmp_path}",
-               "tag=step_2"]
+    convert = [CONVERT, f"model_dir={tmp_path}", "tag=step_2"]
     subprocess.run(convert, check=True, capture_output=True, timeout=300)
     assert not (tmp_path / "step_2.pt.tmp").exists()  # recognised and removed
     assert_state_dicts_equal(dict(sorted(torch.load(tmp_path / "step_2.pt", weights_only=True).items())),

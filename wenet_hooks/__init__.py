@@ -2,38 +2,99 @@
 
 The core is free of WeNet imports so it serves any DeepSpeed trainer::
 
-    state_dict = consolidate(engine)            # collective: every rank calls it
-    if state_dict is not None:                  # rank 0
-        write_state_dict(state_dict, "exp/epoch_3.pt", verify=True)
+    engine.save_checkpoint(model_dir, tag=tag)          # DeepSpeed's sharded save, as before
+    save_consolidated(engine, model_dir, tag)           # collective: every rank; rank 0 writes <tag>.pt
+
+or, step by step::
+
+    state_dict = consolidate(engine)                    # collective: every rank calls it
+    if state_dict is not None:                          # rank 0
+        write_state_dict(state_dict, "exp/epoch_3.pt")  # atomic, verified
+
+The package is organised by stage of the pipeline, each depending only on
+those below it: ``wenet`` (the WeNet adapter) -> ``save`` (one collective
+save) -> ``gather`` (DeepSpeed's masters to rank 0) and ``file`` (layout,
+manifest, verification, atomic publishing); ``convert`` (the offline command)
+-> ``readers`` (existing checkpoints) -> ``file``.
+
+Importing this package loads nothing else: each name below is imported on
+first use, so the start-up hook (``wenet_hooks.wenet.autoload``) costs nothing
+in processes that never use it.
 """
 
-from wenet_hooks.consolidate import DTYPES, consolidate, resolve_dtype, unwrap_model
-from wenet_hooks.errors import (
-    CheckpointWriteError,
-    ConsolidationError,
-    VerificationError,
-    WenetHooksError,
-)
-from wenet_hooks.io import TMP_SUFFIX, tmp_path_for, write_state_dict
-from wenet_hooks.verify import Manifest, TensorSpec, load_state_dict_file, tensor_checksum, verify
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "consolidate": "wenet_hooks.gather",
+    "save_consolidated": "wenet_hooks.save",
+    "settle_background": "wenet_hooks.save",
+    "SaveOptions": "wenet_hooks.save",
+    "BackgroundWriter": "wenet_hooks.background",
+    "write_state_dict": "wenet_hooks.file.publish",
+    "verify": "wenet_hooks.file.verify",
+    "load_state_dict_file": "wenet_hooks.file.verify",
+    "Manifest": "wenet_hooks.file.manifest",
+    "TensorSpec": "wenet_hooks.file.manifest",
+    "WenetHooksError": "wenet_hooks.errors",
+    "ConsolidationError": "wenet_hooks.errors",
+    "CheckpointWriteError": "wenet_hooks.errors",
+    "CheckpointReadError": "wenet_hooks.errors",
+    "VerificationError": "wenet_hooks.errors",
+    "SaveError": "wenet_hooks.errors",
+    "ConfigError": "wenet_hooks.errors",
+}
 
 __all__ = [
-    "DTYPES",
+    "BackgroundWriter",
+    "CheckpointReadError",
     "CheckpointWriteError",
+    "ConfigError",
     "ConsolidationError",
     "Manifest",
-    "TMP_SUFFIX",
+    "SaveError",
+    "SaveOptions",
     "TensorSpec",
     "VerificationError",
     "WenetHooksError",
     "consolidate",
     "load_state_dict_file",
-    "resolve_dtype",
-    "tensor_checksum",
-    "tmp_path_for",
-    "unwrap_model",
+    "save_consolidated",
+    "settle_background",
     "verify",
     "write_state_dict",
 ]
+
+if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imports on demand
+    from wenet_hooks.background import BackgroundWriter
+    from wenet_hooks.errors import (
+        CheckpointReadError,
+        CheckpointWriteError,
+        ConfigError,
+        ConsolidationError,
+        SaveError,
+        VerificationError,
+        WenetHooksError,
+    )
+    from wenet_hooks.file.manifest import Manifest, TensorSpec
+    from wenet_hooks.file.publish import write_state_dict
+    from wenet_hooks.file.verify import load_state_dict_file, verify
+    from wenet_hooks.gather import consolidate
+    from wenet_hooks.save import SaveOptions, save_consolidated, settle_background
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'wenet_hooks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Callable, Optional
 
-from wenet_hooks.errors import describe
+from wenet_hooks.dist import Failure
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FailedWrite:
+    """A background write that failed: the save it belonged to, and why."""
+
+    tag: str
+    what: str  # e.g. "writing exp/step_3.pt"
+    failure: Failure
 
 
 class BackgroundWriter:
@@ -21,28 +31,29 @@ class BackgroundWriter:
 
     def __init__(self) -> None:
         self._thread: Optional[threading.Thread] = None
-        self._error: Optional[str] = None
+        self._failed: Optional[FailedWrite] = None
 
-    def submit(self, job: Callable[[], None], description: str) -> None:
-        """Start ``job`` after the previous one has finished (its error is kept for ``wait``)."""
+    def submit(self, job: Callable[[], None], tag: str, what: str) -> None:
+        """Start ``job`` after the previous one has finished (its failure is kept for ``wait``)."""
         self._join()
-        self._thread = threading.Thread(target=self._run, args=(job, description), name="wenet_hooks-writer")
+        self._thread = threading.Thread(target=self._run, args=(job, tag, what), name="wenet_hooks-writer")
         self._thread.start()
 
-    def wait(self) -> Optional[str]:
-        """Wait for the job in flight; the error of a failed job since the last call, or None."""
+    def wait(self) -> Optional[FailedWrite]:
+        """Wait for the job in flight; the first failed job since the last call, or None."""
         self._join()
-        error, self._error = self._error, None
-        return error
+        failed, self._failed = self._failed, None
+        return failed
 
     def _join(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
 
-    def _run(self, job: Callable[[], None], description: str) -> None:
+    def _run(self, job: Callable[[], None], tag: str, what: str) -> None:
         try:
             job()
         except Exception as e:  # reported to every rank at the next save
-            logger.exception("wenet_hooks: %s failed in the background", description)
-            self._error = f"{description}: {describe(e)}"
+            logger.exception("wenet_hooks: %s failed in the background", what)
+            if self._failed is None:
+                self._failed = FailedWrite(tag, what, Failure.from_exception(e))

@@ -1,29 +1,38 @@
-"""Rank helpers that also work in a single process without torch.distributed."""
+"""Rank helpers that also work in one process without torch.distributed, and the
+all-rank vote that keeps every rank raising (or going on) together."""
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import traceback
+from dataclasses import dataclass
+from typing import Optional, TypeVar
 
 import torch.distributed as dist
+
+from wenet_hooks.errors import error_text
+
+# Frames of a failing rank's traceback that travel to the other ranks.
+_TRACEBACK_FRAMES = 4
+
+
+def is_distributed() -> bool:
+    """Whether torch.distributed is available and initialised in this process."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def get_rank() -> int:
     """Global rank, 0 when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return 0
+    return dist.get_rank() if is_distributed() else 0
 
 
 def get_world_size() -> int:
     """World size, 1 when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def is_rank0() -> bool:
-    """True on the rank that writes files."""
+    """True on the rank that writes files (global rank 0, whatever the node)."""
     return get_rank() == 0
 
 
@@ -33,18 +42,39 @@ def log_rank0(logger: logging.Logger, level: int, msg: str, *args: object) -> No
         logger.log(level, msg, *args)
 
 
-def first_error(error: Optional[str]) -> Optional[tuple[int, str]]:
-    """Collective: every rank learns the first ``(rank, message)`` any rank reported.
+@dataclass(frozen=True)
+class Failure:
+    """What one rank reports when its part of a phase failed."""
 
-    Each rank passes ``None`` when its part of a phase succeeded. All ranks get
-    the same answer, so they raise together or continue together instead of
-    one rank raising while the others wait in the next collective.
+    rank: int
+    message: str
+    traceback: str = ""  # the last frames, where it was raised
+
+    @classmethod
+    def from_exception(cls, error: BaseException) -> Failure:
+        frames = traceback.format_tb(error.__traceback__)[-_TRACEBACK_FRAMES:]
+        summary = "".join(frames) + f"{type(error).__name__}: {error_text(error)}\n"
+        return cls(get_rank(), error_text(error), summary)
+
+
+Report = TypeVar("Report")
+
+
+def first_failure(mine: Optional[Report]) -> Optional[Report]:
+    """Collective: every rank learns the first failure any rank reported (lowest rank).
+
+    Each rank passes ``None`` when its part of a phase succeeded, else a
+    picklable report (a :class:`Failure`). All ranks get the same answer, so
+    they raise together or go on together instead of one rank raising while
+    the others wait in the next collective.
     """
-    if get_world_size() == 1:
-        return (0, error) if error is not None else None
-    reports: list[Optional[str]] = [None] * get_world_size()
-    dist.all_gather_object(reports, error)
-    for rank, report in enumerate(reports):
-        if report is not None:
-            return rank, report
-    return None
+    if not is_distributed() or get_world_size() == 1:
+        return mine
+    reports: list[Optional[Report]] = [None] * get_world_size()
+    dist.all_gather_object(reports, mine)
+    return next((r for r in reports if r is not None), None)
+
+
+def all_ok(ok: bool, what: str) -> bool:
+    """Collective: whether every rank says ``ok`` (``what`` names the step in a failure)."""
+    return first_failure(None if ok else Failure(get_rank(), f"{what} failed")) is None

@@ -34,10 +34,8 @@ class VerificationError(WenetHooksError):
     def __init__(self, path: Path, problems: Sequence[str]) -> None:
         self.path = Path(path)
         self.problems = list(problems)
-        listing = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(
-            f"{self.path} failed verification ({len(self.problems)} problem(s)):\n{listing}"
-        )
+        super().__init__(f"{self.path} failed verification ({len(self.problems)} problem(s)):\n"
+                         + _listing(self.problems))
 
 
 class ConfigError(WenetHooksError):
@@ -45,16 +43,25 @@ class ConfigError(WenetHooksError):
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
-        listing = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid wenet_hooks configuration ({len(self.problems)} problem(s)):\n{listing}")
+        super().__init__(f"invalid wenet_hooks configuration ({len(self.problems)} problem(s)):\n"
+                         + _listing(self.problems))
 
 
 class SaveError(WenetHooksError):
-    """A save failed on some rank; every rank raises it together."""
+    """A save failed on some rank; every rank raises it together.
 
-    def __init__(self, tag: str, rank: int, phase: str, reason: str) -> None:
+    On the other ranks, ``remote_traceback`` is where the failing rank raised
+    (its last frames), so any rank's log tells what happened; the failing rank
+    logged its own traceback.
+    """
+
+    def __init__(self, tag: str, rank: int, phase: str, reason: str, remote_traceback: str = "") -> None:
         self.tag, self.rank, self.phase, self.reason = tag, rank, phase, reason
-        super().__init__(f"save '{tag}' failed on rank {rank} while {phase}: {reason}")
+        self.remote_traceback = remote_traceback
+        message = f"save '{tag}' failed on rank {rank} while {phase}: {reason}"
+        if remote_traceback:
+            message += f"\n  where rank {rank} raised it:\n" + remote_traceback.rstrip()
+        super().__init__(message)
 
 
 class CheckpointReadError(WenetHooksError):
@@ -66,6 +73,15 @@ class CheckpointReadError(WenetHooksError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def describe(error: BaseException) -> str:
-    """A one-line-or-more message that is never empty (``StopIteration()`` says nothing)."""
-    return str(error) or type(error).__name__
+def error_text(error: BaseException) -> str:
+    """The error's message, never empty (``StopIteration()`` says nothing)."""
+    return str(error).strip() or type(error).__name__
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of :func:`error_text`, for a table cell or a one-line log."""
+    return error_text(error).splitlines()[0]
+
+
+def _listing(problems: Sequence[str]) -> str:
+    return "\n".join(f"  - {p}" for p in problems)

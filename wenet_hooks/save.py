@@ -1,73 +1,98 @@
 """One save, collectively: gather on every rank, write and verify on rank 0, agree.
 
 This is the WeNet-free pipeline that the WeNet hook calls at each save; any
-DeepSpeed trainer can call it after ``engine.save_checkpoint``.
+DeepSpeed trainer can call it after ``engine.save_checkpoint``::
+
+    engine.save_checkpoint(model_dir, tag=tag)
+    save_consolidated(engine, model_dir, tag)      # every rank; rank 0 writes <tag>.pt
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from wenet_hooks.background import BackgroundWriter
-from wenet_hooks.consolidate import DtypeLike, consolidate
-from wenet_hooks.dist import first_error, is_rank0
-from wenet_hooks.errors import SaveError, describe
-from wenet_hooks.gather import DEFAULT_BUCKET_MB
-from wenet_hooks.io import write_state_dict
+from wenet_hooks.dist import Failure, first_failure, get_rank, is_rank0
+from wenet_hooks.dtypes import DtypeLike
+from wenet_hooks.errors import SaveError
+from wenet_hooks.file.publish import write_state_dict
+from wenet_hooks.gather import DEFAULT_BUCKET_MB, consolidate
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """How :func:`save_consolidated` makes ``<tag>.pt``.
+
+    Attributes:
+        dtype: floating tensors are stored in this dtype. ``"fp32"`` (the
+            default) holds DeepSpeed's fp32 master weights bit for bit;
+            ``"bf16"`` or ``"fp16"`` halve the file. Integer buffers keep theirs.
+        verify: reopen the written file and check every key, shape, dtype and
+            CRC32 before publishing it (default ``True``).
+        bucket_mb: megabytes rank 0 receives per collective while gathering
+            DeepSpeed's flat fp32 partitions, which is also the gather's extra
+            accelerator memory (default 16). ``0`` uses DeepSpeed's
+            per-parameter ``safe_get_full_fp32_param`` instead.
+    """
+
+    dtype: DtypeLike = "fp32"
+    verify: bool = True
+    bucket_mb: float = DEFAULT_BUCKET_MB
 
 
 def save_consolidated(
     engine: Any,
     model_dir: Union[str, Path],
     tag: str,
+    options: SaveOptions = SaveOptions(),
     *,
-    dtype: DtypeLike = "fp32",
-    verify: bool = True,
-    bucket_mb: float = DEFAULT_BUCKET_MB,
     writer: Optional[BackgroundWriter] = None,
     on_written: Optional[Callable[[], None]] = None,
 ) -> Path:
     """Collective: must be called on all ranks. Write ``<model_dir>/<tag>.pt``.
 
     Gathers the full state dict (:func:`wenet_hooks.consolidate`), writes it
-    atomically on rank 0 and, with ``verify``, reopens it and checks every
-    tensor before publishing it; then rank 0 calls ``on_written``. After each
-    phase the ranks share their outcome, so a failure anywhere raises on
+    atomically on rank 0 and, with ``options.verify``, reopens it and checks
+    every tensor before publishing it; then rank 0 calls ``on_written``. After
+    each phase the ranks share their outcome, so a failure anywhere raises on
     every rank. With a ``writer``, rank 0 writes in the background and this
-    returns after the gather; ``settle_background`` reports the outcome.
+    returns after the gather; :func:`settle_background` reports the outcome.
 
     Returns:
         The path of the file (on every rank).
 
     Raises:
-        SaveError: on every rank, naming the rank and phase that failed.
+        SaveError: on every rank, naming the rank and phase that failed, with
+            the failing rank's message and where it raised.
     """
     path = Path(model_dir) / f"{tag}.pt"
-    state_dict, error = _run_phase(lambda: consolidate(engine, dtype, bucket_mb), tag)
-    _raise_if_any_failed(error, tag, "gathering the weights")
-    job = _write_job(state_dict, path, verify, on_written) if is_rank0() else None
+    state_dict, failure = _run_phase(lambda: consolidate(engine, options.dtype, options.bucket_mb), tag)
+    _raise_if_any_failed(failure, tag, "gathering the weights")
+    job = _write_job(state_dict, path, options.verify, on_written) if is_rank0() else None
     del state_dict
     if writer is not None:
         if job is not None:
-            writer.submit(job, f"writing {path}")
+            writer.submit(job, tag, f"writing {path}")
         return path
-    _, error = _run_phase(job, tag) if job is not None else (None, None)
-    _raise_if_any_failed(error, tag, f"writing {path}")
+    _, failure = _run_phase(job, tag) if job is not None else (None, None)
+    _raise_if_any_failed(failure, tag, f"writing {path}")
     return path
 
 
-def settle_background(writer: BackgroundWriter, tag: str) -> None:
+def settle_background(writer: BackgroundWriter) -> None:
     """Collective: wait for rank 0's write in flight; raise on every rank if it failed.
 
     Raises:
-        SaveError: naming the write that failed (a previous save's).
+        SaveError: naming the save whose write failed (an earlier one).
     """
-    error = writer.wait() if is_rank0() else None
-    _raise_if_any_failed(error, tag, "writing in the background")
+    failed = first_failure(writer.wait() if is_rank0() else None)
+    if failed is not None:
+        raise _save_error(failed.tag, f"{failed.what} in the background", failed.failure)
 
 
 def _write_job(state_dict: dict, path: Path, verify: bool, on_written: Optional[Callable[[], None]]):
@@ -79,16 +104,21 @@ def _write_job(state_dict: dict, path: Path, verify: bool, on_written: Optional[
     return job
 
 
-def _run_phase(work, tag: str) -> tuple[Any, Optional[str]]:
+def _run_phase(work: Callable[[], Any], tag: str) -> tuple[Any, Optional[Failure]]:
     try:
         return work(), None
     except Exception as e:  # shared with the other ranks, then re-raised there
         logger.exception("wenet_hooks: save '%s' failed here", tag)
-        return None, describe(e)
+        return None, Failure.from_exception(e)
 
 
-def _raise_if_any_failed(error: Optional[str], tag: str, phase: str) -> None:
-    failure = first_error(error)
+def _raise_if_any_failed(mine: Optional[Failure], tag: str, phase: str) -> None:
+    failure = first_failure(mine)
     if failure is not None:
-        rank, reason = failure
-        raise SaveError(tag, rank, phase, reason)
+        raise _save_error(tag, phase, failure)
+
+
+def _save_error(tag: str, phase: str, failure: Failure) -> SaveError:
+    # The failing rank logged its own traceback; the others carry its summary.
+    remote = failure.traceback if failure.rank != get_rank() else ""
+    return SaveError(tag, failure.rank, phase, failure.message, remote)

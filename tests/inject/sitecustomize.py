@@ -3,6 +3,8 @@
 - ``WENET_HOOKS_TEST_ENOSPC=step_3[,...]``: the disk "fills up" while rank 0
   writes those tags' single files (a few bytes land in ``<tag>.pt.tmp``, then
   ``OSError(ENOSPC)``), as a full disk would; nothing else is changed.
+- ``WENET_HOOKS_TEST_WRITERS=<folder>``: each rank appends ``RANK LOCAL_RANK GROUP_RANK
+  file`` to ``<folder>/writes<rank>.txt`` for every file it publishes.
 - ``WENET_HOOKS_TEST_PROBE=<folder>``: after each save, every rank records its
   resident memory, open file descriptors, threads and the ``*.tmp`` files in
   model_dir; written to ``<folder>/probe<rank>.json`` at exit.
@@ -13,18 +15,18 @@ import os
 if os.environ.get("WENET_HOOKS_TEST_ENOSPC"):
     import errno
 
-    import wenet_hooks.stream as _stream
+    import wenet_hooks.file.publish as _publish
 
     _full_tags = os.environ["WENET_HOOKS_TEST_ENOSPC"].split(",")
-    _write_into = _stream.write_into
+    _write_file = _publish.write_file
 
-    def _write_into_full_disk(tmp, entries, tensors, **kwargs):
+    def _write_file_full_disk(tmp, entries, tensors, **kwargs):
         if any(tmp.name == f"{tag}.pt.tmp" for tag in _full_tags):
             tmp.write_bytes(b"PK\x03\x04 the first bytes")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return _write_into(tmp, entries, tensors, **kwargs)
+        return _write_file(tmp, entries, tensors, **kwargs)
 
-    _stream.write_into = _write_into_full_disk
+    _publish.write_file = _write_file_full_disk
 
 if os.environ.get("WENET_HOOKS_TEST_PROBE"):
     import atexit
@@ -56,3 +58,21 @@ if os.environ.get("WENET_HOOKS_TEST_PROBE"):
 
     _hook._save = _probed_save
     atexit.register(_dump)
+
+if os.environ.get("WENET_HOOKS_TEST_WRITERS"):
+    # Which rank (global, local, node) published which file: one line per write, per rank.
+    from pathlib import Path as _Path
+
+    import wenet_hooks.file.publish as _publish_w
+
+    _write_entries = _publish_w.write_entries
+
+    def _recorded_write_entries(entries, tensors, path, **kwargs):
+        written = _write_entries(entries, tensors, path, **kwargs)
+        record = _Path(os.environ["WENET_HOOKS_TEST_WRITERS"], f"writes{os.environ.get('RANK', '-')}.txt")
+        with open(record, "a") as f:
+            f.write(f"{os.environ.get('RANK')} {os.environ.get('LOCAL_RANK')} {os.environ.get('GROUP_RANK')} "
+                    f"{_Path(path).name}\n")
+        return written
+
+    _publish_w.write_entries = _recorded_write_entries

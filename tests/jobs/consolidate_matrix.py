@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from support.tiny_model import build_model, make_batch
+from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks import Manifest, consolidate, write_state_dict
-from wenet_hooks.demo.model import build_model, make_batch
-from wenet_hooks.demo.train import ds_config, init_engine, train_steps
-from wenet_hooks.gather import gather_partitions
+from wenet_hooks.gather.bucketed import gather_partitions
 
 TAG = "step_3"
 NEXT_TAG = "step_4"
@@ -65,7 +65,7 @@ def run_case(case: str, out_dir: Path) -> None:
     fp32 = consolidate(engine)
     bf16 = consolidate(engine, dtype="bf16")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    bucketed = gather_partitions(engine, trainable, torch.float32, 2**20, on_error=_raise).indices
+    bucketed = gather_partitions(engine, trainable, torch.float32, 2**20, record_failure=_raise).indices
     variants = {"per_param": consolidate(engine, bucket_mb=0), "small_buckets": consolidate(engine, bucket_mb=1 / 1024)}
     out = engine_output(engine)
     # One step more, saved too: tests of mixed-up shards take a file from here.
@@ -77,7 +77,9 @@ def run_case(case: str, out_dir: Path) -> None:
         for name, state_dict in variants.items():
             write_state_dict(state_dict, case_dir / f"{TAG}.{name}.pt")
         torch.save(out, case_dir / "engine_out.pt")
-        (case_dir / "result.json").write_text(json.dumps({"ok": True, "losses": losses, "bucketed": len(bucketed), "trainable": len(trainable)}))
+        (case_dir / "result.json").write_text(json.dumps({
+            "ok": True, "losses": losses, "bucketed": len(bucketed), "trainable": len(trainable),
+            "optimizer": type(engine.optimizer).__name__}))
     else:
         assert fp32 is None and bf16 is None and not any(variants.values()), "ranks other than 0 must receive None"
 
@@ -88,15 +90,17 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     out_dir = Path(sys.argv[1])
     for case in sys.argv[2:]:
+        # A DeepSpeed failure in one case (some versions cannot train some
+        # cases on gloo) is recorded, and the next case still runs.
         try:
             run_case(case, out_dir)
         except Exception:
+            traceback.print_exc()
             if dist.get_rank() == 0:
                 (out_dir / case).mkdir(parents=True, exist_ok=True)
                 (out_dir / case / "result.json").write_text(
                     json.dumps({"ok": False, "error": traceback.format_exc()})
                 )
-            raise
         dist.barrier()
     dist.destroy_process_group()
 

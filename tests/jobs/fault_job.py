@@ -31,15 +31,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from support.tiny_model import build_model
+from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks.background import BackgroundWriter
-from wenet_hooks.demo.model import build_model
-from wenet_hooks.demo.train import ds_config, init_engine, train_steps
 from wenet_hooks.errors import SaveError
-from wenet_hooks.save import save_consolidated, settle_background
+from wenet_hooks.save import SaveOptions, save_consolidated, settle_background
 
-gather = importlib.import_module("wenet_hooks.gather")
-io = importlib.import_module("wenet_hooks.io")
-stream = importlib.import_module("wenet_hooks.stream")
+bucketed = importlib.import_module("wenet_hooks.gather.bucketed")
+publish = importlib.import_module("wenet_hooks.file.publish")
 
 
 @contextmanager
@@ -68,6 +67,17 @@ def fail_on(rank: int, call: int, error: Exception):
     return make
 
 
+def disk_full_mid_write(real):
+    """The disk fills up while rank 0 writes: some bytes land in the .tmp, then ENOSPC (either writer)."""
+    def write_file(tmp, *args, **kwargs):
+        if dist.get_rank() == 0:
+            tmp.write_bytes(b"PK\x03\x04 the first bytes of a zip")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tmp, *args, **kwargs)
+
+    return write_file
+
+
 def corrupt_before_verify(real):
     def verify_as(tmp, expected, path):
         with open(tmp, "rb") as f:
@@ -87,15 +97,14 @@ def corrupt_before_verify(real):
 # 1 KiB buckets: the demo model's partitions take dozens of collectives, so
 # a failure at the 3rd chunk happens with collectives still to come.
 BUCKET_MB = 1 / 1024
-ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 SCENARIOS = {
-    "gather@1": (gather, "_read_chunk", fail_on(1, 3, RuntimeError("injected: cannot read partition"))),
-    "gather@0": (gather, "_read_chunk", fail_on(0, 3, RuntimeError("injected: cannot read partition"))),
-    "alloc@0": (gather._Receiver, "__init__", fail_on(0, 1, MemoryError("injected: cannot allocate 6.4 GB"))),
-    "host-copy@0": (gather._Receiver, "_place_rank", fail_on(0, 2, MemoryError("injected: host out of memory"))),
-    "write@0": (stream, "_pwrite_all", fail_on(0, 4, ENOSPC)),
-    "verify@0": (io, "_verify_as", corrupt_before_verify),
-    "background@0": (stream, "_pwrite_all", fail_on(0, 4, ENOSPC)),
+    "gather@1": (bucketed, "_read_chunk", fail_on(1, 3, RuntimeError("injected: cannot read partition"))),
+    "gather@0": (bucketed, "_read_chunk", fail_on(0, 3, RuntimeError("injected: cannot read partition"))),
+    "alloc@0": (bucketed._Receiver, "__init__", fail_on(0, 1, MemoryError("injected: cannot allocate 6.4 GB"))),
+    "host-copy@0": (bucketed._Receiver, "_place_rank", fail_on(0, 2, MemoryError("injected: host out of memory"))),
+    "write@0": (publish, "write_file", disk_full_mid_write),
+    "verify@0": (publish, "_verify_as", corrupt_before_verify),
+    "background@0": (publish, "write_file", disk_full_mid_write),
 }
 
 
@@ -107,16 +116,17 @@ def run_scenario(engine, out: Path, name: str) -> dict:
         with patched(owner, attr, make):
             if name.startswith("background"):
                 writer = BackgroundWriter()
-                save_consolidated(engine, out, tag, writer=writer, bucket_mb=BUCKET_MB)
-                settle_background(writer, "next_save")
+                save_consolidated(engine, out, tag, SaveOptions(bucket_mb=BUCKET_MB), writer=writer)
+                settle_background(writer)
             else:
-                save_consolidated(engine, out, tag, bucket_mb=BUCKET_MB)
-        message = "no error"
+                save_consolidated(engine, out, tag, SaveOptions(bucket_mb=BUCKET_MB))
+        message, where = "no error", ""
     except SaveError as e:
-        message = str(e)
+        message = str(e).split("\n  where rank", 1)[0]
+        where = e.remote_traceback
     seconds = time.monotonic() - started
     save_consolidated(engine, out, f"{tag}_then")
-    return {"tag": tag, "message": message, "seconds": seconds}
+    return {"tag": tag, "message": message, "traceback": where, "seconds": seconds}
 
 
 def main() -> None:

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from wenet_hooks.demo.model import build_model
-from wenet_hooks.demo.train import ds_config, init_engine, train_steps
+from support.tiny_model import build_model
+from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks.save import save_consolidated
 
-io_module = importlib.import_module("wenet_hooks.io")
+publish = importlib.import_module("wenet_hooks.file.publish")
 
 
 def stalled_write(marker: Path):
-    def write_and_sync(state_dict, tmp, checksums):
+    def write_file(tmp, entries, tensors, **kwargs):
         with open(tmp, "wb") as f:
             f.write(b"PK\x03\x04 the first bytes of a zip")
             f.flush()
@@ -32,7 +32,7 @@ def stalled_write(marker: Path):
         marker.touch()
         time.sleep(600)  # the test kills us here
 
-    return write_and_sync
+    return write_file
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     train_steps(engine, 2)
     engine.save_checkpoint(str(out), tag="step_2")
     if dist.get_rank() == 0:
-        io_module._write_and_sync = stalled_write(out / "writing")
+        publish.write_file = stalled_write(out / "writing")
     save_consolidated(engine, out, "step_2")
 
 

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from wenet_hooks.background import BackgroundWriter
-from wenet_hooks.config import SECTION, ConsolidateConfig, OnError, compose_section
+from wenet_hooks.compat import describe_environment, environment_problems
 from wenet_hooks.dist import is_rank0, log_rank0
 from wenet_hooks.errors import SaveError
 from wenet_hooks.save import save_consolidated, settle_background
+from wenet_hooks.wenet.config import SECTION, ConsolidateConfig, OnError, compose_section
 from wenet_hooks.wenet.files import FinalLink, ShardedRetention, write_info_yaml
 
 logger = logging.getLogger(__name__)
@@ -44,20 +45,34 @@ class _Session:
     def __init__(self) -> None:
         self.configured = False
         self.active: Optional[ConsolidateConfig] = None
+        self.installed_into: list[str] = []  # where patch bound the wrappers, for the first log line
         self.writer = BackgroundWriter()
         self.retention = ShardedRetention()
         self.final_link = FinalLink()
-        atexit.register(self.report_last_write)
+        self._exit_report = False
+
+    def activate(self, config: Optional[ConsolidateConfig]) -> None:
+        self.configured, self.active = True, config
+        if config is not None and not self._exit_report:
+            # Registered once the hook is active, not at import: importing has no side effects.
+            atexit.register(self.report_last_write)
+            self._exit_report = True
 
     def report_last_write(self) -> None:
         """At exit, after the interpreter waited for the writer thread: say if the last write failed."""
-        error = self.writer.wait()
-        if error:
-            logger.error("wenet_hooks: the last save's single file was not written (%s); its sharded folder is "
-                         "kept: convert it with wenet-hooks-convert", error)
+        failed = self.writer.wait()
+        if failed is not None:
+            logger.error("wenet_hooks: the single file of save '%s' was not written (%s: %s); its sharded folder "
+                         "is kept: convert it with wenet-hooks-convert", failed.tag, failed.what,
+                         failed.failure.message)
 
 
 _session = _Session()
+
+
+def note_installed(places: list[str]) -> None:
+    """Called by :mod:`wenet_hooks.wenet.patch`: where the wrappers were bound (logged once configured)."""
+    _session.installed_into.extend(places)
 
 
 def configure(configs: Mapping[str, Any]) -> Optional[ConsolidateConfig]:
@@ -66,31 +81,26 @@ def configure(configs: Mapping[str, Any]) -> Optional[ConsolidateConfig]:
     Raises:
         ConfigError: listing every problem of the section.
     """
-    if not _session.configured:
-        _log_installed()
+    if not _session.configured and _session.installed_into:
+        # WeNet configures logging only after importing train_utils, so this is said now.
+        logger.info("wenet_hooks: installed into WeNet (%s)", ", ".join(_session.installed_into))
     section = configs.get(SECTION)
     config = compose_section(section).consolidate
     engine = configs.get("train_engine")
-    _session.configured = True
-    _session.active = config if config.enabled and engine == DEEPSPEED else None
+    _session.activate(config if config.enabled and engine == DEEPSPEED else None)
     if _session.active is not None:
         log_rank0(logger, logging.INFO,
                   "wenet_hooks: writing <model_dir>/<tag>.pt at every %s save (dtype %s, verify %s, "
-                  "keep_sharded %s, on_error %s)", "/".join(t.value for t in config.tags),
-                  config.dtype.value, config.verify, config.keep_sharded, config.on_error.value)
+                  "keep_sharded %s, on_error %s); %s", "/".join(t.value for t in config.tags),
+                  config.dtype.value, config.verify, config.keep_sharded, config.on_error.value,
+                  describe_environment())
+        for problem in environment_problems():
+            log_rank0(logger, logging.WARNING, "wenet_hooks: %s", problem)
     elif section is not None:
         reason = "consolidate.enabled is false" if not config.enabled else f"train_engine is {engine}"
         log_rank0(logger, logging.INFO, "wenet_hooks: section present but inactive (%s): WeNet saves as usual",
                   reason)
     return _session.active
-
-
-def _log_installed() -> None:
-    from wenet_hooks.wenet.patch import installed_places
-
-    places = installed_places()
-    if places:
-        logger.info("wenet_hooks: installed into WeNet (%s)", ", ".join(places))
 
 
 def wrap_check_modify_and_save_config(original: Callable) -> Callable:
@@ -119,7 +129,7 @@ def wrap_save_model(original: Callable) -> Callable:
 def _save(original: Callable, model: Any, info_dict: dict, config: ConsolidateConfig) -> None:
     model_dir, tag = Path(info_dict["model_dir"]), info_dict["tag"]
     model_only = info_dict.get("save_states") == MODEL_ONLY
-    _settle_previous_write(tag, config)
+    _settle_previous_write(config)
     if not model_only:
         original(model, info_dict)  # sharded checkpoint + <tag>.yaml, as WeNet does
     _consolidate(model, model_dir, tag, config, info_dict, model_only)
@@ -130,15 +140,15 @@ def _save(original: Callable, model: Any, info_dict: dict, config: ConsolidateCo
             _session.final_link.remember(model_dir, tag)
 
 
-def _settle_previous_write(tag: str, config: ConsolidateConfig) -> None:
+def _settle_previous_write(config: ConsolidateConfig) -> None:
     """Collective: the previous save's background write must have succeeded."""
     try:
-        settle_background(_session.writer, tag)
+        settle_background(_session.writer)
     except SaveError as e:
         if config.on_error is OnError.stop:
             raise
-        log_rank0(logger, logging.WARNING, "wenet_hooks: %s; on_error is warn: training goes on, the sharded "
-                  "folder is kept", e)
+        log_rank0(logger, logging.WARNING, "wenet_hooks: on_error is warn: training goes on, the sharded folder "
+                  "is kept. %s", e)
 
 
 def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfig,
@@ -154,14 +164,14 @@ def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfi
         _session.retention.after_verified(model_dir, tag, config.keep_last())
 
     try:
-        save_consolidated(model, model_dir, tag, dtype=config.dtype.value, verify=config.verify,
-                          bucket_mb=config.bucket_mb, writer=None if model_only else _session.writer,
+        save_consolidated(model, model_dir, tag, config.save_options(),
+                          writer=None if model_only else _session.writer,
                           on_written=None if model_only else written)
         return
     except SaveError as e:
         if config.on_error is OnError.stop:
             raise
-        log_rank0(logger, logging.WARNING, "wenet_hooks: %s; on_error is warn: training goes on", e)
+        log_rank0(logger, logging.WARNING, "wenet_hooks: on_error is warn: training goes on. %s", e)
     if model_only:
         # model_only wrote nothing else: keep DeepSpeed's sharded checkpoint
         # so the save is not lost (wenet-hooks-convert turns it into a .pt).

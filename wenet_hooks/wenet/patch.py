@@ -27,9 +27,8 @@ WRAPPERS: dict[str, Callable[[Callable], Callable]] = {
 }
 ORIGINAL_ATTR = "__wenet_hooks_original__"
 
-# (wrapper, original) pairs currently installed, and where they were bound
+# (wrapper, original) pairs currently installed
 _installed: list[tuple[Callable, Callable]] = []
-_rebound: list[str] = []
 
 
 def install() -> list[str]:
@@ -53,16 +52,9 @@ def patch_train_utils(module: types.ModuleType) -> list[str]:
         places += _rebind_everywhere(original, wrapper)
         _installed.append((wrapper, original))
     if places:
-        # WeNet configures logging only after importing train_utils: the hook
-        # logs this line when it reads the config (see hook.configure).
-        _rebound.extend(places)
+        hook.note_installed(places)
         logger.debug("wenet_hooks: installed into WeNet (%s)", ", ".join(places))
     return places
-
-
-def installed_places() -> list[str]:
-    """Where the wrappers were bound at install time (``module.name``)."""
-    return list(_rebound)
 
 
 def uninstall() -> list[str]:
@@ -71,7 +63,6 @@ def uninstall() -> list[str]:
     while _installed:
         wrapper, original = _installed.pop()
         places += _rebind_everywhere(wrapper, original)
-    _rebound.clear()
     if places:
         logger.info("wenet_hooks: uninstalled from WeNet (%s)", ", ".join(places))
     return places

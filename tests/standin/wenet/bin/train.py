@@ -15,7 +15,7 @@ import yaml
 
 from wenet.utils.executor import Executor
 from wenet.utils.train_utils import add_deepspeed_args, check_modify_and_save_config, init_distributed, save_model
-from wenet_hooks.demo.model import build_model
+from support.tiny_model import build_model
 
 
 def get_args():

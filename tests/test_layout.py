@@ -1,0 +1,44 @@
+"""write_entries(): a torch.save file laid out from shapes, filled one tensor at a time (both writers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wenet_hooks.file.layout as layout_module
+from helpers import assert_state_dicts_equal
+from wenet_hooks.compat import can_stream
+from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.publish import write_entries
+
+
+@pytest.fixture(autouse=True, params=["streamed", "torch.save"])
+def writer(request, monkeypatch):
+    if request.param == "torch.save":
+        monkeypatch.setattr(layout_module, "can_stream", lambda: False)
+    elif not can_stream():
+        pytest.skip("the streamed writer needs torch.serialization.skip_data (torch >= 2.6)")
+
+
+def test_streamed_file_equals_torch_save_content(tmp_path):
+    embed = torch.randn(5, 3)
+    expected = {"embed": embed, "steps": torch.tensor(7), "half": torch.randn(2, 2).to(torch.bfloat16),
+                "empty": torch.zeros(0, 4), "out": embed}
+    entries = [Entry("embed", (5, 3)), Entry("steps", (), torch.int64), Entry("half", (2, 2), torch.bfloat16),
+               Entry("empty", (0, 4)), Entry("out", alias_of="embed")]
+    produced = []
+    path = write_entries(entries, iter([expected[k] for k in ("embed", "steps", "half", "empty")]),
+                          tmp_path / "x.pt", on_tensor=produced.append)
+    loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    assert list(loaded) == list(expected)
+    assert_state_dicts_equal(loaded, expected)
+    assert loaded["embed"].untyped_storage().data_ptr() == loaded["out"].untyped_storage().data_ptr()
+    assert len(produced) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+
+
+def test_a_tensor_that_does_not_fit_its_layout_publishes_nothing(tmp_path):
+    entries = [Entry("a", (2, 2)), Entry("b", (3,))]
+    with pytest.raises(ValueError, match=r"^'b': produced torch.float32\[4\], laid out as torch.float32\[3\]$"):
+        write_entries(entries, iter([torch.zeros(2, 2), torch.zeros(4)]), tmp_path / "x.pt")
+    assert list(tmp_path.iterdir()) == []

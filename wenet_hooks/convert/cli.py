@@ -1,0 +1,44 @@
+"""``wenet-hooks-convert``: the offline command, a Hydra application.
+
+    wenet-hooks-convert model_dir=exp/whisper tag=epoch_7
+    wenet-hooks-convert model_dir=exp/whisper dry_run=true
+    wenet-hooks-convert model_dir=exp/whisper dtype=bf16 keep_sharded=none
+
+Exit status: 0 when everything asked for was converted (or, with dry_run,
+could be); 2 otherwise. Never "skipping" with status 0.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+# Hydra finds the packaged conf/ (installed as the package wenet_hooks.conf).
+CONFIG_PATH = "pkg://wenet_hooks.conf"
+CONFIG_NAME = "convert"
+
+
+def main() -> None:
+    """Console entry point of ``wenet-hooks-convert``."""
+    import hydra
+
+    from wenet_hooks.convert.options import register_schema
+
+    register_schema()
+    # Built here, not at import: importing this module looks nothing up.
+    hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)(_run_config)()
+
+
+def _run_config(cfg) -> Optional[int]:
+    from omegaconf import OmegaConf
+
+    from wenet_hooks.convert.run import run
+
+    status = run(OmegaConf.to_object(cfg))
+    if status:
+        sys.exit(status)
+    return None
+
+
+if __name__ == "__main__":
+    main()

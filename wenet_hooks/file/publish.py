@@ -1,0 +1,151 @@
+"""Publishing a file atomically: it appears at its final path only once it is
+complete, on disk and verified.
+
+It is written to ``<name>.tmp`` in the same folder, fsynced, checked, then
+renamed over the final path with ``os.replace`` (atomic within one file
+system), and the folder is fsynced so the rename itself survives a power loss.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Union
+
+import torch
+
+from wenet_hooks.errors import CheckpointWriteError, VerificationError
+from wenet_hooks.file.layout import Entry, OnTensor, entries_for, write_file
+from wenet_hooks.file.manifest import Manifest
+from wenet_hooks.file.verify import verify as verify_file
+
+logger = logging.getLogger(__name__)
+
+# Suffix of the file being written. A leftover one (a crash mid-write) is
+# recognised by this suffix and removed by the next write of the same path.
+TMP_SUFFIX = ".tmp"
+
+
+def tmp_path_for(path: Union[str, Path]) -> Path:
+    """Where ``path`` is written before it is published."""
+    path = Path(path)
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def write_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    path: Union[str, Path],
+    *,
+    expected: Optional[Manifest] = None,
+    verify: bool = True,
+) -> Path:
+    """Write ``state_dict`` as ONE regular file at ``path``, atomically.
+
+    The file loads with ``torch.load(path, map_location="cpu", mmap=True,
+    weights_only=True)``; tensors that share a storage (tied weights) are
+    stored once. With ``verify`` (the default) the written bytes are reopened
+    and checked before the file is published: against ``expected`` if given
+    (e.g. the model's keys and shapes), else against ``state_dict`` itself,
+    checksummed as it is written. On any failure nothing exists at ``path``
+    that was not there before, and no temporary file is left.
+
+    Raises:
+        CheckpointWriteError: the folder is missing or unwritable, the disk is
+            full, or ``path`` is a folder.
+        VerificationError: the written file does not hold what was expected.
+    """
+    entries, tensors = entries_for(state_dict)
+    return write_entries(entries, tensors, path, verify=verify, expected=expected)
+
+
+def write_entries(entries: list[Entry], tensors: Iterable[torch.Tensor], path: Union[str, Path], *,
+                  verify: bool = True, expected: Optional[Manifest] = None,
+                  on_tensor: Optional[OnTensor] = None) -> Path:
+    """Write a file described by ``entries``; ``tensors`` yields the non-alias entries' values in order.
+
+    The one publishing path of the package: tmp -> fsync -> verify -> rename.
+    The values may be produced lazily (a reader of an existing checkpoint),
+    so memory holds one tensor at a time where torch allows it.
+
+    Raises:
+        CheckpointWriteError, VerificationError: as :func:`write_state_dict`.
+        ValueError: a produced tensor does not have its entry's shape or dtype.
+    """
+    path = Path(path)
+    _check_target(path)
+    tmp = tmp_path_for(path)
+    started = time.perf_counter()
+    try:
+        written = write_file(tmp, entries, tensors, checksums=verify and expected is None, on_tensor=on_tensor)
+        if verify:
+            _verify_as(tmp, expected or written, path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        _remove_quietly(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(path, _os_error_text(e, path, sum(entry.nbytes for entry in entries))) from e
+        raise
+    size, seconds = path.stat().st_size, time.perf_counter() - started
+    logger.info("wrote %s (%.1f MB, %.0f MB/s)", path, size / 1e6, size / 1e6 / max(seconds, 1e-9))
+    return path
+
+
+def _remove_quietly(tmp: Path) -> None:
+    # Cleaning up must not hide the error being reported (on a read-only file
+    # system even unlinking a missing file fails).
+    try:
+        if tmp.exists():
+            tmp.unlink()
+    except OSError as e:
+        logger.warning("could not remove %s: %s", tmp, e)
+
+
+def _check_target(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointWriteError(
+            path,
+            "a folder of that name exists (DeepSpeed >= 0.15.3's zero_to_fp32 output?); "
+            "HINT: convert it with `wenet-hooks-convert model_dir=<folder> tag=<tag>`, "
+            "which replaces it by a single file, or move it away",
+        )
+    if not path.parent.is_dir():
+        raise CheckpointWriteError(path, f"the folder {path.parent} does not exist")
+
+
+def _verify_as(tmp: Path, expected: Manifest, path: Path) -> None:
+    try:
+        verify_file(tmp, expected)
+    except VerificationError as e:
+        raise VerificationError(path, e.problems) from e
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_error_text(e: OSError, path: Path, needed: int) -> str:
+    if e.errno == errno.ENOSPC:
+        free = shutil.disk_usage(path.parent).free
+        return (
+            f"no space left on the device of {path.parent}: about {_size(needed)} needed, "
+            f"{_size(free)} free; HINT: free space or point model_dir elsewhere"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path.parent} is not writable ({e.strerror}); HINT: check its permissions or mount"
+    return f"{e.strerror or e} ({type(e).__name__})"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"

@@ -1,0 +1,111 @@
+"""Gather a DeepSpeed engine's full weights onto rank 0: :func:`consolidate`.
+
+The result is what ``torch.save(model.state_dict())`` of the unwrapped model
+would hold if the model had been trained on one device: the same keys in the
+same order, tied weights sharing one tensor, persistent buffers present,
+non-persistent buffers absent, and parameter values taken from DeepSpeed's
+fp32 master weights wherever it keeps them.
+
+- ``masters``: where DeepSpeed keeps the masters (flat partitions, or not);
+- ``bucketed``: the partitions moved to rank 0 in a few large collectives;
+- ``per_param``: DeepSpeed's per-parameter gather for the rest, and rank 0's
+  host copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from wenet_hooks.dist import is_rank0
+from wenet_hooks.dtypes import DtypeLike, resolve_dtype
+from wenet_hooks.errors import ConsolidationError
+from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, gather_partitions
+from wenet_hooks.gather.masters import unpartitioned_masters
+from wenet_hooks.gather.per_param import HostCopies, gather_entry
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_BUCKET_MB", "consolidate", "unwrap_model"]
+
+
+def unwrap_model(engine: Any) -> nn.Module:
+    """The user's model inside a DeepSpeed engine (or the module itself)."""
+    module = getattr(engine, "module", engine)
+    if not isinstance(module, nn.Module):
+        raise ConsolidationError(
+            f"expected a DeepSpeed engine or a torch.nn.Module; found {type(engine).__name__}"
+        )
+    return module
+
+
+def consolidate(
+    engine: Any, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB
+) -> Optional["OrderedDict[str, torch.Tensor]"]:
+    """Collective: must be called on all ranks. Gather the full state dict onto rank 0's CPU.
+
+    Parameters come from DeepSpeed's fp32 master copy for ZeRO-1/2/3 and the
+    bf16 optimizer: its flat partitions are sent to rank 0 in buckets of
+    ``bucket_mb``; where their layout is not one we know, or with
+    ``bucket_mb=0``, parameter by parameter with
+    ``deepspeed.utils.safe_get_full_fp32_param``. Parameters without a master
+    copy (ZeRO-0 in fp32, frozen parameters) come from the module itself,
+    gathered with ``deepspeed.zero.GatheredParameters`` under ZeRO-3. Buffers
+    come from rank 0. The extra accelerator memory is one bucket on rank 0
+    (the largest parameter on the per-parameter path).
+
+    Args:
+        engine: a ``deepspeed.DeepSpeedEngine`` (or a plain ``nn.Module``).
+        dtype: floating tensors are cast to this (``"fp32"``, ``"bf16"``,
+            ``"fp16"``); integer buffers keep their dtype.
+        bucket_mb: megabytes rank 0 receives per collective.
+
+    Returns:
+        On rank 0, an ordered ``dict[str, Tensor]`` on CPU whose keys are exactly
+        ``engine.module.state_dict().keys()``; tied keys map to one tensor.
+        ``None`` on every other rank.
+
+    Raises:
+        ConsolidationError: on the rank where something failed, after every
+            collective of the gather has run on every rank.
+    """
+    module = unwrap_model(engine)
+    masters = unpartitioned_masters(engine)
+    copy = HostCopies(resolve_dtype(dtype), enabled=is_rank0())
+    started = time.perf_counter()
+    entries = module.state_dict(keep_vars=True)
+    params = _partitionable_parameters(entries, masters)
+    with torch.no_grad():
+        bucketed = gather_partitions(engine, params, copy.target, int(bucket_mb * 2**20), copy.record_failure)
+    # Tied weights are one Parameter object under several keys: gather it once
+    # and reuse the CPU copy, so the file stores it once, as torch.save would.
+    gathered: dict[int, Optional[torch.Tensor]] = {id(params[i]): bucketed.tensors.get(i) for i in bucketed.indices}
+    result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    with torch.no_grad():
+        for key, tensor in entries.items():
+            if id(tensor) not in gathered:
+                gathered[id(tensor)] = gather_entry(key, tensor, masters.get(id(tensor)), copy)
+            result[key] = gathered[id(tensor)]
+    copy.raise_if_failed()
+    if not copy.enabled:
+        return None
+    _log_summary(result, time.perf_counter() - started)
+    return result
+
+
+def _partitionable_parameters(entries: dict, masters: dict[int, torch.Tensor]) -> list[nn.Parameter]:
+    """The parameters DeepSpeed may partition, each once (tied keys share one), in state_dict order."""
+    unique = {id(t): t for t in entries.values() if isinstance(t, nn.Parameter) and id(t) not in masters}
+    return list(unique.values())
+
+
+def _log_summary(state_dict: "OrderedDict[str, torch.Tensor]", seconds: float) -> None:
+    unique = {id(t): t for t in state_dict.values()}
+    nbytes = sum(t.numel() * t.element_size() for t in unique.values())
+    logger.info("consolidated %d tensors (%d unique, %.1f MB) in %.2f s", len(state_dict), len(unique),
+                nbytes / 1e6, seconds)

@@ -1,0 +1,97 @@
+"""DeepSpeed's own per-parameter gather, and rank 0's host copies of what is gathered.
+
+Used for everything the bucketed path (:mod:`wenet_hooks.gather.bucketed`)
+does not cover: a partition layout it does not know, ``bucket_mb=0``, frozen
+parameters, buffers, and the unpartitioned masters of ZeRO-0 in 16 bits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from wenet_hooks.dist import get_rank
+from wenet_hooks.errors import ConsolidationError, error_text
+from wenet_hooks.gather.masters import full_shape
+
+
+class HostCopies:
+    """Rank 0's host copies of the gathered tensors, and this rank's first failure.
+
+    A failure here (host memory exhausted, say) must not leave the other ranks
+    alone in the next collective: it is recorded, the gather goes on with the
+    collectives only, and it is raised once every rank has left the loop.
+    """
+
+    def __init__(self, target: torch.dtype, enabled: bool) -> None:
+        self.target = target
+        self.enabled = enabled
+        self.failure: Optional[tuple[str, Exception]] = None
+
+    def __call__(self, key: str, tensor: torch.Tensor, fresh: bool) -> Optional[torch.Tensor]:
+        if not self.enabled or self.failure is not None:
+            return None
+        try:
+            return _to_cpu(tensor, self.target, fresh)
+        except Exception as e:
+            self.record_failure(f"copying '{key}' to host memory", e)
+            return None
+
+    def record_failure(self, what: str, error: Exception) -> None:
+        if self.failure is None:
+            self.failure = (what, error)
+
+    def raise_if_failed(self) -> None:
+        if self.failure is not None:
+            what, e = self.failure
+            raise ConsolidationError(f"rank {get_rank()}: {what} failed: {error_text(e)}") from e
+
+
+def gather_entry(key: str, tensor: torch.Tensor, master: Optional[torch.Tensor],
+                 copy: HostCopies) -> Optional[torch.Tensor]:
+    """Collective for parameters: the full value of one state-dict entry as a CPU tensor on rank 0."""
+    try:
+        if master is not None:
+            return copy(key, master, fresh=False)
+        if isinstance(tensor, nn.Parameter):
+            return _gather_parameter(key, tensor, copy)
+        # Buffers are never partitioned; rank 0's copy is the one to keep
+        # (BatchNorm statistics differ between ranks).
+        return copy(key, tensor, fresh=False)
+    except Exception as e:
+        raise ConsolidationError(
+            f"rank {get_rank()}: gathering '{key}' (shape {list(full_shape(tensor))}) failed: {error_text(e)}"
+        ) from e
+
+
+def _gather_parameter(key: str, param: nn.Parameter, copy: HostCopies) -> Optional[torch.Tensor]:
+    """Collective: the fp32 master weight if DeepSpeed holds one, else the module's full value."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(param)
+    if master is not None:
+        return copy(key, master.view(full_shape(param)), fresh=True)
+    if hasattr(param, "ds_id"):
+        # A ZeRO-3 parameter without a master copy (frozen): materialise it
+        # from the partitions, in training precision, while the context lasts.
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        with GatheredParameters([param], modifier_rank=None):
+            return copy(key, param.data, fresh=False)
+    # ZeRO-0/1/2 keep every parameter whole on every rank.
+    return copy(key, param, fresh=False)
+
+
+def _to_cpu(tensor: torch.Tensor, target: torch.dtype, fresh: bool) -> torch.Tensor:
+    """A contiguous CPU tensor that owns its storage.
+
+    ``fresh`` says the tensor is already a private buffer (a gather result);
+    anything else may be a view into DeepSpeed's flat buffer (which torch.save
+    would write whole) and keeps changing as training goes on, so it is copied.
+    """
+    dtype = target if tensor.is_floating_point() else tensor.dtype
+    owns_storage = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    out = tensor.detach().to(device="cpu", dtype=dtype, copy=not (fresh and owns_storage))
+    return out.contiguous()

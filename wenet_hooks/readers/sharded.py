@@ -1,0 +1,265 @@
+"""Reading a DeepSpeed ZeRO-1/2/3 sharded checkpoint ``<model_dir>/<tag>/`` tensor by tensor.
+
+Shards are memory-mapped and each parameter is assembled on its own from the
+slices of the ranks' flat fp32 partitions that hold it, so memory holds one
+parameter at a time instead of every rank's optimizer state at once (which
+DeepSpeed's ``zero_to_fp32`` concatenates). The layout follows DeepSpeed's own
+reconstruction (``deepspeed/utils/zero_to_fp32.py``):
+
+- ZeRO-1/2: ``mp_rank_00_model_states.pt`` holds the module state in training
+  precision (all keys, in ``state_dict()`` order), ``param_shapes`` per
+  optimizer group and ``shared_params``; each rank's
+  ``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` holds
+  ``single_partition_of_fp32_groups[g]``, consecutive slices of group ``g``'s
+  flat fp32 vector (parameters back to back, plus ``param_alignment_paddings``).
+- ZeRO-3: every rank has a model-states file (buffers, ``param_shapes``,
+  ``frozen_param_fragments``) and an optim file whose ``fp32_flat_groups``
+  hold, for each parameter in order, its ``ceil(numel / world_size)`` slice.
+
+Frozen parameters come from the module state (ZeRO-1/2; DeepSpeed's own
+converter drops them at ZeRO-1) or from the frozen fragments (ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from wenet_hooks.errors import CheckpointReadError
+from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.pages import release_pages
+from wenet_hooks.readers.safe_load import load_shard
+
+OSD = "optimizer_state_dict"
+_RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_states\.pt$")
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*model_states.pt"))
+
+
+class ShardedCheckpoint:
+    """A checked, memory-mapped view of one ``<model_dir>/<tag>/`` folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        if not is_sharded_checkpoint(self.folder):
+            raise CheckpointReadError(
+                self.folder, "is not a DeepSpeed checkpoint (no *model_states.pt inside); HINT: pass the "
+                "experiment folder as model_dir and the checkpoint's folder name as tag")
+        self.optim_files = _rank_files(self.folder, "optim")
+        self.optim = [_field(load_shard(f), OSD, f) for f in self.optim_files]
+        self.zero_stage = int(_first(self.optim, "zero_stage", self.optim_files))
+        self.world_size = _world_size(self.optim, self.optim_files)
+        _check_same_step(self.optim, self.optim_files)
+        if self.zero_stage <= 2:
+            self.model_files = [self.folder / "mp_rank_00_model_states.pt"]
+        else:
+            self.model_files = _rank_files(self.folder, "model")
+            _check_rank_count(self.model_files, self.world_size, "model")
+        self.model_states = [load_shard(f) for f in self.model_files]
+        for path, states in zip(self.model_files, self.model_states):
+            _field(states, "module", path)
+            _field(states, "param_shapes", path)
+        self.module = self.model_states[0]["module"]
+
+    def entries(self, dtype: torch.dtype) -> list[Entry]:
+        """The file's layout, from metadata alone: every key in ``state_dict()`` order.
+
+        Of keys that share a tensor (DeepSpeed's ``shared_params``: tied
+        weights), the first in order owns it and the others are aliases.
+        Floating tensors take ``dtype``.
+        """
+        source_of = self._sources()
+        shapes = self._full_shapes()
+        owner_of: dict[str, str] = {}
+        layout = []
+        for key in self.module:
+            source = source_of.get(key, key)
+            if source in owner_of:
+                layout.append(Entry(key, alias_of=owner_of[source]))
+                continue
+            owner_of[source] = key
+            value = self.module[source]
+            layout.append(Entry(key, tuple(shapes.get(source, value.shape)),
+                                dtype if value.is_floating_point() else value.dtype))
+        return layout
+
+    def values(self, entries: list[Entry], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """The tensors of the non-alias ``entries``, one at a time, read from the shards."""
+        readers = {**self._frozen_fragments(), **self._trainable_slices()}
+        source_of = self._sources()
+        for e in entries:
+            if e.alias_of:
+                continue
+            source = source_of.get(e.key, e.key)
+            if source in readers:
+                yield _cast(readers[source](), dtype)
+            else:  # a buffer, or (ZeRO-1/2) a frozen parameter kept whole in the module state
+                yield _cast(self.module[source].clone(), dtype)
+
+    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, full tensor)`` in ``state_dict()`` order; aliases yield their owner's tensor."""
+        entries = self.entries(dtype)
+        values = self.values(entries, dtype)
+        done: dict[str, torch.Tensor] = {}
+        for e in entries:
+            done[e.key] = done[e.alias_of] if e.alias_of else next(values)
+            yield e.key, done[e.key]
+
+    def _sources(self) -> dict[str, str]:
+        return dict(self.model_states[0].get("shared_params") or {})
+
+    def _full_shapes(self) -> dict[str, torch.Size]:
+        shapes: dict[str, torch.Size] = {}
+        for group in self.model_states[0]["param_shapes"]:
+            shapes.update(group)
+        shapes.update(self.model_states[0].get("frozen_param_shapes") or {})
+        return shapes
+
+    def _trainable_slices(self) -> dict[str, Any]:
+        shapes = self.model_states[0]["param_shapes"]
+        if self.zero_stage <= 2:
+            return self._zero2_slices(shapes)
+        return self._zero3_slices(shapes)
+
+    def _zero2_slices(self, shapes: list[dict[str, torch.Size]]) -> dict[str, Any]:
+        paddings = self.optim[0].get("param_alignment_paddings")
+        readers = {}
+        for group, group_shapes in enumerate(shapes):
+            parts = [osd["single_partition_of_fp32_groups"][group] for osd in self.optim]
+            offset = 0
+            for index, (name, shape) in enumerate(group_shapes.items()):
+                readers[name] = functools.partial(_read_span, parts, offset, torch.Size(shape))
+                offset += math.prod(shape) + (paddings[group][index] if paddings else 0)
+            _check_consumed(offset, parts, self.world_size, self.folder)
+        return readers
+
+    def _zero3_slices(self, shapes: list[dict[str, torch.Size]]) -> dict[str, Any]:
+        flats = [list(osd["fp32_flat_groups"]) for osd in self.optim]
+        readers, offset = {}, 0
+        for group_shapes in shapes:
+            for name, shape in group_shapes.items():
+                part = math.ceil(math.prod(shape) / self.world_size)
+                readers[name] = functools.partial(_read_zero3, flats, offset, part, torch.Size(shape))
+                offset += part
+        return readers
+
+    def _frozen_fragments(self) -> dict[str, Any]:
+        if self.zero_stage <= 2:
+            return {}  # frozen parameters are whole in the module state
+        shapes = self.model_states[0].get("frozen_param_shapes") or {}
+        fragments = [states.get("frozen_param_fragments") or {} for states in self.model_states]
+        return {name: functools.partial(_read_frozen, [f[name] for f in fragments], torch.Size(shape))
+                for name, shape in shapes.items()}
+
+
+def _read_span(parts: list[torch.Tensor], offset: int, shape: torch.Size) -> torch.Tensor:
+    """Copy ``numel(shape)`` values starting at ``offset`` of the ranks' concatenated parts."""
+    out = torch.empty(math.prod(shape), dtype=torch.float32)
+    filled, start = 0, 0
+    for part in parts:
+        end = start + part.numel()
+        lo, hi = max(offset, start), min(offset + out.numel(), end)
+        if lo < hi:
+            span = part[lo - start:hi - start]
+            out[filled:filled + hi - lo] = span
+            release_pages(span)
+            filled += hi - lo
+        start = end
+    return out.view(shape)
+
+
+def _read_zero3(flats: list[list[torch.Tensor]], offset: int, part: int, shape: torch.Size) -> torch.Tensor:
+    """Rank r holds values [r * part, (r + 1) * part) of the parameter at ``offset`` of its groups."""
+    pieces = [_read_span(groups, offset, torch.Size([part])) for groups in flats]
+    return torch.cat(pieces)[: math.prod(shape)].view(shape)
+
+
+def _read_frozen(fragments: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    return torch.cat([f.reshape(-1) for f in fragments])[: math.prod(shape)].view(shape)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _rank_files(folder: Path, kind: str) -> list[Path]:
+    by_rank: dict[int, Path] = {}
+    for path in folder.glob(f"*zero_pp_rank_*_mp_rank_00_{kind}_states.pt"):
+        by_rank[int(_RANK.search(path.name).group(1))] = path
+    if not by_rank:
+        raise CheckpointReadError(folder, f"holds no *_{kind}_states.pt shard; HINT: the save did not finish or "
+                                  "was written without its optimizer states (save_states: model+optimizer)")
+    missing = sorted(set(range(max(by_rank) + 1)) - set(by_rank))
+    if missing:
+        raise CheckpointReadError(folder, f"the {kind} shard of rank {missing[0]} is missing "
+                                  f"(found ranks {sorted(by_rank)}); HINT: copy it back from the node that wrote it")
+    return [by_rank[r] for r in sorted(by_rank)]
+
+
+def _field(state: Any, key: str, path: Path) -> Any:
+    if not isinstance(state, dict) or key not in state:
+        raise CheckpointReadError(path, f"is not a DeepSpeed checkpoint shard (no '{key}' in it); HINT: a file "
+                                  "of another kind was put in this folder")
+    return state[key]
+
+
+def _first(states: list[dict], key: str, files: list[Path]) -> Any:
+    if key not in states[0]:
+        raise CheckpointReadError(files[0], f"is not a ZeRO optimizer shard (no '{key}')")
+    return states[0][key]
+
+
+def _world_size(optim: list[dict], files: list[Path]) -> int:
+    counts = [max(c) if isinstance(c, list) else int(c) for c in (osd["partition_count"] for osd in optim)]
+    for path, count in zip(files, counts):
+        if count != counts[0]:
+            raise CheckpointReadError(path, f"was written by a job of {count} ranks but {files[0].name} by one of "
+                                      f"{counts[0]}: shards from two different runs are mixed in this folder")
+    _check_rank_count(files, counts[0], "optim")
+    return counts[0]
+
+
+def _check_rank_count(files: list[Path], world_size: int, kind: str) -> None:
+    if len(files) < world_size:
+        missing = re.sub(r"zero_pp_rank_\d+_", f"zero_pp_rank_{len(files)}_", files[0].name)
+        raise CheckpointReadError(files[0].parent, f"{missing}, the {kind} shard of rank {len(files)}, is missing "
+                                  f"({len(files)} of {world_size} ranks found); HINT: copy it back from the node "
+                                  "that wrote it")
+    if len(files) > world_size:
+        raise CheckpointReadError(files[world_size], f"belongs to no rank of this {world_size}-rank save: shards "
+                                  "from two different runs are mixed in this folder")
+
+
+def _check_same_step(optim: list[dict], files: list[Path]) -> None:
+    steps = [_optimizer_step(osd) for osd in optim]
+    for path, step in zip(files, steps):
+        if step != steps[0]:
+            raise CheckpointReadError(path, f"was saved at optimizer step {step} but {files[0].name} at step "
+                                      f"{steps[0]}: shards from two different saves are mixed in this folder")
+
+
+def _optimizer_step(osd: dict) -> Optional[tuple[float, ...]]:
+    base = osd.get("base_optimizer_state") or osd.get(OSD) or {}
+    groups = base if isinstance(base, list) else [base]
+    steps = []
+    for group in groups:
+        for state in (group.get("state") or {}).values() if isinstance(group, dict) else ():
+            if isinstance(state, dict) and "step" in state:
+                steps.append(float(state["step"]))
+    return tuple(steps) or None
+
+
+def _check_consumed(offset: int, parts: list[torch.Tensor], world_size: int, folder: Path) -> None:
+    # DeepSpeed pads each group to a multiple of 2 * world_size.
+    align = 2 * world_size
+    available = sum(p.numel() for p in parts)
+    if math.ceil(offset / align) != math.ceil(available / align):
+        raise CheckpointReadError(folder, f"parameter shapes account for {offset} values but the partitions hold "
+                                  f"{available}: the model states and optimizer shards do not match")
