@@ -12,6 +12,8 @@ from typing import Mapping
 import pytest
 import torch
 
+from support.deepspeed_versions import deepspeed_version
+
 
 def state_dict_differences(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
     """Every key missing, unexpected, of another dtype/shape, or not bit-identical."""
@@ -54,14 +56,9 @@ def deepspeed_reference(model_dir: Path, tag: str, model: torch.nn.Module) -> "O
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             reference = get_fp32_state_dict_from_zero_checkpoint(str(model_dir), tag=tag)
         return _as_documented(reference, model)
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)
-    return _zero0_reference(states, model)
+    from wenet_hooks.readers.safe_load import load_shard
 
-
-def deepspeed_version() -> tuple[int, ...]:
-    from wenet_hooks.compat import installed_version, version_tuple
-
-    return version_tuple(installed_version("deepspeed") or "0")
+    return _zero0_reference(load_shard(ckpt / "mp_rank_00_model_states.pt"), model)
 
 
 def _as_documented(reference: "OrderedDict[str, torch.Tensor]", model: torch.nn.Module):

@@ -37,7 +37,7 @@ NOT_RUN = [
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
 
 
 @pytest.mark.parametrize("case", CASES + NOT_RUN)

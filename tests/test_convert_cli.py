@@ -20,6 +20,7 @@ import torch
 
 from conftest import CONVERT, case_dir
 from helpers import assert_state_dicts_equal, small_disk
+from support.deepspeed_versions import zero_to_fp32
 from wenet_hooks import Manifest, verify
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "wenet"
@@ -35,7 +36,7 @@ def convert(*overrides, check=True):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
 
 
 def snapshot(folder):
@@ -109,18 +110,14 @@ def test_sharded_folder_outputs_of_zero_to_fp32(matrix, tmp_path, safe):
     safetensors refuses tied tensors (the demo model ties its embedding), so
     that case converts the real WeNet Transformer of the fixtures instead.
     """
-    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
-
     if safe:
         if not FIXTURES.is_dir():
             pytest.skip(f"{FIXTURES} is missing")
         source, tag = FIXTURES / "t_z2_model_optimizer", "epoch_0"
     else:
         source, tag = case_dir(matrix, "z2-fp32-nooffload"), "step_3"
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        convert_zero_checkpoint_to_fp32_state_dict(str(source), str(tmp_path / f"{tag}.pt"), tag=tag,
-                                                   max_shard_size="256KB" if safe else "8KB",
-                                                   safe_serialization=safe)
+    zero_to_fp32(source, tmp_path / f"{tag}.pt", tag, max_shard_size="256KB" if safe else "8KB",
+                 safe_serialization=safe)
     files = sorted(p.name for p in (tmp_path / f"{tag}.pt").iterdir())
     assert len(files) > 3 and files[-1].endswith(".index.json")  # really sharded
     convert(f"model_dir={tmp_path}", f"tag={tag}")
@@ -239,12 +236,8 @@ def test_latest_naming_a_missing_tag(tmp_path):
 
 
 def test_index_naming_a_missing_file(matrix, tmp_path):
-    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
-
     exp = tmp_path / "exp"
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        convert_zero_checkpoint_to_fp32_state_dict(str(case_dir(matrix, "z3-fp32-nooffload")),
-                                                   str(exp / "step_3.pt"), tag="step_3", max_shard_size="8KB")
+    zero_to_fp32(case_dir(matrix, "z3-fp32-nooffload"), exp / "step_3.pt", "step_3", max_shard_size="8KB")
     shard = sorted((exp / "step_3.pt").glob("pytorch_model-*.bin"))[1]
     shard.unlink()
     assert_refused(exp, f"{exp / 'step_3.pt' / 'pytorch_model.bin.index.json'}: names {shard.name}, which is "

@@ -29,7 +29,7 @@ def test_streamed_file_equals_torch_save_content(tmp_path):
     produced = []
     path = write_entries(entries, iter([expected[k] for k in ("embed", "steps", "half", "empty")]),
                           tmp_path / "x.pt", on_tensor=produced.append)
-    loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    loaded = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     assert list(loaded) == list(expected)
     assert_state_dicts_equal(loaded, expected)
     assert loaded["embed"].untyped_storage().data_ptr() == loaded["out"].untyped_storage().data_ptr()

@@ -34,7 +34,7 @@ def state_dict():
 
 def test_written_file_loads_as_wenet_loads_it(tmp_path, state_dict):
     path = write_state_dict(state_dict, tmp_path / "epoch_0.pt", expected=Manifest.from_state_dict(state_dict))
-    loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    loaded = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     assert list(loaded) == list(state_dict)
     assert all(torch.equal(loaded[k], state_dict[k]) for k in state_dict)
     assert loaded["embed.weight"].untyped_storage().data_ptr() == loaded["output.weight"].untyped_storage().data_ptr()

@@ -37,14 +37,14 @@ def write_configs(tmp_path, stage, section=None, **configs):
     (tmp_path / "ds.json").write_text(json.dumps(ds_config(stage)))
 
 
-def train(tmp_path, save_states, *extra, env=None, check=True, module=False):
-    """Launch the stand-in's train.py as a WeNet user would, on 2 ranks."""
+def train(tmp_path, save_states, *extra, env=None, check=True, module=False, nproc=2):
+    """Launch the stand-in's train.py as a WeNet user would, on 2 ranks (a later --model_dir wins)."""
     args = ["--train_engine", "deepspeed", "--deepspeed_config", str(tmp_path / "ds.json"),
             "--deepspeed.save_states", save_states, "--config", str(tmp_path / "train.yaml"),
             "--model_dir", str(tmp_path / "exp"), *extra]
     if module:  # python -m wenet_hooks.train, through torchrun's -m
-        return run_torchrun("-m", "wenet_hooks.train", *args, env=env, check=check)
-    return run_torchrun(TRAIN_PY, *args, env=env, check=check)
+        return run_torchrun("-m", "wenet_hooks.train", *args, env=env, check=check, nproc=nproc)
+    return run_torchrun(TRAIN_PY, *args, env=env, check=check, nproc=nproc)
 
 
 def listing(folder):
@@ -52,7 +52,7 @@ def listing(folder):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
 
 
 def assert_recognize_ready(path):
@@ -70,6 +70,7 @@ def test_model_and_optimizer_zero2_steps_epochs_and_retention(tmp_path):
     for tag in tags:
         assert_recognize_ready(exp / f"{tag}.pt")
         assert (exp / f"{tag}.yaml").is_file()
+        assert (exp / f"{tag}.optim.pt").is_file()  # model+optimizer: the optimizer too, for exact resume
     # keep_sharded: 1 kept only the newest sharded folder, each removed one after its .pt verified.
     assert [t for t in tags if (exp / t).is_dir()] == ["epoch_0"]
     assert_state_dicts_equal(load(exp / "epoch_0.pt"), deepspeed_reference(exp, "epoch_0", build_model()))

@@ -85,3 +85,13 @@ def first_line(error: BaseException) -> str:
 
 def _listing(problems: Sequence[str]) -> str:
     return "\n".join(f"  - {p}" for p in problems)
+
+
+class RestoreError(WenetHooksError):
+    """A resume from ``<tag>.pt`` + ``<tag>.optim.pt`` was refused before anything changed."""
+
+    def __init__(self, path: Path, problems: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.problems = list(problems)
+        super().__init__(f"cannot resume from {self.path} ({len(self.problems)} problem(s)); nothing was "
+                         "restored:\n" + _listing(self.problems))

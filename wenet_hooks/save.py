@@ -18,8 +18,10 @@ from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.dist import Failure, first_failure, get_rank, is_rank0
 from wenet_hooks.dtypes import DtypeLike
 from wenet_hooks.errors import SaveError
+from wenet_hooks.file.optimizer_file import optimizer_path, to_file_dict
 from wenet_hooks.file.publish import write_state_dict
 from wenet_hooks.gather import DEFAULT_BUCKET_MB, consolidate
+from wenet_hooks.gather.optimizer import consolidate_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +40,15 @@ class SaveOptions:
             DeepSpeed's flat fp32 partitions, which is also the gather's extra
             accelerator memory (default 16). ``0`` uses DeepSpeed's
             per-parameter ``safe_get_full_fp32_param`` instead.
+        optimizer: also write ``<tag>.optim.pt``, the optimizer state under
+            the model's key names, for an exact resume at any world size and
+            ZeRO stage (:func:`wenet_hooks.resume.restore`). Default ``False``.
     """
 
     dtype: DtypeLike = "fp32"
     verify: bool = True
     bucket_mb: float = DEFAULT_BUCKET_MB
+    optimizer: bool = False
 
 
 def save_consolidated(
@@ -73,8 +79,14 @@ def save_consolidated(
     path = Path(model_dir) / f"{tag}.pt"
     state_dict, failure = _run_phase(lambda: consolidate(engine, options.dtype, options.bucket_mb), tag)
     _raise_if_any_failed(failure, tag, "gathering the weights")
-    job = _write_job(state_dict, path, options.verify, on_written) if is_rank0() else None
-    del state_dict
+    files = {path: state_dict}
+    if options.optimizer:
+        gathered, failure = _run_phase(lambda: consolidate_optimizer(engine, options.bucket_mb), tag)
+        _raise_if_any_failed(failure, tag, "gathering the optimizer state")
+        if gathered is not None:
+            files[optimizer_path(path)] = to_file_dict(gathered.state, gathered.meta)
+    job = _write_job(files, options.verify, on_written) if is_rank0() else None
+    del state_dict, files
     if writer is not None:
         if job is not None:
             writer.submit(job, tag, f"writing {path}")
@@ -95,9 +107,10 @@ def settle_background(writer: BackgroundWriter) -> None:
         raise _save_error(failed.tag, f"{failed.what} in the background", failed.failure)
 
 
-def _write_job(state_dict: dict, path: Path, verify: bool, on_written: Optional[Callable[[], None]]):
+def _write_job(files: dict[Path, dict], verify: bool, on_written: Optional[Callable[[], None]]):
     def job() -> None:
-        write_state_dict(state_dict, path, verify=verify)
+        for path, state_dict in files.items():  # the weights first: the optimizer file needs them
+            write_state_dict(state_dict, path, verify=verify)
         if on_written is not None:
             on_written()
 

@@ -31,6 +31,10 @@ NEXT_TAG = "step_4"
 STEPS = 3
 
 
+class DeepSpeedCannotTrain(Exception):
+    """DeepSpeed itself failed to train the case here (some version pairs cannot on CPU/gloo)."""
+
+
 def parse_case(case: str) -> tuple[int, str, bool]:
     stage, precision, offload = case.split("-")
     return int(stage[1:]), precision, offload == "offload"
@@ -59,8 +63,11 @@ def run_case(case: str, out_dir: Path) -> None:
     # rounding differs from a plain model's: the output comparison would then
     # test DeepSpeed's kernels, not the weights.
     config["zero_optimization"]["memory_efficient_linear"] = False
-    engine = init_engine(build_model(), config)
-    losses = train_steps(engine, STEPS)
+    try:
+        engine = init_engine(build_model(), config)
+        losses = train_steps(engine, STEPS)
+    except Exception as e:
+        raise DeepSpeedCannotTrain(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     engine.save_checkpoint(str(case_dir), tag=TAG)
     fp32 = consolidate(engine)
     bf16 = consolidate(engine, dtype="bf16")
@@ -94,13 +101,13 @@ def main() -> None:
         # cases on gloo) is recorded, and the next case still runs.
         try:
             run_case(case, out_dir)
-        except Exception:
+        except Exception as e:
             traceback.print_exc()
             if dist.get_rank() == 0:
                 (out_dir / case).mkdir(parents=True, exist_ok=True)
-                (out_dir / case / "result.json").write_text(
-                    json.dumps({"ok": False, "error": traceback.format_exc()})
-                )
+                (out_dir / case / "result.json").write_text(json.dumps({
+                    "ok": False, "error": traceback.format_exc(),
+                    "cannot_train": str(e) if isinstance(e, DeepSpeedCannotTrain) else None}))
         dist.barrier()
     dist.destroy_process_group()
 

@@ -15,8 +15,9 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def ds_config(stage: int, precision: str = "fp32", offload_optimizer: bool = False,
-              offload_param: bool = False) -> dict[str, Any]:
-    """A DeepSpeed config in the shape of WeNet's ``conf/ds_stage*.json``."""
+              offload_param: bool = False, scheduler: bool = False) -> dict[str, Any]:
+    """A DeepSpeed config in the shape of WeNet's ``conf/ds_stage*.json`` (``scheduler``: a warm-up
+    learning rate, as WeNet's WarmupLR, so a resume must restore its state too)."""
     zero: dict[str, Any] = {"stage": stage}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -31,6 +32,9 @@ def ds_config(stage: int, precision: str = "fp32", offload_optimizer: bool = Fal
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
     }
+    if scheduler:
+        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
+                                                              "warmup_num_steps": 8}}
     if precision == "bf16":
         # Without it fp32 buffers meet bf16 weights on CPU ("expected m1 and m2
         # to have the same dtype").

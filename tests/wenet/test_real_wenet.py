@@ -51,7 +51,7 @@ def wenet_model(config_path):
 
 
 def assert_loads_strict(model, path):
-    state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    state_dict = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     model.load_state_dict(state_dict, strict=True)
     assert list(state_dict) == list(model.state_dict())
 

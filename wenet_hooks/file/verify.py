@@ -7,6 +7,7 @@ at once.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -33,13 +34,25 @@ def load_state_dict_file(path: Union[str, Path]) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError as e:
         raise VerificationError(path, ["does not exist"]) from e
+    except pickle.UnpicklingError as e:
+        raise VerificationError(path, [f"holds objects that are not plain tensors and data ({refused_global(e)}); "
+                                       "refused, nothing in it was run"]) from e
     except Exception as e:
         raise VerificationError(
-            path, [f"cannot be loaded with torch.load(weights_only=True, mmap=True): {first_line(e)}"]) from e
+            path, [f"cannot be loaded with torch.load(weights_only=True, mmap=True): {first_line(e)}; HINT: the "
+                   "file is truncated or corrupt"]) from e
     problems = _flat_dict_problems(obj)
     if problems:
         raise VerificationError(path, problems)
     return obj
+
+
+def refused_global(error: BaseException) -> str:
+    """The line of a weights_only refusal that names the class (torch's message is long)."""
+    for line in str(error).splitlines():
+        if "GLOBAL" in line or "Unsupported operand" in line:
+            return line.strip()
+    return first_line(error)
 
 
 def verify(path: Union[str, Path], expected: Union[Manifest, Mapping[str, torch.Tensor]]) -> None:

@@ -23,7 +23,14 @@ import torch
 import torch.distributed as dist
 
 from wenet_hooks.dist import all_ok, is_distributed
-from wenet_hooks.gather.masters import Fragment, Partitions, find_partitions, full_numel, full_shape
+from wenet_hooks.gather.masters import (
+    Fragment,
+    Partitions,
+    find_partitions,
+    full_numel,
+    full_shape,
+    optimizer_state_partitions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +59,12 @@ def gather_partitions(
     target: torch.dtype,
     bucket_bytes: int,
     record_failure: RecordFailure,
+    state_key: Optional[str] = None,
 ) -> Gathered:
     """Collective: the fp32 masters of ``params`` that DeepSpeed partitions, on rank 0.
+
+    With ``state_key``, that optimizer state of each parameter (``exp_avg``...)
+    instead: it lies in flat tensors of the masters' own layout.
 
     Parameters whose index is not in the result's ``indices`` were not
     gathered here (frozen, or a layout this does not know); the caller gets
@@ -62,7 +73,7 @@ def gather_partitions(
     """
     if not is_distributed() or bucket_bytes <= 0:
         return Gathered()
-    parts = _find_quietly(engine, params)
+    parts = _find_quietly(engine, params, state_key)
     layout = _agree_on_layout(parts, params)
     if layout is None:
         return Gathered()
@@ -101,9 +112,13 @@ class _Layout:
     by_param: dict[int, list[Fragment]]
 
 
-def _find_quietly(engine: object, params: Sequence[torch.nn.Parameter]) -> Optional[Partitions]:
+def _find_quietly(engine: object, params: Sequence[torch.nn.Parameter],
+                  state_key: Optional[str]) -> Optional[Partitions]:
     try:
-        return find_partitions(engine, params)
+        parts = find_partitions(engine, params)
+        if parts is None or state_key is None:
+            return parts
+        return optimizer_state_partitions(engine, parts, state_key)
     except Exception:
         # Only a speed-up is lost: the per-parameter path still works.
         logger.warning("wenet_hooks: could not read DeepSpeed's fp32 partitions here", exc_info=True)

@@ -11,6 +11,11 @@ buffers of equal length on every rank, and fragments saying which elements of
 which parameter sit where in them. :mod:`wenet_hooks.gather` moves the flat
 buffers in a few large collectives and places the fragments on rank 0.
 
+DeepSpeed keeps each optimizer state (Adam's ``exp_avg``, ``exp_avg_sq``) in
+flat tensors of exactly the masters' layout, keyed by the flat master in its
+base optimizer's ``state``: :func:`optimizer_state_partitions` describes them
+with the same fragments.
+
 Unpartitioned (bf16/fp16 without ZeRO), :func:`unpartitioned_masters`.
 
 Anything this module does not recognise (NVMe-swapped optimizer states, a
@@ -76,6 +81,28 @@ def find_partitions(engine: Any, params: Sequence[torch.nn.Parameter]) -> Option
     if any(flat.dtype != torch.float32 for flat in parts.flats):
         return None  # masters kept in 16 bits (DeepSpeed's bf16 master option): not what we move
     return parts
+
+
+def base_optimizer(engine: Any) -> Any:
+    """The torch (or DeepSpeed CPU/fused) optimizer that holds the state, inside DeepSpeed's wrapper."""
+    wrapper = getattr(engine, "optimizer", None)
+    return getattr(wrapper, "optimizer", wrapper)
+
+
+def optimizer_state_partitions(engine: Any, parts: Partitions, key: str) -> Optional[Partitions]:
+    """This rank's partitions of optimizer state ``key``: same fragments, the state's flat tensors.
+
+    ``None`` when a flat master has no such state tensor of its own shape
+    (no step taken yet, or a state kept elsewhere).
+    """
+    state = getattr(base_optimizer(engine), "state", {})
+    flats = []
+    for flat in parts.flats:
+        value = state.get(flat, {}).get(key) if flat in state else None
+        if not (torch.is_tensor(value) and value.shape == flat.shape):
+            return None
+        flats.append(value)
+    return Partitions(flats, parts.fragments, parts.process_group)
 
 
 def _linked_partitions(optimizer: Any, params: Sequence[torch.nn.Parameter]) -> Optional[Partitions]:

@@ -24,6 +24,7 @@ import torch
 
 from wenet_hooks.compat import safe_globals_context
 from wenet_hooks.errors import CheckpointReadError, first_line
+from wenet_hooks.file.verify import refused_global
 
 # Every non-torch class DeepSpeed (0.14 to 0.19) puts in its shards.
 DEEPSPEED_CLASSES = (
@@ -65,7 +66,7 @@ def load_shard(path: Path) -> Any:
         raise CheckpointReadError(
             path,
             "holds objects that are not plain tensors and data, refused by weights_only loading "
-            f"({_unsupported(e)}); HINT: this package never unpickles arbitrary objects. "
+            f"({refused_global(e)}); HINT: this package never unpickles arbitrary objects. "
             "If the file is yours and was written by another DeepSpeed version, report the class named above",
         ) from e
     except Exception as e:
@@ -92,7 +93,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _allowed_globals()
-        qualified = f"{module}.{name}"
+        # Protocol-2 pickles name Python 2's module; the stdlib maps it the same way.
+        qualified = f"{'builtins' if module == '__builtin__' else module}.{name}"
         if qualified in allowed:
             return allowed[qualified]
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {qualified} was not an allowed global")
@@ -102,6 +104,8 @@ def _allowed_globals() -> dict[str, Any]:
     from torch import _weights_only_unpickler
 
     allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    # Plain containers that DeepSpeed's shards hold and torch >= 2.5 allows as well.
+    allowed.update({"builtins.set": set, "builtins.frozenset": frozenset})
     allowed.update({name: cls for cls, name in _STAND_INS})
     return allowed
 
@@ -112,10 +116,3 @@ _RESTRICTED_PICKLE = types.SimpleNamespace(
     load=lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load(),
     __name__="wenet_hooks_restricted_pickle",
 )
-
-
-def _unsupported(e: BaseException) -> str:
-    for line in str(e).splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.strip()
-    return first_line(e)

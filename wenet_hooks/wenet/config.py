@@ -50,9 +50,9 @@ class ConsolidateConfig:
     tags: List[TagKind] = field(default_factory=lambda: list(TagKind))
     bucket_mb: float = DEFAULT_BUCKET_MB  # received by rank 0 per collective; 0: DeepSpeed's per-parameter gather
 
-    def save_options(self) -> SaveOptions:
-        """The options of each save this section asks for."""
-        return SaveOptions(dtype=self.dtype, verify=self.verify, bucket_mb=self.bucket_mb)
+    def save_options(self, optimizer: bool) -> SaveOptions:
+        """The options of each save this section asks for (``optimizer``: also ``<tag>.optim.pt``)."""
+        return SaveOptions(dtype=self.dtype, verify=self.verify, bucket_mb=self.bucket_mb, optimizer=optimizer)
 
     def keep_last(self) -> Optional[int]:
         """How many sharded folders to keep; ``None`` keeps all."""

@@ -29,6 +29,8 @@ from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.compat import describe_environment, environment_problems
 from wenet_hooks.dist import is_rank0, log_rank0
 from wenet_hooks.errors import SaveError
+from wenet_hooks.file.optimizer_file import optimizer_path
+from wenet_hooks.resume import restore
 from wenet_hooks.save import save_consolidated, settle_background
 from wenet_hooks.wenet.config import SECTION, ConsolidateConfig, OnError, compose_section
 from wenet_hooks.wenet.files import FinalLink, ShardedRetention, write_info_yaml
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 DEEPSPEED = "deepspeed"
 MODEL_ONLY = "model_only"
+INIT_TAG = "init"  # WeNet's save right after deepspeed.initialize
 
 
 class _Session:
@@ -46,6 +49,8 @@ class _Session:
         self.configured = False
         self.active: Optional[ConsolidateConfig] = None
         self.installed_into: list[str] = []  # where patch bound the wrappers, for the first log line
+        self.checkpoint: Optional[str] = None  # WeNet's --checkpoint, if it resumes
+        self.resumed = False
         self.writer = BackgroundWriter()
         self.retention = ShardedRetention()
         self.final_link = FinalLink()
@@ -108,6 +113,8 @@ def wrap_check_modify_and_save_config(original: Callable) -> Callable:
     def check_modify_and_save_config(args, configs, *rest, **kwargs):
         configs = original(args, configs, *rest, **kwargs)
         configure(configs)
+        # WeNet resumes with --checkpoint X.pt; the init save restores the rest from X.optim.pt.
+        _session.checkpoint = getattr(args, "checkpoint", None)
         return configs
 
     return check_modify_and_save_config
@@ -119,11 +126,33 @@ def wrap_save_model(original: Callable) -> Callable:
         if not _session.configured:  # a trainer that never called the config check
             configure(info_dict)
         config = _session.active
+        if config is not None and info_dict["tag"] == INIT_TAG:
+            _resume(model)
         if config is None or not config.converts(info_dict["tag"]):
             return original(model, info_dict)
         return _save(original, model, info_dict, config)
 
     return save_model
+
+
+def _resume(engine: Any) -> None:
+    """Collective: WeNet reloaded only the weights of ``--checkpoint X.pt``; restore the rest from X.optim.pt.
+
+    WeNet saves ``init`` right after ``deepspeed.initialize``, before any step:
+    the moment DeepSpeed's masters and optimizer state can still be set.
+    """
+    checkpoint = _session.checkpoint
+    if not checkpoint or _session.resumed:
+        return
+    _session.resumed = True
+    optim = optimizer_path(checkpoint)
+    if not optim.is_file():
+        log_rank0(logger, logging.WARNING, "wenet_hooks: %s has no %s beside it: weights-only resume, the "
+                  "optimizer starts afresh", checkpoint, optim.name)
+        return
+    restored = restore(engine, checkpoint, optim)
+    log_rank0(logger, logging.INFO, "wenet_hooks: resumed exactly from %s + %s: %s", checkpoint, optim.name,
+              restored)
 
 
 def _save(original: Callable, model: Any, info_dict: dict, config: ConsolidateConfig) -> None:
@@ -164,7 +193,7 @@ def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfi
         _session.retention.after_verified(model_dir, tag, config.keep_last())
 
     try:
-        save_consolidated(model, model_dir, tag, config.save_options(),
+        save_consolidated(model, model_dir, tag, config.save_options(optimizer=not model_only),
                           writer=None if model_only else _session.writer,
                           on_written=None if model_only else written)
         return

@@ -5,7 +5,8 @@ import os
 import deepspeed
 import torch
 import yaml
-from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+from support.deepspeed_versions import WRITES_FOLDERS, deepspeed_version, zero_to_fp32
 
 
 def add_deepspeed_args(parser):
@@ -40,8 +41,11 @@ def save_model(model, info_dict):
         with torch.no_grad():
             model.save_checkpoint(save_dir=model_dir, tag=tag, client_state=info_dict)
             if info_dict["save_states"] == "model_only" and rank == 0:
-                convert_zero_checkpoint_to_fp32_state_dict(model_dir, save_model_path, tag=tag,
-                                                           max_shard_size=None)
+                # WeNet calls convert_zero_checkpoint_to_fp32_state_dict(model_dir, save_model_path, tag=tag);
+                # this stand-in calls it as each DeepSpeed version takes it (tests/support/deepspeed_versions.py),
+                # max_shard_size=None where there is one so no huggingface_hub is needed.
+                zero_to_fp32(model_dir, save_model_path, tag,
+                             **({"max_shard_size": None} if deepspeed_version() >= WRITES_FOLDERS else {}))
                 os.system("rm -rf {}/{}".format(model_dir, tag))
     elif rank == 0:
         torch.save(model.state_dict(), save_model_path)

@@ -1,0 +1,183 @@
+"""torchrun worker for exact resume from ``<tag>.pt`` + ``<tag>.optim.pt``.
+
+Usage: resume_job.py OUT_DIR MODE=ARG [MODE=ARG ...], run in order; what each
+mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
+
+- ``exact=CASE+CASE...``: per case (``z<stage>-<fp32|bf16>-<offload|nooffload>``), an
+  uninterrupted run of 6 steps saving both files after step 3, and a resumed
+  run: a fresh model loads ``step_3.pt`` (as WeNet's ``--checkpoint`` does),
+  ``deepspeed.initialize``, ``restore``, then steps 4-6. Records both runs'
+  losses and learning rates.
+- ``write=FOLDER``: ZeRO-2 and ZeRO-3 runs of 3 steps, each saving both files in
+  ``FOLDER/zero<stage>/`` (for a job of another world size to restore).
+- ``restore=FOLDER``: for each (saved stage, this run's stage) of 2 and 3:
+  restore FOLDER/zero<saved>/step_3.*, gather the masters and optimizer state
+  again into ``OUT_DIR/again-<saved>-<stage>.*``, then train one more step.
+- ``refuse=FOLDER``: bad files offered to a ZeRO-2 run: each error message, and
+  whether anything changed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from support.tiny_model import build_model
+from support.tiny_training import ds_config, init_engine, train_steps
+from wenet_hooks import SaveOptions, consolidate, save_consolidated, write_state_dict
+from wenet_hooks.errors import RestoreError
+from wenet_hooks.file.optimizer_file import to_file_dict
+from wenet_hooks.gather.optimizer import consolidate_optimizer
+from wenet_hooks.resume import restore
+
+TAG = "step_3"
+
+
+def engine_for(case: str, weights: Path | None = None):
+    stage, precision, offload = case.split("-")
+    stage = int(stage[1:])
+    config = ds_config(stage, precision, offload_optimizer=offload == "offload",
+                       offload_param=offload == "offload" and stage == 3, scheduler=True)
+    model = build_model()
+    if weights is not None:  # what WeNet's --checkpoint does: the fp32 weights into the model
+        model.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True), strict=False)
+    return init_engine(model, config)
+
+
+def lr(engine) -> float:
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def exact(out: Path, cases: list[str]) -> dict:
+    seen = {}
+    for case in cases:
+        folder = out / case
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            engine = engine_for(case)
+            train_steps(engine, 3)
+            save_consolidated(engine, folder, TAG, SaveOptions(optimizer=True))
+            straight = train_steps(engine, 3, first_step=3)
+            straight_lr = lr(engine)
+            resumed_engine = engine_for(case, folder / f"{TAG}.pt")
+            restored = restore(resumed_engine, folder / f"{TAG}.pt", folder / f"{TAG}.optim.pt")
+            resumed = train_steps(resumed_engine, 3, first_step=3)
+            # WeNet's resume without the optimizer file: weights only, Adam restarts.
+            weights_only = train_steps(engine_for(case, folder / f"{TAG}.pt"), 3, first_step=3)
+            seen[case] = {"straight": straight, "resumed": resumed, "weights_only": weights_only,
+                          "lr": [straight_lr, lr(resumed_engine)], "restored": str(restored)}
+        except Exception:
+            traceback.print_exc()
+            seen[case] = {"error": traceback.format_exc()}
+        dist.barrier()
+    return seen
+
+
+def write(folder: Path) -> dict:
+    for stage in (2, 3):
+        engine = engine_for(f"z{stage}-fp32-nooffload")
+        train_steps(engine, 3)
+        (folder / f"zero{stage}").mkdir(parents=True, exist_ok=True)
+        save_consolidated(engine, folder / f"zero{stage}", TAG, SaveOptions(optimizer=True))
+        dist.barrier()
+    return {}
+
+
+def restore_elsewhere(out: Path, folder: Path) -> dict:
+    seen = {}
+    for saved in (2, 3):
+        for stage in (2, 3):
+            weights = folder / f"zero{saved}" / f"{TAG}.pt"
+            engine = engine_for(f"z{stage}-fp32-nooffload", weights)
+            restored = restore(engine, weights, folder / f"zero{saved}" / f"{TAG}.optim.pt")
+            again = consolidate(engine)
+            optim = consolidate_optimizer(engine)
+            if dist.get_rank() == 0:
+                write_state_dict(again, out / f"again-{saved}-{stage}.pt")
+                write_state_dict(to_file_dict(optim.state, optim.meta), out / f"again-{saved}-{stage}.optim.pt")
+            losses = train_steps(engine, 1, first_step=3)
+            seen[f"{saved}->{stage}"] = {"restored": str(restored), "loss": losses[0]}
+            dist.barrier()
+    return seen
+
+
+class Payload:
+    """A crafted pickle: loading it would create ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def make_bad_files(folder: Path) -> None:
+    """Rank 0: optimizer files that must be refused, made from the good one."""
+    good = torch.load(str(folder / f"{TAG}.optim.pt"), weights_only=True)
+    meta = json.loads(bytes(good["meta"].numpy()).decode())
+    state = {}
+    for key, value in good.items():
+        if key != "meta":
+            name, _, param = key.partition("/")
+            state.setdefault(param, {})[name] = value
+    other = {p: dict(v) for p, v in state.items()}
+    other["encoder.encoders.0.linear.weight"]["exp_avg"] = torch.zeros(3, 3)
+    other["encoder.extra.weight"] = {"exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+    torch.save(to_file_dict(other, meta), folder / "bad-another-model.optim.pt")
+    sgd = {p: {"momentum_buffer": v["exp_avg"]} for p, v in state.items()}
+    torch.save(to_file_dict(sgd, {**meta, "optimizer": "SGD", "state_keys": ["momentum_buffer"]}),
+               folder / "bad-sgd.optim.pt")
+    raw = (folder / f"{TAG}.optim.pt").read_bytes()
+    (folder / "bad-truncated.optim.pt").write_bytes(raw[: len(raw) // 2])
+    torch.save({"meta": good["meta"], "payload": Payload(folder / "crafted-ran")}, folder / "bad-crafted.optim.pt")
+
+
+def refuse(folder: Path) -> dict:
+    if dist.get_rank() == 0:
+        make_bad_files(folder)
+    dist.barrier()
+    engine = engine_for("z2-fp32-nooffload", folder / f"{TAG}.pt")
+    before = consolidate(engine)
+    seen = {}
+    for name in sorted(p.name for p in folder.glob("bad-*.optim.pt")):
+        try:
+            restore(engine, folder / f"{TAG}.pt", folder / name)
+            seen[name] = "restored"
+        except RestoreError as e:
+            seen[name] = str(e)
+    after = consolidate(engine)
+    if dist.get_rank() == 0:
+        seen["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+        seen["crafted ran"] = (folder / "crafted-ran").exists()
+    return seen
+
+
+def main() -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    seen = {}
+    for token in sys.argv[2:]:
+        mode, _, arg = token.partition("=")
+        if mode == "exact":
+            seen[mode] = exact(out, arg.split("+"))
+        elif mode == "write":
+            seen[mode] = write(Path(arg))
+        elif mode == "restore":
+            seen[mode] = restore_elsewhere(out, Path(arg))
+        else:
+            seen[mode] = refuse(Path(arg))
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(seen))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Exact resume from ``<tag>.pt`` + ``<tag>.optim.pt``, at any world size and ZeRO stage.
+
+Real DeepSpeed on CPU ranks (gloo), three launches (tests/jobs/resume_job.py):
+3 ranks write ZeRO-2 and ZeRO-3 files; 2 ranks resume exactly (every case
+below), restore the 3-rank files into ZeRO-2 and ZeRO-3, write their own and
+refuse bad ones; 3 ranks restore the 2-rank files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import JOBS, run_torchrun
+from helpers import assert_state_dicts_equal
+
+pytestmark = pytest.mark.multirank
+
+# Frozen weights and a tied embedding are in the tiny model; WarmupLR is in every case.
+EXACT = ["z1-fp32-nooffload", "z1-bf16-offload", "z2-fp32-nooffload", "z2-bf16-nooffload", "z2-fp32-offload",
+         "z3-fp32-nooffload", "z3-bf16-nooffload", "z3-fp32-offload"]
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    x3, x2 = root / "x3", root / "x2"
+    run_torchrun(JOBS / "resume_job.py", str(root / "a"), f"write={x3}", nproc=3)
+    run_torchrun(JOBS / "resume_job.py", str(root / "b"), f"exact={'+'.join(EXACT)}", f"restore={x3}",
+                 f"write={x2}", f"refuse={x2 / 'zero2'}", nproc=2)
+    run_torchrun(JOBS / "resume_job.py", str(root / "c"), f"restore={x2}", nproc=3)
+    seen = {name: [json.loads((root / name / f"rank{r}.json").read_text()) for r in range(ranks)]
+            for name, ranks in (("b", 2), ("c", 3))}
+    return root, seen
+
+
+def load(path):
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("case", EXACT)
+def test_resumed_run_logs_the_uninterrupted_losses_bit_for_bit(jobs, case):
+    _, seen = jobs
+    result = seen["b"][0]["exact"][case]
+    assert "error" not in result, result.get("error")
+    assert result["resumed"] == result["straight"]  # floats from JSON: every bit
+    assert result["lr"][0] == result["lr"][1]
+    # Without the optimizer file (WeNet's weights-only resume) the path changes at the second step.
+    assert result["weights_only"][0] == result["straight"][0]
+    assert result["weights_only"][1] != result["straight"][1]
+    assert result["restored"].startswith("fp32 masters and optimizer state (exp_avg, exp_avg_sq) of 16 parameters "
+                                         "at optimizer step 3, saved by ZeRO-")
+
+
+@pytest.mark.parametrize("job,written_by", [("b", "x3"), ("c", "x2")], ids=["3->2 ranks", "2->3 ranks"])
+@pytest.mark.parametrize("saved,stage", [(2, 2), (2, 3), (3, 2), (3, 3)])
+def test_restored_state_gathered_again_equals_the_files(jobs, job, written_by, saved, stage):
+    root, seen = jobs
+    source = root / written_by / f"zero{saved}"
+    again = root / job
+    assert_state_dicts_equal(load(again / f"again-{saved}-{stage}.pt"), load(source / "step_3.pt"))
+    optim_again, optim_source = load(again / f"again-{saved}-{stage}.optim.pt"), load(source / "step_3.optim.pt")
+    meta_again, meta_source = (json.loads(bytes(d.pop("meta").numpy())) for d in (optim_again, optim_source))
+    assert_state_dicts_equal(optim_again, optim_source)  # every exp_avg / exp_avg_sq, tensor for tensor
+    for field in ("step", "param_groups", "lr_scheduler", "engine", "state_keys", "params"):
+        assert meta_again[field] == meta_source[field], field
+    ranks = {"x3": 3, "x2": 2}[written_by]
+    result = seen[job][0]["restore"][f"{saved}->{stage}"]
+    assert result["restored"].endswith(f"saved by ZeRO-{saved} on {ranks} ranks, restored onto ZeRO-{stage} on "
+                                       f"{5 - ranks} ranks")
+    assert torch.isfinite(torch.tensor(result["loss"]))  # and training goes on
+
+
+def test_bad_optimizer_files_are_refused_before_anything_changes(jobs):
+    root, seen = jobs
+    folder = root / "x2" / "zero2"
+    refused = seen["b"][0]["refuse"]
+    assert refused == seen["b"][1]["refuse"] | {"unchanged": True, "crafted ran": False}  # every rank alike
+    assert refused["unchanged"] is True and refused["crafted ran"] is False
+    head = "cannot resume from {} ({} problem(s)); nothing was restored:\n  - "
+    assert refused["bad-another-model.optim.pt"] == head.format(folder / "bad-another-model.optim.pt", 2) + (
+        "'exp_avg/encoder.encoders.0.linear.weight': shape [3, 3], expected [32, 32]\n"
+        "  - unexpected state of 'encoder.extra.weight': not a trainable parameter of this model")
+    assert re.fullmatch(re.escape(head.format(folder / "bad-sgd.optim.pt", 1)) + r"holds SGD state, but this "
+                        r"run's optimizer is \w*Adam\w*; HINT: resume with the optimizer the checkpoint was trained "
+                        r"with, or without the \.optim\.pt file", refused["bad-sgd.optim.pt"])
+    path = folder / "bad-truncated.optim.pt"
+    assert refused["bad-truncated.optim.pt"].startswith(head.format(path, 1) + f"{path}: cannot be loaded with ")
+    assert refused["bad-truncated.optim.pt"].endswith("; HINT: the file is truncated or corrupt")
+    path = folder / "bad-crafted.optim.pt"
+    assert re.fullmatch(re.escape(head.format(path, 1) + f"{path}: holds objects that are not plain tensors and "
+                                  "data (") + r".*GLOBAL.*\); refused, nothing in it was run",
+                        refused["bad-crafted.optim.pt"])

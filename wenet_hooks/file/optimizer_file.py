@@ -1,0 +1,79 @@
+"""The optimizer file ``<tag>.optim.pt``: one flat ``dict[str, Tensor]``, so the same
+layout, manifest, verification and publishing serve it as ``<tag>.pt``.
+
+On disk (``torch.load(path, weights_only=True)``)::
+
+    {
+        "exp_avg/encoder.embed.weight":    Tensor (full fp32, the parameter's shape),
+        "exp_avg_sq/encoder.embed.weight": Tensor,
+        ...                                # every state key of every trainable parameter
+        "meta": uint8 Tensor,              # UTF-8 JSON: format, optimizer class, step,
+    }                                      # param groups, lr scheduler, engine counters, loss scaler
+
+It does not depend on the world size or ZeRO stage that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+
+from wenet_hooks.errors import VerificationError
+
+FORMAT = "wenet_hooks.optimizer/1"
+META_KEY = "meta"
+SUFFIX = ".optim.pt"
+
+
+def optimizer_path(weights: Union[str, Path]) -> Path:
+    """``exp/epoch_3.pt`` -> ``exp/epoch_3.optim.pt``."""
+    weights = Path(weights)
+    return weights.with_name(weights.name[: -len(".pt")] + SUFFIX if weights.name.endswith(".pt")
+                             else weights.name + SUFFIX)
+
+
+def state_key(name: str, param: str) -> str:
+    """The file's key of one state tensor, e.g. ``exp_avg/decoder.embed.0.weight``."""
+    return f"{name}/{param}"
+
+
+def to_file_dict(state: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The flat dict written as ``<tag>.optim.pt``.
+
+    Raises:
+        ValueError: ``meta`` holds something JSON cannot represent (naming it).
+    """
+    flat = {state_key(name, param): value for param, values in state.items() for name, value in values.items()}
+    try:
+        text = json.dumps({"format": FORMAT, **meta}, sort_keys=True)
+    except TypeError as e:
+        raise ValueError(f"the optimizer's metadata cannot be stored as plain data ({e}); HINT: an lr scheduler "
+                         "whose state_dict() holds objects cannot be saved here") from e
+    flat[META_KEY] = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+    return flat
+
+
+def from_file_dict(path: Path, loaded: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """``(meta, state)`` of a loaded optimizer file.
+
+    Raises:
+        VerificationError: it is not an optimizer file of this format.
+    """
+    if META_KEY not in loaded:
+        raise VerificationError(path, [f"has no '{META_KEY}' entry: not an optimizer file written by wenet_hooks "
+                                       "(HINT: pass the <tag>.optim.pt written beside <tag>.pt)"])
+    try:
+        meta = json.loads(bytes(loaded[META_KEY].numpy()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise VerificationError(path, [f"its '{META_KEY}' entry is not valid JSON ({e})"]) from e
+    if meta.get("format") != FORMAT:
+        raise VerificationError(path, [f"format {meta.get('format')!r}, expected {FORMAT!r}"])
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in loaded.items():
+        if key != META_KEY:
+            name, _, param = key.partition("/")
+            state.setdefault(param, {})[name] = value
+    return meta, state

@@ -1,0 +1,170 @@
+"""Exact resume from single files, at any world size and ZeRO stage: :func:`restore`.
+
+Right after ``deepspeed.initialize`` and before the first step, every rank
+reads ``<tag>.pt`` and ``<tag>.optim.pt`` in full and writes into its own
+partitions exactly the slices it owns: the fp32 masters (so bf16 runs do not
+resume from bf16-rounded weights) and each optimizer state, through the same
+fragments the gather reads them by (:mod:`wenet_hooks.gather.masters`); then
+the step, param groups, lr scheduler, engine counters and loss scaler. Both
+files are checked completely first, and the ranks agree, so a bad input
+changes nothing anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from wenet_hooks.dist import first_failure, get_world_size
+from wenet_hooks.errors import RestoreError, VerificationError
+from wenet_hooks.file.optimizer_file import from_file_dict
+from wenet_hooks.file.verify import load_state_dict_file
+from wenet_hooks.gather.masters import Partitions, base_optimizer, find_partitions, full_shape
+from wenet_hooks.gather.optimizer import ENGINE_COUNTERS, optimizer_family, trainable_parameters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :func:`restore` put back, for its log line."""
+
+    tensors: int  # parameters whose masters and state were set
+    state_keys: tuple[str, ...]
+    step: float
+    saved_by: str  # "ZeRO-2 on 2 ranks"
+    restored_onto: str
+
+    def __str__(self) -> str:
+        keys = ", ".join(self.state_keys) or "none yet"
+        return (f"fp32 masters and optimizer state ({keys}) of {self.tensors} parameters at optimizer step "
+                f"{self.step:g}, saved by {self.saved_by}, restored onto {self.restored_onto}")
+
+
+def restore(engine: Any, weights: Union[str, Path], optimizer_file: Union[str, Path]) -> Restored:
+    """Collective: must be called on all ranks, before the first step. Resume exactly.
+
+    Raises:
+        RestoreError: on every rank, listing every problem of either file
+            (another model, another optimizer type, truncated, not plain data);
+            nothing was changed.
+    """
+    weights, optimizer_file = Path(weights), Path(optimizer_file)
+    params = trainable_parameters(engine.module)
+    parts = find_partitions(engine, list(params.values()))
+    values, meta, state, problems = _read_and_check(engine, params, parts, weights, optimizer_file)
+    # Every rank read the same files; agreeing still keeps one rank from changing alone.
+    problems = first_failure(problems or None)
+    if problems:
+        raise RestoreError(optimizer_file, problems)
+    with torch.no_grad():
+        _ensure_state(engine, parts, meta["state_keys"], meta["step"])
+        _write_partitions(engine, parts, list(params), values, state, meta["state_keys"])
+    _restore_counters(engine, meta)
+    stage = int(getattr(engine, "zero_optimization_stage", lambda: 0)())
+    return Restored(len(params), tuple(meta["state_keys"]), meta["step"],
+                    f"ZeRO-{meta.get('zero_stage')} on {meta.get('world_size')} ranks",
+                    f"ZeRO-{stage} on {get_world_size()} ranks")
+
+
+def _read_and_check(engine, params, parts: Optional[Partitions], weights: Path, optimizer_file: Path):
+    """Both files read and checked against this run: ``(weights, meta, state, problems)``."""
+    if parts is None:
+        return {}, {}, {}, [
+            "this run keeps its fp32 masters in no partition layout wenet_hooks knows (ZeRO-0, NVMe-swapped "
+            "optimizer states); HINT: exact resume needs ZeRO stage 1, 2 or 3 (with or without CPU offload)"]
+    problems: list[str] = []
+    values, meta, state = {}, {}, {}
+    try:
+        values = load_state_dict_file(weights)
+    except VerificationError as e:
+        problems += [f"{weights}: {p}" for p in e.problems]
+    try:
+        meta, state = from_file_dict(optimizer_file, load_state_dict_file(optimizer_file))
+    except VerificationError as e:
+        problems += [f"{optimizer_file}: {p}" for p in e.problems]
+    if meta:
+        problems += _mismatches(engine, params, values, meta, state)
+    return values, meta, state, problems
+
+
+def _mismatches(engine, params, values, meta, state) -> list[str]:
+    """Every way the files differ from this run's model and optimizer."""
+    problems = []
+    mine = type(base_optimizer(engine)).__name__
+    if optimizer_family(meta.get("optimizer", "")) != optimizer_family(mine):
+        problems.append(f"holds {meta.get('optimizer')} state, but this run's optimizer is {mine}; HINT: resume "
+                        "with the optimizer the checkpoint was trained with, or without the .optim.pt file")
+    groups = base_optimizer(engine).param_groups
+    if len(meta.get("param_groups", [])) != len(groups):
+        problems.append(f"has {len(meta.get('param_groups', []))} param groups, this run's optimizer "
+                        f"{len(groups)}")
+    for name, param in params.items():
+        shape = tuple(full_shape(param))
+        if name not in values:
+            problems.append(f"weights: missing key '{name}' (expected shape {list(shape)})")
+        elif tuple(values[name].shape) != shape:
+            problems.append(f"weights: '{name}': shape {list(values[name].shape)}, expected {list(shape)}")
+        for key in meta.get("state_keys", []):
+            found = state.get(name, {}).get(key)
+            if found is None:
+                problems.append(f"missing state '{key}/{name}' (expected shape {list(shape)})")
+            elif tuple(found.shape) != shape:
+                problems.append(f"'{key}/{name}': shape {list(found.shape)}, expected {list(shape)}")
+    problems += [f"unexpected state of '{name}': not a trainable parameter of this model"
+                 for name in state if name not in params]
+    return problems
+
+
+def _ensure_state(engine: Any, parts: Partitions, keys: list[str], step: float) -> None:
+    """Create the optimizer's state before its first step, as it would create it itself."""
+    optimizer = base_optimizer(engine)
+    # torch's own optimizers keep the step as a float tensor; DeepSpeed's (CPU and fused Adam) as an int.
+    as_tensor = type(optimizer).__module__.startswith("torch.optim")
+    for flat in parts.flats:
+        state = optimizer.state[flat]
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        state["step"] = torch.tensor(step, dtype=_scalar_dtype()) if as_tensor else int(step)
+    for group in optimizer.param_groups:
+        if "step" in group:  # DeepSpeed's fused Adam counts in the group
+            group["step"] = int(step)
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _write_partitions(engine, parts: Partitions, names: list[str], values, state, keys: list[str]) -> None:
+    """Each fragment this rank owns, from the full tensors: the masters, then every state."""
+    optimizer = base_optimizer(engine)
+    targets = [(parts.flats, values)]
+    targets += [([optimizer.state[flat][key] for flat in parts.flats], {n: state[n][key] for n in names})
+                for key in keys]
+    for flats, full in targets:
+        for f in parts.fragments:
+            source = full[names[f.param]].reshape(-1).narrow(0, f.start, f.numel)
+            flats[f.group].narrow(0, f.offset, f.numel).copy_(source)
+
+
+def _restore_counters(engine: Any, meta: dict[str, Any]) -> None:
+    for group, saved in zip(base_optimizer(engine).param_groups, meta["param_groups"]):
+        for key, value in saved.items():
+            if key in group and key != "step":
+                group[key] = type(group[key])(value) if isinstance(group[key], tuple) else value
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is not None and meta.get("lr_scheduler") is not None:
+        scheduler.load_state_dict(meta["lr_scheduler"])
+    for name in ENGINE_COUNTERS:
+        if name in meta.get("engine", {}) and hasattr(engine, name):
+            setattr(engine, name, meta["engine"][name])
+    scaler = getattr(getattr(engine, "optimizer", None), "loss_scaler", None)
+    for name, value in (meta.get("loss_scaler") or {}).items():
+        if scaler is not None and hasattr(scaler, name):
+            setattr(scaler, name, value)
+
