@@ -19,12 +19,13 @@ ALLOWED = {
     "compat": set(),
     "dist": {"errors"},
     "file": {"errors", "dtypes", "compat"},
-    "gather": {"errors", "dtypes", "dist"},
+    "gather": {"errors", "dtypes", "dist", "file"},
     "background": {"dist", "errors"},
     "save": {"background", "dist", "dtypes", "errors", "file", "gather"},
+    "resume": {"dist", "errors", "file", "gather"},
     "readers": {"errors", "compat", "file"},
     "convert": {"errors", "dtypes", "compat", "file", "readers", "wenet"},
-    "wenet": {"background", "compat", "dist", "dtypes", "errors", "file", "gather", "save"},
+    "wenet": {"background", "compat", "dist", "dtypes", "errors", "file", "gather", "resume", "save"},
     "train": {"wenet"},
 }
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
 
 from conftest import JOBS, run_torchrun
 from helpers import assert_state_dicts_equal
+from test_convert_cli import FIXTURES, convert
 
 pytestmark = pytest.mark.multirank
 
@@ -94,3 +96,51 @@ def test_bad_optimizer_files_are_refused_before_anything_changes(jobs):
     assert re.fullmatch(re.escape(head.format(path, 1) + f"{path}: holds objects that are not plain tensors and "
                                   "data (") + r".*GLOBAL.*\); refused, nothing in it was run",
                         refused["bad-crafted.optim.pt"])
+
+
+def optimizer_file(path):
+    loaded = load(path)
+    return json.loads(bytes(loaded.pop("meta").numpy())), loaded
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("written_by", ["x3", "x2"])
+def test_offline_optimizer_file_equals_the_in_training_one(jobs, tmp_path, written_by, stage):
+    """wenet-hooks-convert optimizer=true on DeepSpeed's sharded save of the same step."""
+    root, _ = jobs
+    source = root / written_by / f"zero{stage}"
+    shutil.copytree(source / "step_3", tmp_path / "step_3")
+    convert(f"model_dir={tmp_path}", "tag=step_3", "optimizer=true")
+    offline_meta, offline = optimizer_file(tmp_path / "step_3.optim.pt")
+    meta, in_training = optimizer_file(source / "step_3.optim.pt")
+    assert list(offline) == list(in_training)
+    assert_state_dicts_equal(offline, in_training)
+    # DeepSpeed's shards do not name the optimizer class; everything else is the same.
+    assert offline_meta.pop("optimizer") == "Adam" and meta.pop("optimizer").endswith("Adam")
+    assert offline_meta == meta
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} is missing")
+def test_offline_optimizer_files_of_real_wenet_checkpoints(tmp_path):
+    for name in ("t_z1_model_optimizer", "t_z2_model_optimizer", "t_z3_model_optimizer", "t_z1_lora"):
+        exp = tmp_path / name
+        shutil.copytree(FIXTURES / name / "epoch_0", exp / "epoch_0")
+        convert(f"model_dir={exp}", "tag=epoch_0", "optimizer=true")
+        meta, state = optimizer_file(exp / "epoch_0.optim.pt")
+        weights = load(exp / "epoch_0.pt")
+        assert (meta["optimizer"], meta["state_keys"], meta["world_size"]) == ("Adam", ["exp_avg", "exp_avg_sq"], 2)
+        assert meta["zero_stage"] == int(name[3]) and meta["step"] > 0 and meta["lr_scheduler"]["last_epoch"] >= 1
+        assert {key.split("/", 1)[1] for key in state} == set(meta["params"]) <= set(weights)
+        assert all(state[f"{k}/{p}"].shape == weights[p].shape for p in meta["params"] for k in meta["state_keys"])
+    # LoRA (only_optimize_lora): the 16 LoRA matrices and 8 attention biases are trained, so only they
+    # have optimizer state; the 91 frozen weights have none.
+    assert (len(meta["params"]), sum("lora" in p for p in meta["params"]), len(weights)) == (24, 16, 117)
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} is missing")
+def test_offline_optimizer_file_needs_a_sharded_save(tmp_path):
+    shutil.copytree(FIXTURES / "t_z2_model_only", tmp_path / "exp")
+    proc = convert(f"model_dir={tmp_path / 'exp'}", "tag=epoch_0", "optimizer=true", check=False)
+    assert proc.returncode == 2
+    assert (f"{tmp_path / 'exp' / 'epoch_0.pt'} holds weights only: an optimizer file needs DeepSpeed's sharded "
+            "epoch_0/ of a model+optimizer save; HINT: convert it without optimizer=true") in proc.stderr

@@ -21,10 +21,10 @@ import torch
 
 from wenet_hooks.dist import first_failure, get_world_size
 from wenet_hooks.errors import RestoreError, VerificationError
-from wenet_hooks.file.optimizer_file import from_file_dict
+from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, from_file_dict
 from wenet_hooks.file.verify import load_state_dict_file
 from wenet_hooks.gather.masters import Partitions, base_optimizer, find_partitions, full_shape
-from wenet_hooks.gather.optimizer import ENGINE_COUNTERS, optimizer_family, trainable_parameters
+from wenet_hooks.gather.optimizer import optimizer_family, trainable_parameters
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
   run: a fresh model loads ``step_3.pt`` (as WeNet's ``--checkpoint`` does),
   ``deepspeed.initialize``, ``restore``, then steps 4-6. Records both runs'
   losses and learning rates.
-- ``write=FOLDER``: ZeRO-2 and ZeRO-3 runs of 3 steps, each saving both files in
-  ``FOLDER/zero<stage>/`` (for a job of another world size to restore).
+- ``write=FOLDER``: ZeRO-2 and ZeRO-3 runs of 3 steps, each saving DeepSpeed's
+  sharded ``step_3/`` and both files in ``FOLDER/zero<stage>/`` (for a job of
+  another world size to restore, and the offline command to convert).
 - ``restore=FOLDER``: for each (saved stage, this run's stage) of 2 and 3:
   restore FOLDER/zero<saved>/step_3.*, gather the masters and optimizer state
   again into ``OUT_DIR/again-<saved>-<stage>.*``, then train one more step.
@@ -83,6 +84,7 @@ def write(folder: Path) -> dict:
         engine = engine_for(f"z{stage}-fp32-nooffload")
         train_steps(engine, 3)
         (folder / f"zero{stage}").mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(folder / f"zero{stage}"), tag=TAG)  # for the offline command
         save_consolidated(engine, folder / f"zero{stage}", TAG, SaveOptions(optimizer=True))
         dist.barrier()
     return {}

@@ -9,12 +9,13 @@ the job.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -24,7 +25,9 @@ from wenet_hooks.convert.plan import ASIDE_SUFFIX, SHARDED, Source, has_valid_si
 from wenet_hooks.convert.report import Outcome, Progress, print_plan, print_summary
 from wenet_hooks.dtypes import dtype_name, resolve_dtype
 from wenet_hooks.errors import VerificationError, WenetHooksError, first_line
+from wenet_hooks.file.layout import Entry
 from wenet_hooks.file.manifest import Manifest, TensorSpec, spec_differences
+from wenet_hooks.file.optimizer_file import META_KEY, optimizer_path, state_key, to_file_dict
 from wenet_hooks.file.publish import tmp_path_for, write_entries, write_state_dict
 from wenet_hooks.readers.folder import FolderCheckpoint
 from wenet_hooks.readers.sharded import ShardedCheckpoint
@@ -53,14 +56,18 @@ def run(options: ConvertConfig) -> int:
 
 
 def convert_tag(source: Source, model_dir: Path, *, dtype: str, overwrite: bool, remove_sharded: bool,
-                expected: Optional[Manifest], progress: Callable[[torch.Tensor], None]) -> Outcome:
+                expected: Optional[Manifest], progress: Callable[[torch.Tensor], None],
+                optimizer: bool = False) -> Outcome:
     """Write ``<model_dir>/<tag>.pt`` from ``source``; raises on any failure, leaving the source intact."""
     started = time.perf_counter()
     target = model_dir / f"{source.tag}.pt"
     _check_target(target, source, overwrite)
     torch_dtype = resolve_dtype(dtype)
+    if optimizer and source.kind != SHARDED:
+        raise WenetHooksError(f"{source.path} holds weights only: an optimizer file needs DeepSpeed's sharded "
+                              f"{source.tag}/ of a model+optimizer save; HINT: convert it without optimizer=true")
     if source.kind == SHARDED:
-        outcome = _convert_sharded(source, target, torch_dtype, expected, progress)
+        outcome = _convert_sharded(source, target, torch_dtype, expected, progress, optimizer)
     else:
         outcome = _convert_folder(source, target, torch_dtype, expected, progress)
     _clean_up(source, target, remove_sharded)
@@ -69,9 +76,11 @@ def convert_tag(source: Source, model_dir: Path, *, dtype: str, overwrite: bool,
 
 
 def _convert_sharded(source: Source, target: Path, dtype: torch.dtype, expected: Optional[Manifest],
-                     progress: Callable[[torch.Tensor], None]) -> Outcome:
-    """Sharded -> single file, one tensor in memory at a time where torch allows it."""
+                     progress: Callable[[torch.Tensor], None], optimizer: bool) -> Outcome:
+    """Sharded -> single file (and the optimizer file), one tensor in memory at a time where torch allows it."""
     checkpoint = ShardedCheckpoint(source.path)
+    if optimizer:  # read and checked before anything is written
+        optimizer_entries, optimizer_values = _optimizer_layout(checkpoint)
     entries = checkpoint.entries(dtype)
     if expected is not None:
         found: dict[str, TensorSpec] = {}
@@ -79,8 +88,21 @@ def _convert_sharded(source: Source, target: Path, dtype: torch.dtype, expected:
             found[e.key] = found[e.alias_of] if e.alias_of else TensorSpec(e.shape, e.dtype)
         _check_against_model(found, expected, source)
     write_entries(entries, checkpoint.values(entries, dtype), target, on_tensor=progress)
+    if optimizer:
+        write_entries(optimizer_entries, optimizer_values, optimizer_path(target), on_tensor=progress)
     return Outcome(source.tag, source.kind, str(checkpoint.zero_stage), str(checkpoint.world_size), len(entries),
                    target.stat().st_size, dtype_name(dtype), verified="yes")
+
+
+def _optimizer_layout(checkpoint: ShardedCheckpoint) -> tuple[list[Entry], Iterator[torch.Tensor]]:
+    """``<tag>.optim.pt`` as the hook writes it: each parameter's state tensors, then the meta."""
+    keys, names, shapes = checkpoint.optimizer_state_keys(), checkpoint.trainable_names(), checkpoint.full_shapes()
+    readers = {key: checkpoint.optimizer_state(key) for key in keys}
+    meta = to_file_dict({}, checkpoint.optimizer_meta())[META_KEY]
+    entries = [Entry(state_key(key, name), tuple(shapes[name]), torch.float32) for name in names for key in keys]
+    entries.append(Entry(META_KEY, tuple(meta.shape), meta.dtype))
+    values = itertools.chain((readers[key][name]() for name in names for key in keys), [meta])
+    return entries, values
 
 
 def _convert_folder(source: Source, target: Path, dtype: torch.dtype, expected: Optional[Manifest],
@@ -104,7 +126,7 @@ def _convert_one(source: Source, options: ConvertConfig, remove_sharded: bool,
         try:
             return convert_tag(source, Path(options.model_dir), dtype=options.dtype.value,
                                overwrite=options.overwrite, remove_sharded=remove_sharded,
-                               expected=expected, progress=progress.update)
+                               expected=expected, progress=progress.update, optimizer=options.optimizer)
         except (WenetHooksError, OSError) as e:  # OSError: the file system refused (permissions, space)
             logger.error("%s: %s", source.tag, e)
             return Outcome(source.tag, source.kind, error=first_line(e))

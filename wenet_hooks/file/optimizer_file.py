@@ -26,6 +26,9 @@ from wenet_hooks.errors import VerificationError
 FORMAT = "wenet_hooks.optimizer/1"
 META_KEY = "meta"
 SUFFIX = ".optim.pt"
+# What DeepSpeed's load_checkpoint restores besides the state tensors, as the meta records it:
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")  # fp16 training
 
 
 def optimizer_path(weights: Union[str, Path]) -> Path:
@@ -77,3 +80,16 @@ def from_file_dict(path: Path, loaded: Mapping[str, torch.Tensor]) -> tuple[dict
             name, _, param = key.partition("/")
             state.setdefault(param, {})[name] = value
     return meta, state
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready: tensors and numpy scalars become numbers, tuples lists; dicts and lists recursively."""
+    if torch.is_tensor(value):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value

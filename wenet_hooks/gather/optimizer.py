@@ -19,6 +19,7 @@ from torch import nn
 
 from wenet_hooks.dist import get_rank, get_world_size, is_rank0
 from wenet_hooks.errors import ConsolidationError
+from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, LOSS_SCALER_FIELDS, plain
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, gather_partitions
 from wenet_hooks.gather.masters import base_optimizer, find_partitions
 from wenet_hooks.gather.per_param import HostCopies
@@ -26,9 +27,6 @@ from wenet_hooks.gather.per_param import HostCopies
 # Optimizers whose state has the same meaning (Adam's two moments and a step):
 # a file written under one resumes under another.
 ADAM_FAMILY = ("Adam", "AdamW", "FusedAdam", "DeepSpeedCPUAdam", "DeepSpeedCPUAdamW")
-# Loss-scaler attributes that DeepSpeed's load_checkpoint restores (fp16 training).
-LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
-ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
 def optimizer_family(name: str) -> str:
@@ -141,19 +139,3 @@ def optimizer_step(optimizer: Any) -> float:
         if "step" in group:
             return float(group["step"])
     return 0.0
-
-
-def plain(value: Any) -> Any:
-    """JSON-ready: tensors and numpy scalars become numbers, tuples lists; dicts and lists recursively."""
-    if torch.is_tensor(value):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value
-
-
-

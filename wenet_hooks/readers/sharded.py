@@ -32,6 +32,7 @@ import torch
 
 from wenet_hooks.errors import CheckpointReadError
 from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, LOSS_SCALER_FIELDS, plain
 from wenet_hooks.file.pages import release_pages
 from wenet_hooks.readers.safe_load import load_shard
 
@@ -53,7 +54,8 @@ class ShardedCheckpoint:
                 self.folder, "is not a DeepSpeed checkpoint (no *model_states.pt inside); HINT: pass the "
                 "experiment folder as model_dir and the checkpoint's folder name as tag")
         self.optim_files = _rank_files(self.folder, "optim")
-        self.optim = [_field(load_shard(f), OSD, f) for f in self.optim_files]
+        self.optim_states = [load_shard(f) for f in self.optim_files]
+        self.optim = [_field(states, OSD, f) for states, f in zip(self.optim_states, self.optim_files)]
         self.zero_stage = int(_first(self.optim, "zero_stage", self.optim_files))
         self.world_size = _world_size(self.optim, self.optim_files)
         _check_same_step(self.optim, self.optim_files)
@@ -115,6 +117,10 @@ class ShardedCheckpoint:
     def _sources(self) -> dict[str, str]:
         return dict(self.model_states[0].get("shared_params") or {})
 
+    def full_shapes(self) -> dict[str, torch.Size]:
+        """Every parameter's real shape (ZeRO-3 keeps placeholders in the module state)."""
+        return self._full_shapes()
+
     def _full_shapes(self) -> dict[str, torch.Size]:
         shapes: dict[str, torch.Size] = {}
         for group in self.model_states[0]["param_shapes"]:
@@ -122,17 +128,85 @@ class ShardedCheckpoint:
         shapes.update(self.model_states[0].get("frozen_param_shapes") or {})
         return shapes
 
-    def _trainable_slices(self) -> dict[str, Any]:
+    def optimizer_state_keys(self) -> list[str]:
+        """The optimizer's state tensors per flat partition (``exp_avg``...), as the gather names them."""
+        first = self._base_state(0, 0)
+        flat = self._flats(0)[0]
+        return sorted(k for k, v in first.items() if torch.is_tensor(v) and v.shape == flat.shape)
+
+    def optimizer_meta(self) -> dict[str, Any]:
+        """What ``<tag>.optim.pt`` records besides the tensors, read from the shards.
+
+        DeepSpeed's shards do not name the optimizer class: Adam's two moments
+        are recorded as ``Adam`` (any Adam-family optimizer resumes from it).
+        """
+        keys = self.optimizer_state_keys()
+        base = self._base(0)
+        states = self.model_states[0]
+        scaler = getattr(self.optim[0].get("loss_scaler"), "state", None)
+        return {
+            "optimizer": "Adam" if keys == ["exp_avg", "exp_avg_sq"] else "unknown",
+            "params": self.trainable_names(),
+            "state_keys": keys,
+            "step": float(self._base_state(0, 0).get("step", 0)),
+            "param_groups": [{k: plain(v) for k, v in group.items() if k not in ("params", "step")}
+                             for group in (base.get("param_groups", []) if isinstance(base, dict) else [])],
+            "lr_scheduler": plain(states.get("lr_scheduler")),
+            "engine": {k: int(states[k]) for k in ENGINE_COUNTERS if k in states},
+            "loss_scaler": ({k: plain(v) for k, v in scaler.items() if k in LOSS_SCALER_FIELDS}
+                            if isinstance(scaler, dict) else None),
+            "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
+        }
+
+    def trainable_names(self) -> list[str]:
+        """The parameters the optimizer holds, in ``state_dict()`` order (tied ones under their first key)."""
+        names = {name for group in self.model_states[0]["param_shapes"] for name in group}
+        return [key for key in self.module if key in names]
+
+    def optimizer_state(self, key: str) -> dict[str, Any]:
+        """``name -> reader`` of optimizer state ``key`` of each trainable parameter (full fp32)."""
+        return self._trainable_slices(key)
+
+    def _flats(self, rank: int) -> list[torch.Tensor]:
+        osd = self.optim[rank]
+        return list(osd["single_partition_of_fp32_groups"] if self.zero_stage <= 2 else osd["fp32_flat_groups"])
+
+    def _base(self, rank: int) -> Any:
+        """Rank ``rank``'s base optimizer state: torch's ``state_dict()`` (or DeepSpeed's elastic list)."""
+        osd = self.optim[rank]
+        return (osd.get("base_optimizer_state") if self.zero_stage <= 2 else osd.get(OSD)) or {}
+
+    def _base_state(self, rank: int, group: int) -> dict[str, Any]:
+        """The base optimizer's state of flat ``group`` on ``rank``."""
+        base = self._base(rank)
+        if isinstance(base, list):  # DeepSpeed's elastic layout: one state per group
+            return base[group]
+        state = base.get("state") or {}
+        if group not in state:
+            raise CheckpointReadError(self.optim_files[rank], "holds no optimizer state (saved before the first "
+                                      "step, or with save_states: model_only); HINT: convert without optimizer=true")
+        return state[group]
+
+    def _trainable_slices(self, state_key: Optional[str] = None) -> dict[str, Any]:
         shapes = self.model_states[0]["param_shapes"]
         if self.zero_stage <= 2:
-            return self._zero2_slices(shapes)
-        return self._zero3_slices(shapes)
+            return self._zero2_slices(shapes, state_key)
+        return self._zero3_slices(shapes, state_key)
 
-    def _zero2_slices(self, shapes: list[dict[str, torch.Size]]) -> dict[str, Any]:
+    def _rank_flats(self, rank: int, state_key: Optional[str]) -> list[torch.Tensor]:
+        """Rank ``rank``'s flat fp32 masters, or that optimizer state in the same layout."""
+        flats = self._flats(rank)
+        if state_key is None:
+            return flats
+        return [self._base_state(rank, group)[state_key] for group in range(len(flats))]
+
+    def _zero2_slices(self, shapes: list[dict[str, torch.Size]], state_key: Optional[str]) -> dict[str, Any]:
         paddings = self.optim[0].get("param_alignment_paddings")
+        flats = [self._rank_flats(rank, state_key) for rank in range(self.world_size)]
         readers = {}
         for group, group_shapes in enumerate(shapes):
-            parts = [osd["single_partition_of_fp32_groups"][group] for osd in self.optim]
+            parts = [rank_flats[group] for rank_flats in flats]
             offset = 0
             for index, (name, shape) in enumerate(group_shapes.items()):
                 readers[name] = functools.partial(_read_span, parts, offset, torch.Size(shape))
@@ -140,8 +214,8 @@ class ShardedCheckpoint:
             _check_consumed(offset, parts, self.world_size, self.folder)
         return readers
 
-    def _zero3_slices(self, shapes: list[dict[str, torch.Size]]) -> dict[str, Any]:
-        flats = [list(osd["fp32_flat_groups"]) for osd in self.optim]
+    def _zero3_slices(self, shapes: list[dict[str, torch.Size]], state_key: Optional[str]) -> dict[str, Any]:
+        flats = [self._rank_flats(rank, state_key) for rank in range(self.world_size)]
         readers, offset = {}, 0
         for group_shapes in shapes:
             for name, shape in group_shapes.items():
