@@ -9,7 +9,11 @@ Alternates, ``--repeats`` times each, and prints one table row per question:
    also timed directly around the package's call;
 2. ``model_only``: WeNet's current path (``save_checkpoint`` + DeepSpeed's
    ``convert_zero_checkpoint_to_fp32_state_dict`` on rank 0 + removal) vs this
-   package, time to a recognize-ready file and bytes written.
+   package, time to a recognize-ready file and bytes written;
+3. exact resume: the extra blocking when the hook also writes ``<tag>.optim.pt``;
+   ``<tag>.pt`` + ``<tag>.optim.pt`` INSTEAD of DeepSpeed's sharded save (blocking
+   time and bytes against ``save_checkpoint``); and what restoring them costs at
+   start-up.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from common import median, sized_model, table, timer  # noqa: E402
 
 from support.tiny_training import ds_config, init_engine  # noqa: E402
 from wenet_hooks.background import BackgroundWriter  # noqa: E402
-from wenet_hooks.save import save_consolidated, settle_background  # noqa: E402
+from wenet_hooks.resume import restore  # noqa: E402
+from wenet_hooks.save import SaveOptions, save_consolidated, settle_background  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:
@@ -90,6 +95,7 @@ def main() -> None:
     nparams = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     writer = BackgroundWriter()
     sharded, hooked, hook_part, background, wenet, ours, wenet_bytes, our_bytes = [], [], [], [], [], [], [], []
+    optim_part, files_only, files_background, restores, sharded_bytes, files_bytes = [], [], [], [], [], []
 
     def plain_save(i: int) -> None:
         with timer(sharded):
@@ -105,6 +111,28 @@ def main() -> None:
         with timer(background):  # training would run meanwhile; waited for here to keep runs apart
             settle_background(writer)
 
+    def hooked_with_optimizer(i: int) -> None:
+        engine.save_checkpoint(str(args.out), tag=f"e{i}")
+        with timer(optim_part):  # the hook's extra blocking when it also writes <tag>.optim.pt
+            save_consolidated(engine, args.out, f"e{i}", SaveOptions(optimizer=True), writer=writer)
+            dist.barrier()
+        settle_background(writer)
+        if dist.get_rank() == 0:
+            sharded_bytes.append(folder_bytes(args.out / f"e{i}"))
+
+    def files_instead_of_sharded(i: int) -> None:
+        with timer(files_only):  # <tag>.pt + <tag>.optim.pt and no sharded save at all
+            save_consolidated(engine, args.out, f"f{i}", SaveOptions(optimizer=True), writer=writer)
+            dist.barrier()
+        with timer(files_background):
+            settle_background(writer)
+        if dist.get_rank() == 0:
+            files_bytes.append(folder_bytes(args.out / f"f{i}.pt") + folder_bytes(args.out / f"f{i}.optim.pt"))
+        dist.barrier()
+        with timer(restores):  # what a resume costs at start-up (every rank reads both files)
+            restore(engine, args.out / f"f{i}.pt", args.out / f"f{i}.optim.pt")
+            dist.barrier()
+
     def wenet_path(i: int) -> None:
         with timer(wenet):
             wenet_bytes.append(wenet_model_only(engine, args.out, f"c{i}"))
@@ -118,12 +146,14 @@ def main() -> None:
     for i in range(args.repeats):
         # The two sides alternate which goes first, and each starts with the
         # page cache flushed, so neither pays for the other's dirty pages.
-        for run in ([plain_save, hooked_save, wenet_path, our_path] if i % 2 == 0
-                    else [hooked_save, plain_save, our_path, wenet_path]):
+        for run in ([plain_save, hooked_save, wenet_path, our_path, hooked_with_optimizer, files_instead_of_sharded]
+                    if i % 2 == 0 else
+                    [hooked_save, plain_save, our_path, wenet_path, files_instead_of_sharded, hooked_with_optimizer]):
             quiet_disk()
             run(i)
         if dist.get_rank() == 0:
-            for name in (f"a{i}", f"b{i}", f"b{i}.pt", f"c{i}.pt", f"d{i}.pt"):
+            for name in (f"a{i}", f"b{i}", f"b{i}.pt", f"c{i}.pt", f"d{i}.pt", f"e{i}", f"e{i}.pt",
+                         f"e{i}.optim.pt", f"f{i}.pt", f"f{i}.optim.pt"):
                 path = args.out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         quiet_disk()
@@ -141,6 +171,16 @@ def main() -> None:
                 [[size, f"{median(wenet):.2f}", f"{median(ours):.2f}", f"{median(ours) / median(wenet):.2f}",
                   f"{median(wenet_bytes) / 1e9:.2f} GB", f"{median(our_bytes) / 1e9:.2f} GB",
                   f"{median(our_bytes) / median(wenet_bytes):.2f}"]]))
+    print()
+    plain = median(sharded)
+    print(table(["model", "save_checkpoint (s)", "extra blocking, .pt (s)", "extra blocking, .pt + .optim.pt (s)",
+                 "extra / save_checkpoint", "files only, blocking (s)", "files only / save_checkpoint",
+                 "files only, background write (s)", "sharded bytes", "files bytes", "restore at start-up (s)"],
+                [[size, f"{plain:.2f}", f"{extra:.2f}", f"{median(optim_part):.2f}",
+                  f"{median(optim_part) / plain:.2f}", f"{median(files_only):.2f}",
+                  f"{median(files_only) / plain:.2f}", f"{median(files_background):.2f}",
+                  f"{median(sharded_bytes) / 1e9:.2f} GB", f"{median(files_bytes) / 1e9:.2f} GB",
+                  f"{median(restores):.2f}"]]))
 
 
 if __name__ == "__main__":

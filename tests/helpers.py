@@ -50,6 +50,8 @@ def deepspeed_reference(model_dir: Path, tag: str, model: torch.nn.Module) -> "O
     holds ``model``'s trainable parameters back to back in ``parameters()`` order.
     """
     ckpt = Path(model_dir) / tag
+    if _zero0_partitioned(ckpt):
+        return _bf16_optimizer_reference(ckpt, model)
     if any(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -73,6 +75,37 @@ def _as_documented(reference: "OrderedDict[str, torch.Tensor]", model: torch.nn.
             assert torch.equal(value, value.round()), key
             reference[key] = value.to(dtypes[key])
     return reference
+
+
+def _zero0_partitioned(ckpt: Path) -> bool:
+    """ZeRO-0 bf16 on DeepSpeed <= 0.16: BF16_Optimizer's partitioned masters, which zero_to_fp32
+    refuses ("is not a zero checkpoint")."""
+    from wenet_hooks.readers.safe_load import load_shard
+
+    files = sorted(ckpt.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return bool(files) and int(load_shard(files[0])["optimizer_state_dict"].get("zero_stage", 0) or 0) == 0
+
+
+def _bf16_optimizer_reference(ckpt: Path, model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """BF16_Optimizer saves, per rank, its slice of each group's flat fp32 masters
+    (``single_partition_of_fp32_groups``): the group's trainable parameters back to back in
+    ``parameters()`` order, padded at the end; the module state holds the rest."""
+    from wenet_hooks.readers.safe_load import load_shard
+
+    states = load_shard(ckpt / "mp_rank_00_model_states.pt")
+    ref = OrderedDict((k, v.float() if v.is_floating_point() else v) for k, v in states["module"].items())
+    files = sorted(ckpt.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda p: int(p.name.split("_")[4]))
+    parts = [load_shard(f)["optimizer_state_dict"]["single_partition_of_fp32_groups"] for f in files]
+    (flat,) = [torch.cat([p[g] for p in parts]) for g in range(len(parts[0]))]
+    offset = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            for name, q in model.named_parameters(remove_duplicate=False):
+                if q is p:
+                    ref[name] = flat[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+    return ref
 
 
 def _zero0_reference(states: dict, model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":

@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,12 +137,9 @@ def train_losses(log, epoch):
     return {int(batch): float(loss) for batch, loss in found}
 
 
-def test_resume_from_the_single_file_continues_with_the_same_loss(tmp_path):
-    """``--checkpoint exp/epoch_0.pt`` (WeNet's way to resume; the optimizer starts afresh):
-    the first loss of epoch 1 equals the uninterrupted run's. An epoch save is used because
-    WeNet restarts an epoch's data from its first batch when it resumes, so only there do
-    both runs see the same batch; dropout, dither and the list shuffle are off so both
-    forwards are the same."""
+def deterministic_config(tmp_path):
+    """The tiny recipe with dropout, dither and WeNet's list shuffle off, so two runs see the same
+    batches and make the same forwards."""
     configs = yaml.load((REPO / "recipes/tiny/conf/train.yaml").read_text(), Loader=yaml.FullLoader)
     for section in ("encoder_conf", "decoder_conf"):
         configs[section]["dropout_rate"] = configs[section]["positional_dropout_rate"] = 0.0
@@ -149,15 +147,39 @@ def test_resume_from_the_single_file_continues_with_the_same_loss(tmp_path):
     configs["dataset_conf"]["list_shuffle"] = False  # WeNet shuffles the data list by default
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text(yaml.dump(configs))
+    return train_yaml
+
+
+def resume(tmp_path, train_yaml, name, files, nproc="2"):
+    """Copy epoch_0's ``files`` to their own folder (as a user would) and resume WeNet from epoch_0.pt."""
+    (tmp_path / name).mkdir()
+    for file in files:
+        shutil.copy(tmp_path / "exp" / file, tmp_path / name / file)
+    return run_recipe(tmp_path, train_config=str(train_yaml), stage="1", stop_stage="1", nproc=nproc,
+                      dir=str(tmp_path / f"{name}_exp"), checkpoint=str(tmp_path / name / "epoch_0.pt"))
+
+
+def test_resume_from_the_single_files_gives_the_uninterrupted_losses(tmp_path):
+    """``--checkpoint exp/epoch_0.pt`` with ``epoch_0.optim.pt`` beside it: every loss of epoch 1
+    equals the uninterrupted run's. Without it (WeNet's weights-only resume) only the first does.
+    An epoch save is used because WeNet restarts an epoch's data from its first batch when it
+    resumes, so only there do both runs see the same batches."""
+    train_yaml = deterministic_config(tmp_path)
     straight = run_recipe(tmp_path, train_config=str(train_yaml), stop_stage="1", dir=str(tmp_path / "exp"))
-    (tmp_path / "resumed").mkdir()
-    for name in ("epoch_0.pt", "epoch_0.yaml"):  # only the single file travels, as a user would copy it
-        os.replace(tmp_path / "exp" / name, tmp_path / "resumed" / name)
-    resumed = run_recipe(tmp_path, train_config=str(train_yaml), stage="1", stop_stage="1",
-                         dir=str(tmp_path / "exp_resumed"), checkpoint=str(tmp_path / "resumed" / "epoch_0.pt"))
-    assert "missing tensor" not in resumed and "unexpected tensor" not in resumed
-    expected, got = train_losses(straight, 1), train_losses(resumed, 1)
-    assert 1 in expected and 1 in got, (expected, got)
-    assert train_losses(resumed, 0) == {}  # it resumed at epoch 1
-    print(f"first loss of epoch 1: uninterrupted {expected[1]}, resumed {got[1]}")
-    assert abs(got[1] - expected[1]) <= 1e-6 * abs(expected[1]) + 1e-6
+    exact = resume(tmp_path, train_yaml, "exact", ["epoch_0.pt", "epoch_0.yaml", "epoch_0.optim.pt"])
+    assert "missing tensor" not in exact and "unexpected tensor" not in exact
+    assert "wenet_hooks: resumed exactly from" in exact
+    expected, got = train_losses(straight, 1), train_losses(exact, 1)
+    assert len(expected) >= 2 and train_losses(exact, 0) == {}  # it resumed at epoch 1
+    print(f"epoch 1 losses: uninterrupted {expected}, resumed {got}")
+    assert got == expected
+    weights_only = train_losses(resume(tmp_path, train_yaml, "weights_only", ["epoch_0.pt", "epoch_0.yaml"]), 1)
+    assert weights_only[min(expected)] == expected[min(expected)] and weights_only != expected
+
+
+def test_resume_on_three_ranks_trains_to_the_end(tmp_path):
+    train_yaml = deterministic_config(tmp_path)
+    run_recipe(tmp_path, train_config=str(train_yaml), stop_stage="1", dir=str(tmp_path / "exp"))
+    log = resume(tmp_path, train_yaml, "three", ["epoch_0.pt", "epoch_0.yaml", "epoch_0.optim.pt"], nproc="3")
+    assert "saved by ZeRO-2 on 2 ranks, restored onto ZeRO-2 on 3 ranks" in log
+    assert (tmp_path / "three_exp" / "epoch_1.pt").is_file() and (tmp_path / "three_exp" / "epoch_1.optim.pt").is_file()

@@ -7,11 +7,16 @@ section once, so a bad section stops the run before any step. Then, at each
 
 - ``save_states: model+optimizer``: WeNet's own save runs (DeepSpeed's sharded
   ``<tag>/`` and ``<tag>.yaml``), then every rank joins the gather and rank 0
-  writes the verified ``<tag>.pt`` in the background; once it verified,
-  retention may remove older folders. The next save first settles that write.
+  writes the verified ``<tag>.pt`` and ``<tag>.optim.pt`` in the background;
+  once they verified, retention may remove older folders. The next save first
+  settles that write.
 - ``save_states: model_only``: nothing sharded is written, read or deleted;
   the ``.pt`` comes straight from memory and ``<tag>.yaml`` is written as WeNet
   writes it.
+
+At the ``init`` save, right after ``deepspeed.initialize``, a run started with
+``--checkpoint X.pt`` that has ``X.optim.pt`` beside it is first restored
+exactly (:mod:`wenet_hooks.resume`).
 
 Inactive (section absent, ``enabled: false``, or another ``train_engine``),
 the original ``save_model`` runs untouched.
