@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from conftest import STANDIN
+from conftest import STANDIN, TESTS
 from wenet_hooks.wenet import patch as patch_module
 
 
@@ -76,6 +76,6 @@ def test_startup_hook_costs_nothing_without_wenet():
 def test_startup_hook_patches_train_utils_on_import_and_env_switch_disables_it():
     code = ("import wenet.utils.train_utils as t; "
             "print(hasattr(t.save_model, '__wenet_hooks_original__'))")
-    path = {"PYTHONPATH": str(STANDIN)}
+    path = {"PYTHONPATH": os.pathsep.join([str(STANDIN), str(TESTS)])}
     assert _python(code, **path) == "True"
     assert _python(code, WENET_HOOKS_DISABLE="1", **path) == "False"
