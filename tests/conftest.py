@@ -75,6 +75,19 @@ def _repo_files() -> set[str]:
     return found
 
 
+@pytest.fixture(params=["streamed", "torch.save"])
+def writer(request, monkeypatch):
+    """The file writer under test: streamed (torch >= 2.6, skipped below) or torch.save (any torch)."""
+    import wenet_hooks.file.layout as layout_module
+    from wenet_hooks.compat import can_stream
+
+    if request.param == "torch.save":
+        monkeypatch.setattr(layout_module, "can_stream", lambda: False)
+    elif not can_stream():
+        pytest.skip("the streamed writer needs torch.serialization.skip_data (torch >= 2.6)")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def no_stray_files():
     """Fail a test that leaves files in the repository (outside tmp_path)."""

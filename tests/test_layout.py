@@ -5,19 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import wenet_hooks.file.layout as layout_module
 from helpers import assert_state_dicts_equal
-from wenet_hooks.compat import can_stream
 from wenet_hooks.file.layout import Entry
 from wenet_hooks.file.publish import write_entries
 
 
-@pytest.fixture(autouse=True, params=["streamed", "torch.save"])
-def writer(request, monkeypatch):
-    if request.param == "torch.save":
-        monkeypatch.setattr(layout_module, "can_stream", lambda: False)
-    elif not can_stream():
-        pytest.skip("the streamed writer needs torch.serialization.skip_data (torch >= 2.6)")
+# Every test runs against both writers: the streamed one (torch >= 2.6) and torch.save.
+pytestmark = pytest.mark.usefixtures("writer")
 
 
 def test_streamed_file_equals_torch_save_content(tmp_path):

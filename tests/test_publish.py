@@ -13,17 +13,10 @@ import torch
 import wenet_hooks.file.layout as layout_module
 from helpers import small_disk
 from wenet_hooks import CheckpointWriteError, Manifest, VerificationError, write_state_dict
-from wenet_hooks.compat import can_stream
 
 
-@pytest.fixture(autouse=True, params=["streamed", "torch.save"])
-def writer(request, monkeypatch):
-    """Every test runs against both writers: the streamed one (torch >= 2.6) and torch.save."""
-    if request.param == "torch.save":
-        monkeypatch.setattr(layout_module, "can_stream", lambda: False)
-    elif not can_stream():
-        pytest.skip("the streamed writer needs torch.serialization.skip_data (torch >= 2.6)")
-    return request.param
+# Every test runs against both writers: the streamed one (torch >= 2.6) and torch.save.
+pytestmark = pytest.mark.usefixtures("writer")
 
 
 @pytest.fixture

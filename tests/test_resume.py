@@ -32,7 +32,7 @@ def jobs(tmp_path_factory):
     x3, x2 = root / "x3", root / "x2"
     run_torchrun(JOBS / "resume_job.py", str(root / "a"), f"write={x3}", nproc=3)
     run_torchrun(JOBS / "resume_job.py", str(root / "b"), f"exact={'+'.join(EXACT)}", f"restore={x3}",
-                 f"write={x2}", f"refuse={x2 / 'zero2'}", nproc=2)
+                 f"write={x2}", f"refuse={x2 / 'zero2'}", "fresh=z2-bf16-nooffload", "zero0=", nproc=2)
     run_torchrun(JOBS / "resume_job.py", str(root / "c"), f"restore={x2}", nproc=3)
     seen = {name: [json.loads((root / name / f"rank{r}.json").read_text()) for r in range(ranks)]
             for name, ranks in (("b", 2), ("c", 3))}
@@ -76,6 +76,22 @@ def test_restored_state_gathered_again_equals_the_files(jobs, job, written_by, s
     assert torch.isfinite(torch.tensor(result["loss"]))  # and training goes on
 
 
+def test_files_saved_before_the_first_step_resume_too(jobs):
+    """WeNet's init save has no optimizer state yet: resuming from it is a fresh start, exactly."""
+    _, seen = jobs
+    result = seen["b"][0]["fresh"]
+    assert result["resumed"] == result["straight"]
+    assert result["restored"].startswith("fp32 masters and optimizer state (none yet) of 16 parameters at optimizer "
+                                         "step 0")
+
+
+def test_zero0_saves_weights_without_an_optimizer_file(jobs):
+    """No partitioned optimizer state to gather: the save goes on without one, and an older save's
+    optimizer file of the same tag is removed so it can never be paired with these weights."""
+    _, seen = jobs
+    assert seen["b"][0]["zero0"]["files"] == ["step_3.pt"]
+
+
 def test_bad_optimizer_files_are_refused_before_anything_changes(jobs):
     root, seen = jobs
     folder = root / "x2" / "zero2"
@@ -92,6 +108,12 @@ def test_bad_optimizer_files_are_refused_before_anything_changes(jobs):
     path = folder / "bad-truncated.optim.pt"
     assert refused["bad-truncated.optim.pt"].startswith(head.format(path, 1) + f"{path}: cannot be loaded with ")
     assert refused["bad-truncated.optim.pt"].endswith("; HINT: the file is truncated or corrupt")
+    path = folder / "bad-incomplete.optim.pt"
+    assert refused["bad-incomplete.optim.pt"] == head.format(path, 1) + (
+        f"{path}: its 'meta' lacks step, param_groups: not a complete optimizer file")
+    assert re.fullmatch(re.escape(head.format(folder / "step_3.optim.pt", 1)) + r"weights: '[\w.]+' is "
+                        r"torch.bfloat16, not the fp32 masters; HINT: exact resume needs a <tag>.pt saved with "
+                        r"dtype: fp32 \(this one is bf16-weights.pt\)", refused["bf16-weights.pt"])
     path = folder / "bad-crafted.optim.pt"
     assert re.fullmatch(re.escape(head.format(path, 1) + f"{path}: holds objects that are not plain tensors and "
                                   "data (") + r".*GLOBAL.*\); refused, nothing in it was run",

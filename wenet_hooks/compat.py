@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import re
 from typing import Optional
 
 import torch
@@ -40,14 +41,14 @@ def installed_version(distribution: str) -> Optional[str]:
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
-    """``"2.4.1+cu121"`` -> ``(2, 4, 1)``."""
+    """``"2.4.1+cu121"`` -> ``(2, 4, 1)``; ``"2.1.0rc1"`` -> ``(2, 1, 0)``: the leading digits of each part."""
     parts = []
     for piece in version.split("+")[0].split("."):
-        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
+        digits = re.match(r"\d*", piece).group()
         if not digits:
             break
         parts.append(int(digits))
-        if not piece.isdigit():
+        if digits != piece:  # a pre-release suffix ends the numeric part
             break
     return tuple(parts)
 

@@ -60,6 +60,15 @@ class Failure:
 Report = TypeVar("Report")
 
 
+def all_reports(mine: Report) -> list[Report]:
+    """Collective: every rank's ``mine``, in rank order."""
+    if not is_distributed() or get_world_size() == 1:
+        return [mine]
+    reports: list[Report] = [None] * get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(reports, mine)
+    return reports
+
+
 def first_failure(mine: Optional[Report]) -> Optional[Report]:
     """Collective: every rank learns the first failure any rank reported (lowest rank).
 
@@ -68,11 +77,7 @@ def first_failure(mine: Optional[Report]) -> Optional[Report]:
     they raise together or go on together instead of one rank raising while
     the others wait in the next collective.
     """
-    if not is_distributed() or get_world_size() == 1:
-        return mine
-    reports: list[Optional[Report]] = [None] * get_world_size()
-    dist.all_gather_object(reports, mine)
-    return next((r for r in reports if r is not None), None)
+    return next((r for r in all_reports(mine) if r is not None), None)
 
 
 def all_ok(ok: bool, what: str) -> bool:

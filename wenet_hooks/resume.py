@@ -23,7 +23,14 @@ from wenet_hooks.dist import first_failure, get_world_size
 from wenet_hooks.errors import RestoreError, VerificationError
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, from_file_dict
 from wenet_hooks.file.verify import load_state_dict_file
-from wenet_hooks.gather.masters import Partitions, base_optimizer, find_partitions, full_shape
+from wenet_hooks.gather.masters import (
+    Partitions,
+    base_optimizer,
+    find_partitions_quietly,
+    full_shape,
+    unwrap_model,
+    zero_stage,
+)
 from wenet_hooks.gather.optimizer import optimizer_family, trainable_parameters
 
 logger = logging.getLogger(__name__)
@@ -54,8 +61,8 @@ def restore(engine: Any, weights: Union[str, Path], optimizer_file: Union[str, P
             nothing was changed.
     """
     weights, optimizer_file = Path(weights), Path(optimizer_file)
-    params = trainable_parameters(engine.module)
-    parts = find_partitions(engine, list(params.values()))
+    params = trainable_parameters(unwrap_model(engine))
+    parts = find_partitions_quietly(engine, list(params.values()))
     values, meta, state, problems = _read_and_check(engine, params, parts, weights, optimizer_file)
     # Every rank read the same files; agreeing still keeps one rank from changing alone.
     problems = first_failure(problems or None)
@@ -65,10 +72,9 @@ def restore(engine: Any, weights: Union[str, Path], optimizer_file: Union[str, P
         _ensure_state(engine, parts, meta["state_keys"], meta["step"])
         _write_partitions(engine, parts, list(params), values, state, meta["state_keys"])
     _restore_counters(engine, meta)
-    stage = int(getattr(engine, "zero_optimization_stage", lambda: 0)())
     return Restored(len(params), tuple(meta["state_keys"]), meta["step"],
-                    f"ZeRO-{meta.get('zero_stage')} on {meta.get('world_size')} ranks",
-                    f"ZeRO-{stage} on {get_world_size()} ranks")
+                    f"ZeRO-{meta['zero_stage']} on {meta['world_size']} ranks",
+                    f"ZeRO-{zero_stage(engine)} on {get_world_size()} ranks")
 
 
 def _read_and_check(engine, params, parts: Optional[Partitions], weights: Path, optimizer_file: Path):
@@ -78,7 +84,7 @@ def _read_and_check(engine, params, parts: Optional[Partitions], weights: Path, 
             "this run keeps its fp32 masters in no partition layout wenet_hooks knows (ZeRO-0, NVMe-swapped "
             "optimizer states); HINT: exact resume needs ZeRO stage 1, 2 or 3 (with or without CPU offload)"]
     problems: list[str] = []
-    values, meta, state = {}, {}, {}
+    values, meta, state = None, None, {}
     try:
         values = load_state_dict_file(weights)
     except VerificationError as e:
@@ -87,29 +93,48 @@ def _read_and_check(engine, params, parts: Optional[Partitions], weights: Path, 
         meta, state = from_file_dict(optimizer_file, load_state_dict_file(optimizer_file))
     except VerificationError as e:
         problems += [f"{optimizer_file}: {p}" for p in e.problems]
-    if meta:
-        problems += _mismatches(engine, params, values, meta, state)
+    if meta is not None:
+        problems += _optimizer_mismatches(engine, params, meta, state)
+    if values is not None:
+        problems += _weight_mismatches(weights, params, values)
     return values, meta, state, problems
 
 
-def _mismatches(engine, params, values, meta, state) -> list[str]:
-    """Every way the files differ from this run's model and optimizer."""
+def _weight_mismatches(path: Path, params, values) -> list[str]:
+    """Every way the weights differ from this run's trainable parameters."""
     problems = []
-    mine = type(base_optimizer(engine)).__name__
-    if optimizer_family(meta.get("optimizer", "")) != optimizer_family(mine):
-        problems.append(f"holds {meta.get('optimizer')} state, but this run's optimizer is {mine}; HINT: resume "
-                        "with the optimizer the checkpoint was trained with, or without the .optim.pt file")
-    groups = base_optimizer(engine).param_groups
-    if len(meta.get("param_groups", [])) != len(groups):
-        problems.append(f"has {len(meta.get('param_groups', []))} param groups, this run's optimizer "
-                        f"{len(groups)}")
     for name, param in params.items():
         shape = tuple(full_shape(param))
         if name not in values:
             problems.append(f"weights: missing key '{name}' (expected shape {list(shape)})")
         elif tuple(values[name].shape) != shape:
             problems.append(f"weights: '{name}': shape {list(values[name].shape)}, expected {list(shape)}")
-        for key in meta.get("state_keys", []):
+        elif values[name].dtype != torch.float32:
+            problems.append(f"weights: '{name}' is {values[name].dtype}, not the fp32 masters; HINT: exact resume "
+                            f"needs a <tag>.pt saved with dtype: fp32 (this one is {path.name})")
+            break
+    return problems
+
+
+def _optimizer_mismatches(engine, params, meta, state) -> list[str]:
+    """Every way the optimizer file differs from this run's model and optimizer."""
+    problems = []
+    mine = type(base_optimizer(engine)).__name__
+    if optimizer_family(meta["optimizer"]) != optimizer_family(mine):
+        problems.append(f"holds {meta['optimizer']} state, but this run's optimizer is {mine}; HINT: resume "
+                        "with the optimizer the checkpoint was trained with, or without the .optim.pt file")
+    groups = base_optimizer(engine).param_groups
+    if len(meta["param_groups"]) != len(groups):
+        problems.append(f"has {len(meta['param_groups'])} param groups, this run's optimizer {len(groups)}")
+    if set(meta["params"]) != set(params):
+        problems.append(f"holds the state of {len(meta['params'])} trainable parameters, this model has "
+                        f"{len(params)} (first difference: "
+                        f"'{next(iter(sorted(set(meta['params']) ^ set(params))))}')")
+    if not meta["state_keys"]:
+        return problems  # saved before the first step: no state, nothing per parameter
+    for name, param in params.items():
+        shape = tuple(full_shape(param))
+        for key in meta["state_keys"]:
             found = state.get(name, {}).get(key)
             if found is None:
                 problems.append(f"missing state '{key}/{name}' (expected shape {list(shape)})")
@@ -122,6 +147,8 @@ def _mismatches(engine, params, values, meta, state) -> list[str]:
 
 def _ensure_state(engine: Any, parts: Partitions, keys: list[str], step: float) -> None:
     """Create the optimizer's state before its first step, as it would create it itself."""
+    if not keys:
+        return  # saved before the first step: the optimizer creates its state itself, as it would have
     optimizer = base_optimizer(engine)
     # torch's own optimizers keep the step as a float tensor; DeepSpeed's (CPU and fused Adam) as an int.
     as_tensor = type(optimizer).__module__.startswith("torch.optim")

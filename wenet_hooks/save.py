@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from wenet_hooks.background import BackgroundWriter
-from wenet_hooks.dist import Failure, first_failure, get_rank, is_rank0
+from wenet_hooks.dist import Failure, first_failure, get_rank, is_rank0, log_rank0
 from wenet_hooks.dtypes import DtypeLike
 from wenet_hooks.errors import SaveError
 from wenet_hooks.file.optimizer_file import optimizer_path, to_file_dict
 from wenet_hooks.file.publish import write_state_dict
 from wenet_hooks.gather import DEFAULT_BUCKET_MB, consolidate
-from wenet_hooks.gather.optimizer import consolidate_optimizer
+from wenet_hooks.gather.optimizer import consolidate_optimizer, optimizer_unavailable
 
 logger = logging.getLogger(__name__)
+_said: set[str] = set()  # warnings already logged in this process
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def save_consolidated(
     writer: Optional[BackgroundWriter] = None,
     on_written: Optional[Callable[[], None]] = None,
 ) -> Path:
-    """Collective: must be called on all ranks. Write ``<model_dir>/<tag>.pt``.
+    """Collective: must be called on all ranks. Write ``<model_dir>/<tag>.pt`` (and ``<tag>.optim.pt``).
 
     Gathers the full state dict (:func:`wenet_hooks.consolidate`), writes it
     atomically on rank 0 and, with ``options.verify``, reopens it and checks
@@ -79,12 +80,11 @@ def save_consolidated(
     path = Path(model_dir) / f"{tag}.pt"
     state_dict, failure = _run_phase(lambda: consolidate(engine, options.dtype, options.bucket_mb), tag)
     _raise_if_any_failed(failure, tag, "gathering the weights")
-    files = {path: state_dict}
+    files = {path: state_dict, optimizer_path(path): None}  # None: no optimizer file (a stale one goes)
     if options.optimizer:
-        gathered, failure = _run_phase(lambda: consolidate_optimizer(engine, options.bucket_mb), tag)
+        gathered, failure = _run_phase(lambda: _optimizer_file(engine, options.bucket_mb), tag)
         _raise_if_any_failed(failure, tag, "gathering the optimizer state")
-        if gathered is not None:
-            files[optimizer_path(path)] = to_file_dict(gathered.state, gathered.meta)
+        files[optimizer_path(path)] = gathered
     job = _write_job(files, options.verify, on_written) if is_rank0() else None
     del state_dict, files
     if writer is not None:
@@ -107,10 +107,27 @@ def settle_background(writer: BackgroundWriter) -> None:
         raise _save_error(failed.tag, f"{failed.what} in the background", failed.failure)
 
 
-def _write_job(files: dict[Path, dict], verify: bool, on_written: Optional[Callable[[], None]]):
+def _optimizer_file(engine: Any, bucket_mb: float) -> Optional[dict]:
+    """Collective: the optimizer file's content on rank 0, or None where it cannot be gathered
+    (ZeRO-0, NVMe-swapped states): the save goes on without it, as WeNet's own would."""
+    reason = optimizer_unavailable(engine)
+    if reason is not None:
+        if reason not in _said:  # once per run, not at every save
+            _said.add(reason)
+            log_rank0(logger, logging.WARNING, "wenet_hooks: no <tag>.optim.pt is written: %s; a resume from "
+                      "these saves restarts the optimizer", reason)
+        return None
+    gathered = consolidate_optimizer(engine, bucket_mb or DEFAULT_BUCKET_MB)  # never per parameter: no such path
+    return to_file_dict(gathered.state, gathered.meta) if gathered is not None else None
+
+
+def _write_job(files: dict[Path, Optional[dict]], verify: bool, on_written: Optional[Callable[[], None]]):
     def job() -> None:
-        for path, state_dict in files.items():  # the weights first: the optimizer file needs them
-            write_state_dict(state_dict, path, verify=verify)
+        for path, state_dict in files.items():  # the weights first: the optimizer file belongs to them
+            if state_dict is not None:
+                write_state_dict(state_dict, path, verify=verify)
+            elif path.is_file():  # an older save's optimizer file would not match these weights
+                path.unlink()
         if on_written is not None:
             on_written()
 

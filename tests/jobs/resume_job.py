@@ -14,6 +14,8 @@ mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
 - ``restore=FOLDER``: for each (saved stage, this run's stage) of 2 and 3:
   restore FOLDER/zero<saved>/step_3.*, gather the masters and optimizer state
   again into ``OUT_DIR/again-<saved>-<stage>.*``, then train one more step.
+- ``fresh=CASE``: files saved before the first step, resumed (nothing to restore but counters).
+- ``zero0=``: a ZeRO-0 save asked for an optimizer file (it has none to give).
 - ``refuse=FOLDER``: bad files offered to a ZeRO-2 run: each error message, and
   whether anything changed.
 """
@@ -79,6 +81,32 @@ def exact(out: Path, cases: list[str]) -> dict:
     return seen
 
 
+def fresh(out: Path, case: str) -> dict:
+    """Files saved before the first step (WeNet's init save: no optimizer state yet), then resumed."""
+    folder = out / "fresh"
+    folder.mkdir(parents=True, exist_ok=True)
+    engine = engine_for(case)
+    save_consolidated(engine, folder, "init", SaveOptions(optimizer=True))
+    straight = train_steps(engine, 3)
+    resumed_engine = engine_for(case, folder / "init.pt")
+    restored = restore(resumed_engine, folder / "init.pt", folder / "init.optim.pt")
+    return {"straight": straight, "resumed": train_steps(resumed_engine, 3), "restored": str(restored)}
+
+
+def zero0(out: Path) -> dict:
+    """ZeRO-0 keeps no partitioned optimizer state: the save goes on without an optimizer file, and
+    removes a stale one of the same tag."""
+    folder = out / "zero0"
+    folder.mkdir(parents=True, exist_ok=True)
+    if dist.get_rank() == 0:
+        (folder / f"{TAG}.optim.pt").write_bytes(b"an older save's optimizer file")
+    dist.barrier()
+    engine = engine_for("z0-fp32-nooffload")
+    train_steps(engine, 3)
+    save_consolidated(engine, folder, TAG, SaveOptions(optimizer=True))
+    return {"files": sorted(p.name for p in folder.iterdir())}
+
+
 def write(folder: Path) -> dict:
     for stage in (2, 3):
         engine = engine_for(f"z{stage}-fp32-nooffload")
@@ -137,6 +165,13 @@ def make_bad_files(folder: Path) -> None:
     raw = (folder / f"{TAG}.optim.pt").read_bytes()
     (folder / "bad-truncated.optim.pt").write_bytes(raw[: len(raw) // 2])
     torch.save({"meta": good["meta"], "payload": Payload(folder / "crafted-ran")}, folder / "bad-crafted.optim.pt")
+    incomplete = {k: v for k, v in meta.items() if k not in ("step", "param_groups")}
+    flat = to_file_dict(state, {})
+    flat["meta"] = torch.frombuffer(bytearray(json.dumps(incomplete).encode()), dtype=torch.uint8)
+    torch.save(flat, folder / "bad-incomplete.optim.pt")
+    weights = torch.load(str(folder / f"{TAG}.pt"), weights_only=True)
+    torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()},
+               folder / "bf16-weights.pt")
 
 
 def refuse(folder: Path) -> dict:
@@ -146,12 +181,14 @@ def refuse(folder: Path) -> dict:
     engine = engine_for("z2-fp32-nooffload", folder / f"{TAG}.pt")
     before = consolidate(engine)
     seen = {}
-    for name in sorted(p.name for p in folder.glob("bad-*.optim.pt")):
+    attempts = [(f"{TAG}.pt", p.name) for p in sorted(folder.glob("bad-*.optim.pt"))]
+    attempts.append(("bf16-weights.pt", f"{TAG}.optim.pt"))
+    for weights, optim in attempts:
         try:
-            restore(engine, folder / f"{TAG}.pt", folder / name)
-            seen[name] = "restored"
+            restore(engine, folder / weights, folder / optim)
+            seen[optim if weights == f"{TAG}.pt" else weights] = "restored"
         except RestoreError as e:
-            seen[name] = str(e)
+            seen[optim if weights == f"{TAG}.pt" else weights] = str(e)
     after = consolidate(engine)
     if dist.get_rank() == 0:
         seen["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
@@ -174,6 +211,10 @@ def main() -> None:
             seen[mode] = write(Path(arg))
         elif mode == "restore":
             seen[mode] = restore_elsewhere(out, Path(arg))
+        elif mode == "fresh":
+            seen[mode] = fresh(out, arg)
+        elif mode == "zero0":
+            seen[mode] = zero0(out)
         else:
             seen[mode] = refuse(Path(arg))
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(seen))

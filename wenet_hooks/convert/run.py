@@ -130,6 +130,10 @@ def _convert_one(source: Source, options: ConvertConfig, remove_sharded: bool,
         except (WenetHooksError, OSError) as e:  # OSError: the file system refused (permissions, space)
             logger.error("%s: %s", source.tag, e)
             return Outcome(source.tag, source.kind, error=first_line(e))
+        except Exception as e:  # anything else a malformed checkpoint provokes: this tag fails, the run goes on
+            logger.exception("%s: reading %s failed", source.tag, source.path)
+            return Outcome(source.tag, source.kind, error=f"{source.path}: {type(e).__name__}: {first_line(e)}; "
+                           "HINT: the checkpoint is damaged or of a layout this package does not know")
 
 
 def _expected_manifest(options: ConvertConfig) -> Optional[Manifest]:

@@ -26,6 +26,9 @@ from wenet_hooks.errors import VerificationError
 FORMAT = "wenet_hooks.optimizer/1"
 META_KEY = "meta"
 SUFFIX = ".optim.pt"
+# What every optimizer file's meta holds (see to_file_dict's callers).
+REQUIRED = ("optimizer", "params", "state_keys", "step", "param_groups", "lr_scheduler", "engine", "loss_scaler",
+            "world_size", "zero_stage")
 # What DeepSpeed's load_checkpoint restores besides the state tensors, as the meta records it:
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")  # fp16 training
@@ -72,8 +75,12 @@ def from_file_dict(path: Path, loaded: Mapping[str, torch.Tensor]) -> tuple[dict
         meta = json.loads(bytes(loaded[META_KEY].numpy()).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise VerificationError(path, [f"its '{META_KEY}' entry is not valid JSON ({e})"]) from e
-    if meta.get("format") != FORMAT:
-        raise VerificationError(path, [f"format {meta.get('format')!r}, expected {FORMAT!r}"])
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise VerificationError(path, [f"format {found!r}, expected {FORMAT!r}"])
+    missing = [key for key in REQUIRED if key not in meta]
+    if missing:
+        raise VerificationError(path, [f"its '{META_KEY}' lacks {', '.join(missing)}: not a complete optimizer file"])
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in loaded.items():
         if key != META_KEY:

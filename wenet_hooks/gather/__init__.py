@@ -24,24 +24,13 @@ from torch import nn
 
 from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
-from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, gather_partitions
-from wenet_hooks.gather.masters import unpartitioned_masters
+from wenet_hooks.gather.masters import unpartitioned_masters, unwrap_model
 from wenet_hooks.gather.per_param import HostCopies, gather_entry
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_BUCKET_MB", "consolidate", "unwrap_model"]
-
-
-def unwrap_model(engine: Any) -> nn.Module:
-    """The user's model inside a DeepSpeed engine (or the module itself)."""
-    module = getattr(engine, "module", engine)
-    if not isinstance(module, nn.Module):
-        raise ConsolidationError(
-            f"expected a DeepSpeed engine or a torch.nn.Module; found {type(engine).__name__}"
-        )
-    return module
 
 
 def consolidate(

@@ -26,7 +26,7 @@ from wenet_hooks.dist import all_ok, is_distributed
 from wenet_hooks.gather.masters import (
     Fragment,
     Partitions,
-    find_partitions,
+    find_partitions_quietly,
     full_numel,
     full_shape,
     optimizer_state_partitions,
@@ -114,15 +114,10 @@ class _Layout:
 
 def _find_quietly(engine: object, params: Sequence[torch.nn.Parameter],
                   state_key: Optional[str]) -> Optional[Partitions]:
-    try:
-        parts = find_partitions(engine, params)
-        if parts is None or state_key is None:
-            return parts
-        return optimizer_state_partitions(engine, parts, state_key)
-    except Exception:
-        # Only a speed-up is lost: the per-parameter path still works.
-        logger.warning("wenet_hooks: could not read DeepSpeed's fp32 partitions here", exc_info=True)
-        return None
+    parts = find_partitions_quietly(engine, params)
+    if parts is None or state_key is None:
+        return parts
+    return optimizer_state_partitions(engine, parts, state_key)
 
 
 def _agree_on_layout(parts: Optional[Partitions], params: Sequence[torch.nn.Parameter]) -> Optional[_Layout]:

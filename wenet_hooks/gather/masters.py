@@ -25,6 +25,7 @@ falls back to DeepSpeed's per-parameter ``safe_get_full_fp32_param``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -32,6 +33,9 @@ import torch
 import torch.distributed as dist
 
 from wenet_hooks.dist import is_distributed
+from wenet_hooks.errors import ConsolidationError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,31 @@ def find_partitions(engine: Any, params: Sequence[torch.nn.Parameter]) -> Option
     if any(flat.dtype != torch.float32 for flat in parts.flats):
         return None  # masters kept in 16 bits (DeepSpeed's bf16 master option): not what we move
     return parts
+
+
+def find_partitions_quietly(engine: Any, params: Sequence[torch.nn.Parameter]) -> Optional[Partitions]:
+    """:func:`find_partitions`, with any error read as "unknown layout": a collective follows, which
+    every rank must reach."""
+    try:
+        return find_partitions(engine, params)
+    except Exception:
+        logger.warning("wenet_hooks: could not read DeepSpeed's fp32 partitions here", exc_info=True)
+        return None
+
+
+def unwrap_model(engine: Any) -> torch.nn.Module:
+    """The user's model inside a DeepSpeed engine (or the module itself)."""
+    module = getattr(engine, "module", engine)
+    if not isinstance(module, torch.nn.Module):
+        raise ConsolidationError(
+            f"expected a DeepSpeed engine or a torch.nn.Module; found {type(engine).__name__}"
+        )
+    return module
+
+
+def zero_stage(engine: Any) -> int:
+    """The engine's ZeRO stage (0 for a plain module)."""
+    return int(getattr(engine, "zero_optimization_stage", lambda: 0)())
 
 
 def base_optimizer(engine: Any) -> Any:

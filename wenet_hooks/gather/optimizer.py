@@ -17,11 +17,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from wenet_hooks.dist import get_rank, get_world_size, is_rank0
+from wenet_hooks.dist import all_reports, get_rank, get_world_size, is_rank0
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, LOSS_SCALER_FIELDS, plain
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, gather_partitions
-from wenet_hooks.gather.masters import base_optimizer, find_partitions
+from wenet_hooks.gather.masters import base_optimizer, find_partitions_quietly, unwrap_model, zero_stage
 from wenet_hooks.gather.per_param import HostCopies
 
 # Optimizers whose state has the same meaning (Adam's two moments and a step):
@@ -54,13 +54,17 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
 def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> Optional[GatheredOptimizer]:
     """Collective: must be called on all ranks. The optimizer state on rank 0; ``None`` elsewhere.
 
+    Call :func:`optimizer_unavailable` first: every rank must keep its state in
+    DeepSpeed's partitioned layout.
+
     Raises:
-        ConsolidationError: the optimizer's state is not laid out as DeepSpeed's
-            ZeRO-1/2/3 or bf16 optimizer keeps it, or gathering it failed.
+        ConsolidationError: gathering it failed on this rank (after every
+            collective ran on every rank).
     """
-    module = getattr(engine, "module", engine)
+    module = unwrap_model(engine)
     params = trainable_parameters(module)
-    keys = _agreed_state_keys(engine, list(params.values()))
+    parts = find_partitions_quietly(engine, list(params.values()))
+    keys = _state_keys(engine, parts) if parts is not None else []  # agreed by optimizer_unavailable
     copy = HostCopies(torch.float32, enabled=is_rank0())
     state: dict[str, dict[str, torch.Tensor]] = {key: {} for key in params}
     ordered = list(params.values())
@@ -74,7 +78,7 @@ def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> 
                     "ZeRO-1/2/3 or bf16 optimizer (NVMe-swapped states, ZeRO-0?); HINT: its sharded checkpoint "
                     "holds it; set save_states: model+optimizer with keep_sharded: all")
             for index, name in enumerate(params):
-                if copy.enabled:
+                if copy.enabled and index in gathered.tensors:  # absent: a failure, raised below
                     state[name][state_key] = gathered.tensors[index]
     copy.raise_if_failed()
     if not copy.enabled:
@@ -82,30 +86,30 @@ def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> 
     return GatheredOptimizer(state, _meta(engine, list(params), keys))
 
 
-def _agreed_state_keys(engine: Any, params: list[nn.Parameter]) -> list[str]:
-    """Collective: the state tensors every rank keeps per flat partition (none before the first step)."""
-    parts = find_partitions(engine, params)
-    state = getattr(base_optimizer(engine), "state", {})
-    mine: Optional[list[str]] = None
+def optimizer_unavailable(engine: Any) -> Optional[str]:
+    """Collective: why this engine's optimizer state cannot be gathered, agreed by every rank; None if it can.
+
+    It must lie in DeepSpeed's partitioned layout (ZeRO-1/2/3, the bf16
+    optimizer), in memory, with the same state keys on every rank.
+    """
+    module = unwrap_model(engine)
+    parts = find_partitions_quietly(engine, list(trainable_parameters(module).values()))
+    mine: Any = "a layout wenet_hooks does not know (ZeRO-0, NVMe-swapped optimizer states)"
     if parts is not None:
-        first = state.get(parts.flats[0], {}) if parts.flats else {}
-        mine = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.shape == parts.flats[0].shape)
-    reports = _all_reports(mine)
-    if any(r is None for r in reports) or any(r != reports[0] for r in reports):
-        raise ConsolidationError(
-            f"rank {get_rank()}: the ranks do not keep their optimizer state in DeepSpeed's partitioned layout "
-            f"alike (state keys per rank: {reports}); HINT: the sharded checkpoint holds it")
-    return reports[0]
+        mine = _state_keys(engine, parts)
+    reports = all_reports(mine)
+    if any(isinstance(r, str) for r in reports):
+        return f"the optimizer state is kept in {next(r for r in reports if isinstance(r, str))}"
+    if any(r != reports[0] for r in reports):
+        return f"the ranks keep different optimizer states ({reports})"
+    return None
 
 
-def _all_reports(mine: Any) -> list[Any]:
-    if get_world_size() == 1:
-        return [mine]
-    import torch.distributed as dist
-
-    reports: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(reports, mine)
-    return reports
+def _state_keys(engine: Any, parts: Any) -> list[str]:
+    """The state tensors kept per flat partition, in the partitions' own shape (none before the first step)."""
+    state = getattr(base_optimizer(engine), "state", {})
+    first = state.get(parts.flats[0], {}) if parts.flats else {}
+    return sorted(k for k, v in first.items() if torch.is_tensor(v) and v.shape == parts.flats[0].shape)
 
 
 def _meta(engine: Any, names: list[str], keys: list[str]) -> dict[str, Any]:
@@ -126,7 +130,7 @@ def _meta(engine: Any, names: list[str], keys: list[str]) -> dict[str, Any]:
         "loss_scaler": ({f: plain(getattr(scaler, f)) for f in LOSS_SCALER_FIELDS if hasattr(scaler, f)}
                         if scaler is not None else None),
         "world_size": get_world_size(),
-        "zero_stage": int(getattr(engine, "zero_optimization_stage", lambda: 0)()),
+        "zero_stage": zero_stage(engine),
     }
 
 

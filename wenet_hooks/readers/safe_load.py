@@ -48,7 +48,13 @@ class DeepSpeedObject:
         return int(self.args[0])
 
 
-_STAND_INS = [(type(name.rsplit(".", 1)[1], (DeepSpeedObject,), {}), name) for name in DEEPSPEED_CLASSES]
+def _stand_in(qualified: str) -> type:
+    """A DeepSpeedObject subclass named as DeepSpeed's class, so allow-lists key it by that name."""
+    module, name = qualified.rsplit(".", 1)
+    return type(name, (DeepSpeedObject,), {"__module__": module, "__qualname__": name})
+
+
+_STAND_INS = [_stand_in(name) for name in DEEPSPEED_CLASSES]
 
 
 def load_shard(path: Path) -> Any:
@@ -80,7 +86,7 @@ def _load(path: Path) -> Any:
     # str: torch 2.1-2.3 take mmap=True only with a file name, not a Path.
     allow = safe_globals_context()
     if allow is not None:
-        with allow(_STAND_INS):
+        with allow(_STAND_INS):  # classes (not (class, name) pairs, which torch 2.5 does not take)
             return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     # torch < 2.5: torch.load refuses a pickle_module together with weights_only=True,
     # so its own unpickler is switched off and ours, as strict, takes its place.
@@ -106,7 +112,7 @@ def _allowed_globals() -> dict[str, Any]:
     allowed = dict(_weights_only_unpickler._get_allowed_globals())
     # Plain containers that DeepSpeed's shards hold and torch >= 2.5 allows as well.
     allowed.update({"builtins.set": set, "builtins.frozenset": frozenset})
-    allowed.update({name: cls for cls, name in _STAND_INS})
+    allowed.update({f"{cls.__module__}.{cls.__qualname__}": cls for cls in _STAND_INS})
     return allowed
 
 

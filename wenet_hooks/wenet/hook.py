@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.compat import describe_environment, environment_problems
-from wenet_hooks.dist import is_rank0, log_rank0
+from wenet_hooks.dist import all_ok, is_rank0, log_rank0
 from wenet_hooks.errors import SaveError
 from wenet_hooks.file.optimizer_file import optimizer_path
 from wenet_hooks.resume import restore
@@ -151,9 +151,10 @@ def _resume(engine: Any) -> None:
         return
     _session.resumed = True
     optim = optimizer_path(checkpoint)
-    if not optim.is_file():
-        log_rank0(logger, logging.WARNING, "wenet_hooks: %s has no %s beside it: weights-only resume, the "
-                  "optimizer starts afresh", checkpoint, optim.name)
+    # Every rank must take the same way (restore is collective): it is there for all, or it is not used.
+    if not all_ok(optim.is_file(), f"finding {optim}"):
+        log_rank0(logger, logging.WARNING, "wenet_hooks: %s has no %s beside it (on every rank): weights-only "
+                  "resume, the optimizer starts afresh", checkpoint, optim.name)
         return
     restored = restore(engine, checkpoint, optim)
     log_rank0(logger, logging.INFO, "wenet_hooks: resumed exactly from %s + %s: %s", checkpoint, optim.name,
