@@ -13,9 +13,12 @@ or, step by step::
 
 The package is organised by stage of the pipeline, each depending only on
 those below it: ``wenet`` (the WeNet adapter) -> ``save`` (one collective
-save) -> ``gather`` (DeepSpeed's masters to rank 0) and ``file`` (layout,
-manifest, verification, atomic publishing); ``convert`` (the offline command)
--> ``readers`` (existing checkpoints) -> ``file``.
+save) and ``resume`` (exact resume) -> ``gather`` (DeepSpeed's masters and
+optimizer state to rank 0) -> ``file`` (layout, manifest and the optimizer
+file's format, verification, atomic publishing); ``convert`` (the offline
+command) -> ``readers`` (existing checkpoints) -> ``file``. The offline
+command's ``config=`` check borrows ``wenet.model`` (WeNet knowledge stays in
+the adapter). ``tests/test_layers.py`` holds the exact rules.
 
 Importing this package loads nothing else: each name below is imported on
 first use, so the start-up hook (``wenet_hooks.wenet.autoload``) costs nothing
@@ -35,6 +38,8 @@ _EXPORTS = {
     "save_consolidated": "wenet_hooks.save",
     "settle_background": "wenet_hooks.save",
     "SaveOptions": "wenet_hooks.save",
+    "restore": "wenet_hooks.resume",
+    "RestoreError": "wenet_hooks.errors",
     "BackgroundWriter": "wenet_hooks.background",
     "write_state_dict": "wenet_hooks.file.publish",
     "verify": "wenet_hooks.file.verify",
@@ -57,6 +62,7 @@ __all__ = [
     "ConfigError",
     "ConsolidationError",
     "Manifest",
+    "RestoreError",
     "SaveError",
     "SaveOptions",
     "TensorSpec",
@@ -64,6 +70,7 @@ __all__ = [
     "WenetHooksError",
     "consolidate",
     "load_state_dict_file",
+    "restore",
     "save_consolidated",
     "settle_background",
     "verify",
@@ -77,6 +84,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imp
         CheckpointWriteError,
         ConfigError,
         ConsolidationError,
+        RestoreError,
         SaveError,
         VerificationError,
         WenetHooksError,
@@ -85,6 +93,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imp
     from wenet_hooks.file.publish import write_state_dict
     from wenet_hooks.file.verify import load_state_dict_file, verify
     from wenet_hooks.gather import consolidate
+    from wenet_hooks.resume import restore
     from wenet_hooks.save import SaveOptions, save_consolidated, settle_background
 
 

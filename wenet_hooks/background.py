@@ -1,7 +1,8 @@
 """Writing the previous save on rank 0 while training goes on.
 
 One job at a time: a new job (the next save) first waits for the previous one,
-so at most one CPU copy of the model waits to be written. The thread is not a
+so at most one save's CPU copy (the model, and with the optimizer file about
+three times that) waits to be written. The thread is not a
 daemon: the interpreter waits for the last write before it exits.
 """
 

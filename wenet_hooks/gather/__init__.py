@@ -9,7 +9,9 @@ fp32 master weights wherever it keeps them.
 - ``masters``: where DeepSpeed keeps the masters (flat partitions, or not);
 - ``bucketed``: the partitions moved to rank 0 in a few large collectives;
 - ``per_param``: DeepSpeed's per-parameter gather for the rest, and rank 0's
-  host copies.
+  host copies;
+- ``optimizer``: the optimizer state, in the masters' layout, through the same
+  bucketed collectives.
 """
 
 from __future__ import annotations

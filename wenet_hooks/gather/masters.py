@@ -8,7 +8,7 @@ that this rank owns (``param._hp_mapping``). ZeRO-3 holds one flat fp32
 buffer per sub-group, each parameter's partition at a recorded offset
 (``optimizer.grad_position``). Both reduce to the same description: flat
 buffers of equal length on every rank, and fragments saying which elements of
-which parameter sit where in them. :mod:`wenet_hooks.gather` moves the flat
+which parameter sit where in them. :mod:`wenet_hooks.gather.bucketed` moves the flat
 buffers in a few large collectives and places the fragments on rank 0.
 
 DeepSpeed keeps each optimizer state (Adam's ``exp_avg``, ``exp_avg_sq``) in
