@@ -28,7 +28,8 @@ STANDIN = TESTS / "standin"
 # The installed console script, called as a user calls it.
 CONVERT = shutil.which("wenet-hooks-convert", path=str(Path(sys.executable).parent)) or "wenet-hooks-convert"
 
-if Path(wenet_hooks.__file__).resolve().is_relative_to(REPO) and os.environ.get("WENET_HOOKS_TEST_SOURCE") != "1":
+if (Path(wenet_hooks.__file__).resolve().parent == REPO / "wenet_hooks"
+        and os.environ.get("WENET_HOOKS_TEST_SOURCE") != "1"):
     raise pytest.UsageError(
         f"wenet_hooks is imported from the source tree ({wenet_hooks.__file__}), not from an installed wheel; "
         "HINT: run `make test`, which installs the wheel, or set WENET_HOOKS_TEST_SOURCE=1 on purpose")
