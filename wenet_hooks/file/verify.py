@@ -8,6 +8,7 @@ at once.
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -48,11 +49,11 @@ def load_state_dict_file(path: Union[str, Path]) -> dict[str, torch.Tensor]:
 
 
 def refused_global(error: BaseException) -> str:
-    """The line of a weights_only refusal that names the class (torch's message is long)."""
-    for line in str(error).splitlines():
-        if "GLOBAL" in line or "Unsupported operand" in line:
-            return line.strip()
-    return first_line(error)
+    """The part of a weights_only refusal that names the class (torch's message is long, and its
+    wording differs: "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y", "Unsupported class x.y")."""
+    found = re.search(r"(Unsupported global: GLOBAL|unsupported GLOBAL|Unsupported class|Unsupported operand)"
+                      r" [^\n]*", str(error))
+    return found.group().strip() if found else first_line(error)
 
 
 def verify(path: Union[str, Path], expected: Union[Manifest, Mapping[str, torch.Tensor]]) -> None:
