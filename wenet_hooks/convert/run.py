@@ -27,7 +27,7 @@ from wenet_hooks.dtypes import dtype_name, resolve_dtype
 from wenet_hooks.errors import VerificationError, WenetHooksError, first_line
 from wenet_hooks.file.layout import Entry
 from wenet_hooks.file.manifest import Manifest, TensorSpec, spec_differences
-from wenet_hooks.file.optimizer_file import META_KEY, optimizer_path, state_key, to_file_dict
+from wenet_hooks.file.optimizer_file import META_KEY, file_key, optimizer_path, to_file_dict
 from wenet_hooks.file.publish import tmp_path_for, write_entries, write_state_dict
 from wenet_hooks.readers.folder import FolderCheckpoint
 from wenet_hooks.readers.sharded import ShardedCheckpoint
@@ -99,7 +99,7 @@ def _optimizer_layout(checkpoint: ShardedCheckpoint) -> tuple[list[Entry], Itera
     keys, names, shapes = checkpoint.optimizer_state_keys(), checkpoint.trainable_names(), checkpoint.full_shapes()
     readers = {key: checkpoint.optimizer_state(key) for key in keys}
     meta = to_file_dict({}, checkpoint.optimizer_meta())[META_KEY]
-    entries = [Entry(state_key(key, name), tuple(shapes[name]), torch.float32) for name in names for key in keys]
+    entries = [Entry(file_key(key, name), tuple(shapes[name]), torch.float32) for name in names for key in keys]
     entries.append(Entry(META_KEY, tuple(meta.shape), meta.dtype))
     values = itertools.chain((readers[key][name]() for name in names for key in keys), [meta])
     return entries, values

@@ -41,9 +41,9 @@ def optimizer_path(weights: Union[str, Path]) -> Path:
                              else weights.name + SUFFIX)
 
 
-def state_key(name: str, param: str) -> str:
+def file_key(state: str, param: str) -> str:
     """The file's key of one state tensor, e.g. ``exp_avg/decoder.embed.0.weight``."""
-    return f"{name}/{param}"
+    return f"{state}/{param}"
 
 
 def to_file_dict(state: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -52,7 +52,7 @@ def to_file_dict(state: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping[
     Raises:
         ValueError: ``meta`` holds something JSON cannot represent (naming it).
     """
-    flat = {state_key(name, param): value for param, values in state.items() for name, value in values.items()}
+    flat = {file_key(name, param): value for param, values in state.items() for name, value in values.items()}
     try:
         text = json.dumps({"format": FORMAT, **meta}, sort_keys=True)
     except TypeError as e:
