@@ -16,6 +16,9 @@ SOURCES := pyproject.toml setup.py wenet_hooks.pth $(shell find wenet_hooks conf
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore
+# The small ops DeepSpeed JIT-compiles at its first launch, kept with this venv: a compile
+# killed half-way elsewhere leaves a lock in the shared cache that would stall every launch.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: demo test compat clean
 
