@@ -119,7 +119,7 @@ def test_sharded_folder_outputs_of_zero_to_fp32(matrix, tmp_path, safe):
     zero_to_fp32(source, tmp_path / f"{tag}.pt", tag, max_shard_size="256KB" if safe else "8KB",
                  safe_serialization=safe)
     files = sorted(p.name for p in (tmp_path / f"{tag}.pt").iterdir())
-    assert len(files) > 3 and files[-1].endswith(".index.json")  # really sharded
+    assert len(files) >= 3 and files[-1].endswith(".index.json")  # really sharded: 2 or more files and the index
     convert(f"model_dir={tmp_path}", f"tag={tag}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{tag}.pt"]
     ours = load(tmp_path / f"{tag}.pt")

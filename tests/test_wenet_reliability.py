@@ -116,7 +116,7 @@ def test_resume_from_a_step_file_gives_the_uninterrupted_losses(tmp_path):
                              "2 ranks") == 1
     weights_only, proc = resume_from_step_2(tmp_path, "weights_only", keep_optimizer=False)
     assert weights_only[0] == expected[0] and weights_only[1] != expected[1]
-    assert "step_2.optim.pt beside it: weights-only resume, the optimizer starts afresh" in proc.stderr
+    assert "step_2.optim.pt beside it (on every rank): weights-only resume, the optimizer starts afresh" in proc.stderr
 
 
 def test_resume_on_another_number_of_ranks_trains_to_the_end(tmp_path):
