@@ -15,7 +15,7 @@ import torch
 from conftest import CONVERT, JOBS, run_torchrun
 from support.tiny_model import build_model
 
-pytestmark = pytest.mark.multirank
+pytestmark = [pytest.mark.multirank, pytest.mark.usefixtures("deepspeed_trains")]
 
 
 GATHER = "save '{tag}' failed on rank {rank} while gathering the weights: rank {rank}: "

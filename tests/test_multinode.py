@@ -22,7 +22,7 @@ from helpers import assert_state_dicts_equal, deepspeed_reference
 from support.tiny_model import build_model
 from support.tiny_training import ds_config
 
-pytestmark = pytest.mark.multirank
+pytestmark = [pytest.mark.multirank, pytest.mark.usefixtures("deepspeed_trains")]
 
 INJECT = TESTS / "inject"
 

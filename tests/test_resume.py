@@ -19,7 +19,7 @@ from conftest import JOBS, run_torchrun
 from helpers import assert_state_dicts_equal
 from test_convert_cli import FIXTURES, convert
 
-pytestmark = pytest.mark.multirank
+pytestmark = [pytest.mark.multirank, pytest.mark.usefixtures("deepspeed_trains")]
 
 # Frozen weights and a tied embedding are in the tiny model; WarmupLR is in every case.
 EXACT = ["z1-fp32-nooffload", "z1-bf16-offload", "z2-fp32-nooffload", "z2-bf16-nooffload", "z2-fp32-offload",

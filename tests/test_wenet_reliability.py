@@ -22,7 +22,7 @@ from test_convert_cli import convert
 from test_wenet_standin import assert_recognize_ready, load, train, write_configs
 from support.tiny_model import build_model
 
-pytestmark = pytest.mark.multirank
+pytestmark = [pytest.mark.multirank, pytest.mark.usefixtures("deepspeed_trains")]
 
 INJECT = TESTS / "inject"
 
