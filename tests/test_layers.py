@@ -22,7 +22,7 @@ ALLOWED = {
     "gather": {"errors", "dtypes", "dist", "file"},
     "background": {"dist", "errors"},
     "save": {"background", "dist", "dtypes", "errors", "file", "gather"},
-    "resume": {"dist", "errors", "file", "gather"},
+    "resume": {"compat", "dist", "errors", "file", "gather"},
     "readers": {"errors", "compat", "file"},
     "convert": {"errors", "dtypes", "compat", "file", "readers", "wenet"},
     "wenet": {"background", "compat", "dist", "dtypes", "errors", "file", "gather", "resume", "save"},
