@@ -64,7 +64,7 @@ def test_a_failure_on_one_rank_in_any_phase_ends_the_save_on_every_rank_in_secon
     host copy, write, verify, background write), each followed by a save that must work."""
     # Judged by what each rank recorded, so a crash in the interpreter's own
     # teardown (seen once: gloo threads at exit) is not mistaken for the behaviour.
-    proc = run_torchrun(JOBS / "fault_job.py", str(tmp_path), str(stage), timeout=300, check=False)
+    proc = run_torchrun(JOBS / "fault_job.py", str(tmp_path), str(stage), timeout=900, check=False)
     missing = [r for r in (0, 1) if not (tmp_path / f"rank{r}.json").exists()]
     assert not missing, f"ranks {missing} never finished (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

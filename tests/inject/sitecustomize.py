@@ -52,7 +52,9 @@ if os.environ.get("WENET_HOOKS_TEST_PROBE"):
         })
 
     def _dump():
-        if "RANK" in os.environ:  # a training rank, not torchrun's own process
+        # A training rank, not torchrun's own process, nor a helper process a rank spawned (torch's
+        # compile workers inherit RANK and would overwrite the rank's file with nothing).
+        if "RANK" in os.environ and _samples:
             path = Path(os.environ["WENET_HOOKS_TEST_PROBE"], f"probe{os.environ['RANK']}.json")
             path.write_text(json.dumps(_samples))
 
