@@ -71,7 +71,10 @@ def test_200_saves_in_one_run_do_not_leak(tmp_path):
               f"fds {early['fds']} / {late['fds']}, threads {early['threads']} / {late['threads']}, "
               f"tmp files at most {max(s['tmp_files'] for s in samples)}")
         assert late["rss_mb"] - early["rss_mb"] < 25, samples[::20]
-        assert late["fds"] <= early["fds"] and late["threads"] <= early["threads"], samples[::20]
+        # +1: the background write in flight when a sample is taken holds the file it writes or
+        # verifies (now two files per save); a leak would grow with every one of the 180 saves.
+        assert max(s["fds"] for s in samples[20:]) <= early["fds"] + 1, samples[::20]
+        assert late["threads"] <= early["threads"], samples[::20]
         # At most the write in flight has a .tmp (it is published before the next save returns).
         assert max(s["tmp_files"] for s in samples) <= 1
     assert not list(exp.glob("*.tmp"))
