@@ -7,7 +7,8 @@ mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
   uninterrupted run of 6 steps saving both files after step 3, and a resumed
   run: a fresh model loads ``step_3.pt`` (as WeNet's ``--checkpoint`` does),
   ``deepspeed.initialize``, ``restore``, then steps 4-6. Records both runs'
-  losses and learning rates.
+  losses and learning rates, and those of DeepSpeed's own resume from its
+  sharded save of the same step.
 - ``write=FOLDER``: ZeRO-2 and ZeRO-3 runs of 3 steps, each saving DeepSpeed's
   sharded ``step_3/`` and both files in ``FOLDER/zero<stage>/`` (for a job of
   another world size to restore, and the offline command to convert).
@@ -22,6 +23,7 @@ mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import traceback
@@ -56,29 +58,57 @@ def lr(engine) -> float:
     return float(engine.optimizer.param_groups[0]["lr"])
 
 
+def fresh_engine(case: str, weights: Path | None = None):
+    """An engine built as in a process of its own, as near as one process allows.
+
+    DeepSpeed's arithmetic can depend on what else lives in the process: with
+    DeepSpeed 0.16.9 at ZeRO-3 + offload the previous cases' engines, collected
+    by the garbage collector at some step or kept alive, changed the third
+    loss of an uninterrupted run. So every engine starts after a collection.
+    """
+    gc.collect()
+    return engine_for(case, weights)
+
+
 def exact(out: Path, cases: list[str]) -> dict:
     seen = {}
     for case in cases:
         folder = out / case
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            engine = engine_for(case)
+            engine = fresh_engine(case)
             train_steps(engine, 3)
+            engine.save_checkpoint(str(folder), tag=TAG)  # for DeepSpeed's own resume below
             save_consolidated(engine, folder, TAG, SaveOptions(optimizer=True))
             straight = train_steps(engine, 3, first_step=3)
             straight_lr = lr(engine)
-            resumed_engine = engine_for(case, folder / f"{TAG}.pt")
+            del engine
+            resumed_engine = fresh_engine(case, folder / f"{TAG}.pt")
             restored = restore(resumed_engine, folder / f"{TAG}.pt", folder / f"{TAG}.optim.pt")
             resumed = train_steps(resumed_engine, 3, first_step=3)
+            resumed_lr = lr(resumed_engine)
+            del resumed_engine
             # WeNet's resume without the optimizer file: weights only, Adam restarts.
-            weights_only = train_steps(engine_for(case, folder / f"{TAG}.pt"), 3, first_step=3)
+            weights_only = train_steps(fresh_engine(case, folder / f"{TAG}.pt"), 3, first_step=3)
             seen[case] = {"straight": straight, "resumed": resumed, "weights_only": weights_only,
-                          "lr": [straight_lr, lr(resumed_engine)], "restored": str(restored)}
+                          "lr": [straight_lr, resumed_lr], "restored": str(restored),
+                          "deepspeed_resumed": deepspeed_resume(case, folder)}
         except Exception:
             traceback.print_exc()
             seen[case] = {"error": traceback.format_exc()}
         dist.barrier()
     return seen
+
+
+def deepspeed_resume(case: str, folder: Path) -> list[float] | str:
+    """Steps 4-6 after DeepSpeed's own ``load_checkpoint`` of the same save at the same world size:
+    the bar for "exact" (where it differs from the uninterrupted run, so does DeepSpeed)."""
+    try:
+        engine = fresh_engine(case)
+        engine.load_checkpoint(str(folder), tag=TAG)
+        return train_steps(engine, 3, first_step=3)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
 
 
 def fresh(out: Path, case: str) -> dict:
