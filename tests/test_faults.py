@@ -39,6 +39,9 @@ EXPECTED = {
     # Reported at the next save, under the failed save's own tag.
     "background@0": "save 'background_at_0' failed on rank 0 while writing {dir}/background_at_0.pt in the "
     "background: " + FULL.replace("{file}", "background_at_0.pt"),
+    "background-gather@1": "save 'background_gather_at_1' failed on rank 1 while gathering the optimizer state "
+    "and writing {dir}/background_gather_at_1.pt in the background: rank 1: reading elements 256..384 of the "
+    "fp32 partition failed: injected: cannot read the copy",
 }
 # scenario -> the last line of the failing rank's traceback, which every rank's SaveError carries.
 RAISED = {
@@ -49,6 +52,7 @@ RAISED = {
     "write@0": "CheckpointWriteError: could not write",
     "verify@0": "VerificationError: ",
     "background@0": "CheckpointWriteError: could not write",
+    "background-gather@1": "ConsolidationError: rank 1: reading elements",
 }
 
 
@@ -61,7 +65,7 @@ def message_pattern(template: str, model_dir) -> str:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_failure_on_one_rank_in_any_phase_ends_the_save_on_every_rank_in_seconds(tmp_path, stage):
     """tests/jobs/fault_job.py injects one failure per save (rank 1 or rank 0; gather, allocation,
-    host copy, write, verify, background write), each followed by a save that must work."""
+    host copy, write, verify, background write and gather), each followed by a save that must work."""
     # Judged by what each rank recorded, so a crash in the interpreter's own
     # teardown (seen once: gloo threads at exit) is not mistaken for the behaviour.
     proc = run_torchrun(JOBS / "fault_job.py", str(tmp_path), str(stage), timeout=900, check=False)
@@ -81,7 +85,11 @@ def test_a_failure_on_one_rank_in_any_phase_ends_the_save_on_every_rank_in_secon
         print(f"{scenario}: failing save ended on both ranks in "
               f"{max(s[scenario]['seconds'] for s in seen):.2f} s")
         assert all(s[scenario]["seconds"] < 60 for s in seen), scenario
-        assert not (tmp_path / f"{tag}.pt").exists(), scenario
+        if scenario == "background-gather@1":  # the weights were gathered before: written, verified
+            assert list(torch.load(tmp_path / f"{tag}.pt", weights_only=True)) == keys
+            assert not (tmp_path / f"{tag}.optim.pt").exists()
+        else:
+            assert not (tmp_path / f"{tag}.pt").exists(), scenario
         assert list(torch.load(tmp_path / f"{tag}_then.pt", weights_only=True)) == keys, scenario
     assert not list(tmp_path.glob("*.tmp"))
 

@@ -55,6 +55,9 @@ def test_resumed_run_logs_the_uninterrupted_losses_bit_for_bit(jobs, case):
                     f"{result['straight']}, DeepSpeed's resume {result['deepspeed_resumed']}, ours "
                     f"{result['resumed']}): its arithmetic depends on the process here")
     assert result["resumed"] == result["straight"]  # floats from JSON: every bit
+    # Gathered in the background while steps 4-6 ran: from the copy taken at the save. A gather
+    # prepared at the save and finished only after step 4 still holds the file's state exactly.
+    assert result["snapshot"] is True
     assert result["lr"][0] == result["lr"][1]
     # Without the optimizer file (WeNet's weights-only resume) the path changes at the second step.
     assert result["weights_only"][0] == result["straight"][0]

@@ -40,7 +40,8 @@ def test_disk_full_with_on_error_warn_keeps_training_and_the_sharded_folder(tmp_
     step_3 = re.escape(str(exp / "step_3.pt"))
     # (at step_5's save, under the failed save's own tag)
     assert re.search(rf"^.*wenet_hooks: on_error is warn: training goes on, the sharded folder is kept. save "
-                     rf"'step_3' failed on rank 0 while writing {step_3} in the background: "
+                     rf"'step_3' failed on rank 0 while gathering the optimizer state and writing {step_3} in the "
+                     r"background: "
                      rf"could not write {step_3}: no space left on the device of {re.escape(str(exp))}: "
                      r"about [0-9.]+ kB needed, [0-9.]+ [kMG]B free; HINT: free space or point model_dir elsewhere$",
                      proc.stderr, flags=re.M)

@@ -1,9 +1,13 @@
-"""Writing the previous save on rank 0 while training goes on.
+"""The previous save's remaining work, done while training goes on.
+
+On rank 0: writing and verifying the files. On every rank, with the optimizer
+file: sending its copy of the optimizer state to rank 0 (a collective over a
+group of its own, :func:`wenet_hooks.dist.background_group`).
 
 One job at a time: a new job (the next save) first waits for the previous one,
 so at most one save's CPU copy (the model, and with the optimizer file about
-three times that) waits to be written. The thread is not a
-daemon: the interpreter waits for the last write before it exits.
+three times that) is in flight. The thread is not a daemon: the interpreter
+waits for the last job before it exits.
 """
 
 from __future__ import annotations

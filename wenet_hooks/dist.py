@@ -60,16 +60,16 @@ class Failure:
 Report = TypeVar("Report")
 
 
-def all_reports(mine: Report) -> list[Report]:
-    """Collective: every rank's ``mine``, in rank order."""
+def all_reports(mine: Report, group: object = None) -> list[Report]:
+    """Collective (over ``group`` of every rank, the default group if None): every rank's ``mine``, in rank order."""
     if not is_distributed() or get_world_size() == 1:
         return [mine]
     reports: list[Report] = [None] * get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(reports, mine)
+    dist.all_gather_object(reports, mine, group=group)
     return reports
 
 
-def first_failure(mine: Optional[Report]) -> Optional[Report]:
+def first_failure(mine: Optional[Report], group: object = None) -> Optional[Report]:
     """Collective: every rank learns the first failure any rank reported (lowest rank).
 
     Each rank passes ``None`` when its part of a phase succeeded, else a
@@ -77,9 +77,27 @@ def first_failure(mine: Optional[Report]) -> Optional[Report]:
     they raise together or go on together instead of one rank raising while
     the others wait in the next collective.
     """
-    return next((r for r in all_reports(mine) if r is not None), None)
+    return next((r for r in all_reports(mine, group) if r is not None), None)
 
 
-def all_ok(ok: bool, what: str) -> bool:
+def all_ok(ok: bool, what: str, group: object = None) -> bool:
     """Collective: whether every rank says ``ok`` (``what`` names the step in a failure)."""
-    return first_failure(None if ok else Failure(get_rank(), f"{what} failed")) is None
+    return first_failure(None if ok else Failure(get_rank(), f"{what} failed"), group) is None
+
+
+# (the default group it was made in, the gloo group of every rank)
+_background: Optional[tuple[object, object]] = None
+
+
+def background_group() -> object:
+    """Collective the first time in a process group: a gloo group of every rank, for the collectives
+    a background thread runs while training goes on.
+
+    It has its own communicator, so its collectives never interleave with
+    training's on the default group (NCCL or gloo); gloo moves host memory,
+    which is where a background gather's snapshot lies.
+    """
+    global _background
+    if _background is None or _background[0] is not dist.group.WORLD:
+        _background = (dist.group.WORLD, dist.new_group(backend="gloo"))
+    return _background[1]

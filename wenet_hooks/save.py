@@ -15,13 +15,18 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from wenet_hooks.background import BackgroundWriter
-from wenet_hooks.dist import Failure, first_failure, get_rank, is_rank0, log_rank0
+from wenet_hooks.dist import Failure, all_ok, background_group, first_failure, get_rank, is_rank0, log_rank0
 from wenet_hooks.dtypes import DtypeLike
 from wenet_hooks.errors import SaveError
 from wenet_hooks.file.optimizer_file import optimizer_path, to_file_dict
 from wenet_hooks.file.publish import write_state_dict
 from wenet_hooks.gather import DEFAULT_BUCKET_MB, consolidate
-from wenet_hooks.gather.optimizer import consolidate_optimizer, optimizer_unavailable
+from wenet_hooks.gather.optimizer import (
+    GatheredOptimizer,
+    PendingOptimizer,
+    optimizer_unavailable,
+    prepare_optimizer,
+)
 
 logger = logging.getLogger(__name__)
 _said: set[str] = set()  # warnings already logged in this process
@@ -44,12 +49,19 @@ class SaveOptions:
         optimizer: also write ``<tag>.optim.pt``, the optimizer state under
             the model's key names, for an exact resume at any world size and
             ZeRO stage (:func:`wenet_hooks.resume.restore`). Default ``False``.
+        background_gather: with a ``writer``, each rank copies its partitions
+            of the optimizer state to host memory and their gather to rank 0
+            runs in the background too, over a gloo group of its own (default
+            ``True``). Call :func:`settle_background` before
+            ``destroy_process_group``, which takes that group with it.
+            ``False`` gathers it before returning, as the weights always are.
     """
 
     dtype: DtypeLike = "fp32"
     verify: bool = True
     bucket_mb: float = DEFAULT_BUCKET_MB
     optimizer: bool = False
+    background_gather: bool = True
 
 
 def save_consolidated(
@@ -67,8 +79,10 @@ def save_consolidated(
     atomically on rank 0 and, with ``options.verify``, reopens it and checks
     every tensor before publishing it; then rank 0 calls ``on_written``. After
     each phase the ranks share their outcome, so a failure anywhere raises on
-    every rank. With a ``writer``, rank 0 writes in the background and this
-    returns after the gather; :func:`settle_background` reports the outcome.
+    every rank. With a ``writer``, rank 0 writes in the background (and, with
+    ``options.background_gather``, every rank sends its part of the optimizer
+    state from a copy taken now) and this returns;
+    :func:`settle_background` reports the outcome.
 
     Returns:
         The path of the file (on every rank).
@@ -80,36 +94,45 @@ def save_consolidated(
     path = Path(model_dir) / f"{tag}.pt"
     state_dict, failure = _run_phase(lambda: consolidate(engine, options.dtype, options.bucket_mb), tag)
     _raise_if_any_failed(failure, tag, "gathering the weights")
-    files = {path: state_dict, optimizer_path(path): None}  # None: no optimizer file (a stale one goes)
+    # With a writer, the optimizer state may be gathered in the background from a copy taken now.
+    in_background = writer is not None and options.background_gather
+    pending: Optional[PendingOptimizer] = None
     if options.optimizer:
-        gathered, failure = _run_phase(lambda: _optimizer_file(engine, options.bucket_mb), tag)
+        pending, failure = _run_phase(lambda: _prepare_optimizer(engine, options.bucket_mb, in_background), tag)
         _raise_if_any_failed(failure, tag, "gathering the optimizer state")
-        files[optimizer_path(path)] = gathered
-    job = _write_job(files, options.verify, on_written) if is_rank0() else None
-    del state_dict, files
-    if writer is not None:
-        if job is not None:
-            writer.submit(job, tag, f"writing {path}")
-        return path
-    _, failure = _run_phase(job, tag) if job is not None else (None, None)
-    _raise_if_any_failed(failure, tag, f"writing {path}")
+    deferred = in_background and pending is not None
+    finish: Optional[Callable[[], Optional[GatheredOptimizer]]] = None
+    if deferred:
+        finish = pending.finish
+    elif pending is not None:
+        gathered, failure = _run_phase(pending.finish, tag)
+        _raise_if_any_failed(failure, tag, "gathering the optimizer state")
+        finish = lambda: gathered  # noqa: E731
+    job = _save_job(path, state_dict, finish, background_group() if deferred else None, options.verify, on_written)
+    del state_dict, pending
+    if writer is None:
+        _, failure = _run_phase(job, tag)
+        _raise_if_any_failed(failure, tag, f"writing {path}")
+    elif is_rank0() or deferred:  # the other ranks send their part of a deferred gather
+        writer.submit(job, tag, f"gathering the optimizer state and writing {path}" if deferred
+                      else f"writing {path}")
     return path
 
 
 def settle_background(writer: BackgroundWriter) -> None:
-    """Collective: wait for rank 0's write in flight; raise on every rank if it failed.
+    """Collective: wait for this rank's background job in flight; raise on every rank if one failed.
 
     Raises:
         SaveError: naming the save whose write failed (an earlier one).
     """
-    failed = first_failure(writer.wait() if is_rank0() else None)
+    failed = first_failure(writer.wait())
     if failed is not None:
         raise _save_error(failed.tag, f"{failed.what} in the background", failed.failure)
 
 
-def _optimizer_file(engine: Any, bucket_mb: float) -> Optional[dict]:
-    """Collective: the optimizer file's content on rank 0, or None where it cannot be gathered
-    (ZeRO-0, NVMe-swapped states): the save goes on without it, as WeNet's own would."""
+def _prepare_optimizer(engine: Any, bucket_mb: float, in_background: bool) -> Optional[PendingOptimizer]:
+    """Collective: the optimizer state, ready to gather; None where it cannot be gathered (ZeRO-0,
+    NVMe-swapped states): the save goes on without it, as WeNet's own would."""
     reason = optimizer_unavailable(engine)
     if reason is not None:
         if reason not in _said:  # once per run, not at every save
@@ -117,19 +140,36 @@ def _optimizer_file(engine: Any, bucket_mb: float) -> Optional[dict]:
             log_rank0(logger, logging.WARNING, "wenet_hooks: no <tag>.optim.pt is written: %s; a resume from "
                       "these saves restarts the optimizer", reason)
         return None
-    gathered = consolidate_optimizer(engine, bucket_mb or DEFAULT_BUCKET_MB)  # never per parameter: no such path
-    return to_file_dict(gathered.state, gathered.meta) if gathered is not None else None
+    return prepare_optimizer(engine, bucket_mb or DEFAULT_BUCKET_MB,  # never per parameter: no such path
+                             background_group() if in_background else None)
 
 
-def _write_job(files: dict[Path, Optional[dict]], verify: bool, on_written: Optional[Callable[[], None]]):
+def _save_job(path: Path, state_dict: Optional[dict], finish: Optional[Callable[[], Optional[GatheredOptimizer]]],
+              deferred_over: Any, verify: bool, on_written: Optional[Callable[[], None]]) -> Callable[[], None]:
+    """Every rank: finish the optimizer state's gather (collective, over ``deferred_over`` when it runs
+    in the background). Rank 0: write the weights, then the optimizer file that belongs to them (or
+    remove an older one, which would not match)."""
     def job() -> None:
-        for path, state_dict in files.items():  # the weights first: the optimizer file belongs to them
-            if state_dict is not None:
-                write_state_dict(state_dict, path, verify=verify)
-            elif path.is_file():  # an older save's optimizer file would not match these weights
-                path.unlink()
-        if on_written is not None:
-            on_written()
+        gathered, failure = None, None
+        if finish is not None:
+            try:
+                gathered = finish()
+            except Exception as e:  # the weights are still written; this is raised after
+                failure = e
+        # A rank that failed sent zeros: rank 0 must know before it publishes what it received.
+        all_sent = all_ok(failure is None, "sending the optimizer state", deferred_over) \
+            if deferred_over is not None else failure is None
+        if is_rank0():
+            write_state_dict(state_dict, path, verify=verify)
+            optim = optimizer_path(path)
+            if gathered is not None and all_sent:
+                write_state_dict(to_file_dict(gathered.state, gathered.meta), optim, verify=verify)
+            elif optim.is_file():
+                optim.unlink()
+            if on_written is not None and all_sent:
+                on_written()
+        if failure is not None:
+            raise failure
 
     return job
 

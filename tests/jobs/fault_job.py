@@ -12,6 +12,9 @@ by a save that must work (the collectives stayed matched):
 - ``verify@0``: the file rank 0 wrote is corrupted before it is verified;
 - ``background@0``: the same ENOSPC in a background write (model+optimizer
   saves), reported to every rank when the next save settles it.
+- ``background-gather@1``: rank 1 cannot read its copy of the optimizer state
+  while the gather runs in the background: reported the same way; the
+  weights are still written, without an optimizer file.
 
 Writing and verifying happen on rank 0 only; rank 1's part of those phases is
 its vote. Writes ``OUT_DIR/rank<r>.json``: per scenario, the message each rank
@@ -24,6 +27,7 @@ import errno
 import importlib
 import json
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +64,23 @@ def fail_on(rank: int, call: int, error: Exception):
             calls[0] += 1
             if dist.get_rank() == rank and calls[0] == call:
                 raise error
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    return make
+
+
+def fail_in_background(rank: int, call: int, error: Exception):
+    """As :func:`fail_on`, counting only calls made off the main thread (a background gather's)."""
+    def make(real):
+        calls = [0]
+
+        def wrapper(*args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                calls[0] += 1
+                if dist.get_rank() == rank and calls[0] == call:
+                    raise error
             return real(*args, **kwargs)
 
         return wrapper
@@ -105,6 +126,8 @@ SCENARIOS = {
     "write@0": (publish, "write_file", disk_full_mid_write),
     "verify@0": (publish, "_verify_as", corrupt_before_verify),
     "background@0": (publish, "write_file", disk_full_mid_write),
+    "background-gather@1": (bucketed, "_read_chunk",
+                            fail_in_background(1, 3, RuntimeError("injected: cannot read the copy"))),
 }
 
 
@@ -116,7 +139,8 @@ def run_scenario(engine, out: Path, name: str) -> dict:
         with patched(owner, attr, make):
             if name.startswith("background"):
                 writer = BackgroundWriter()
-                save_consolidated(engine, out, tag, SaveOptions(bucket_mb=BUCKET_MB), writer=writer)
+                options = SaveOptions(bucket_mb=BUCKET_MB, optimizer=name.startswith("background-gather"))
+                save_consolidated(engine, out, tag, options, writer=writer)
                 settle_background(writer)
             else:
                 save_consolidated(engine, out, tag, SaveOptions(bucket_mb=BUCKET_MB))

@@ -4,7 +4,8 @@ Usage: resume_job.py OUT_DIR MODE=ARG [MODE=ARG ...], run in order; what each
 mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
 
 - ``exact=CASE+CASE...``: per case (``z<stage>-<fp32|bf16>-<offload|nooffload>``), an
-  uninterrupted run of 6 steps saving both files after step 3, and a resumed
+  uninterrupted run of 6 steps saving both files after step 3 (the optimizer
+  state gathered in the background while steps 4-6 run), and a resumed
   run: a fresh model loads ``step_3.pt`` (as WeNet's ``--checkpoint`` does),
   ``deepspeed.initialize``, ``restore``, then steps 4-6. Records both runs'
   losses and learning rates, and those of DeepSpeed's own resume from its
@@ -34,10 +35,11 @@ import torch.distributed as dist
 
 from support.tiny_model import build_model
 from support.tiny_training import ds_config, init_engine, train_steps
-from wenet_hooks import SaveOptions, consolidate, save_consolidated, write_state_dict
+from wenet_hooks import BackgroundWriter, SaveOptions, consolidate, save_consolidated, write_state_dict
 from wenet_hooks.errors import RestoreError
 from wenet_hooks.file.optimizer_file import to_file_dict
-from wenet_hooks.gather.optimizer import consolidate_optimizer
+from wenet_hooks.gather.optimizer import consolidate_optimizer, prepare_optimizer
+from wenet_hooks.save import settle_background
 from wenet_hooks.resume import restore
 
 TAG = "step_3"
@@ -79,9 +81,18 @@ def exact(out: Path, cases: list[str]) -> dict:
             engine = fresh_engine(case)
             train_steps(engine, 3)
             engine.save_checkpoint(str(folder), tag=TAG)  # for DeepSpeed's own resume below
-            save_consolidated(engine, folder, TAG, SaveOptions(optimizer=True))
-            straight = train_steps(engine, 3, first_step=3)
+            # As the WeNet hook saves: the optimizer state is gathered in the background while
+            # training goes on, from the copy each rank took at the save.
+            writer = BackgroundWriter()
+            save_consolidated(engine, folder, TAG, SaveOptions(optimizer=True), writer=writer)
+            # (its own group: the save's background gather is using the package's)
+            late = prepare_optimizer(engine, background_group=dist.new_group(backend="gloo"))
+            straight = train_steps(engine, 1, first_step=3)
+            late_state = late.finish()
+            straight += train_steps(engine, 2, first_step=4)
+            settle_background(writer)
             straight_lr = lr(engine)
+            snapshot_kept = same_as_file(late_state, folder / f"{TAG}.optim.pt") if dist.get_rank() == 0 else None
             del engine
             resumed_engine = fresh_engine(case, folder / f"{TAG}.pt")
             restored = restore(resumed_engine, folder / f"{TAG}.pt", folder / f"{TAG}.optim.pt")
@@ -91,13 +102,22 @@ def exact(out: Path, cases: list[str]) -> dict:
             # WeNet's resume without the optimizer file: weights only, Adam restarts.
             weights_only = train_steps(fresh_engine(case, folder / f"{TAG}.pt"), 3, first_step=3)
             seen[case] = {"straight": straight, "resumed": resumed, "weights_only": weights_only,
-                          "lr": [straight_lr, resumed_lr], "restored": str(restored),
+                          "lr": [straight_lr, resumed_lr], "restored": str(restored), "snapshot": snapshot_kept,
                           "deepspeed_resumed": deepspeed_resume(case, folder)}
         except Exception:
             traceback.print_exc()
             seen[case] = {"error": traceback.format_exc()}
         dist.barrier()
     return seen
+
+
+def same_as_file(gathered, path: Path) -> bool:
+    """Whether a gather prepared at the save and finished a step later holds the file's state, bit for bit."""
+    saved = torch.load(str(path), weights_only=True)
+    mine = to_file_dict(gathered.state, gathered.meta)
+    return saved.keys() == mine.keys() and all(
+        torch.equal(saved[k].view(torch.uint8) if saved[k].is_floating_point() else saved[k],
+                    mine[k].view(torch.uint8) if mine[k].is_floating_point() else mine[k]) for k in saved)
 
 
 def deepspeed_resume(case: str, folder: Path) -> list[float] | str:

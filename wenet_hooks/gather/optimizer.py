@@ -20,7 +20,7 @@ from torch import nn
 from wenet_hooks.dist import all_reports, get_rank, get_world_size, is_rank0
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, LOSS_SCALER_FIELDS, plain
-from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, gather_partitions
+from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, prepare_gather
 from wenet_hooks.gather.masters import base_optimizer, find_partitions_quietly, unwrap_model, zero_stage
 from wenet_hooks.gather.per_param import HostCopies
 
@@ -61,29 +61,64 @@ def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> 
         ConsolidationError: gathering it failed on this rank (after every
             collective ran on every rank).
     """
+    return prepare_optimizer(engine, bucket_mb).finish()
+
+
+@dataclass
+class PendingOptimizer:
+    """The optimizer state as it was at :func:`prepare_optimizer`; :meth:`finish` moves it to rank 0."""
+
+    names: list[str]  # the trainable parameters' keys, in the gathers' index order
+    gathers: dict[str, PendingGather]  # state key -> its prepared gather
+    copy: HostCopies
+    meta: dict[str, Any]
+
+    def finish(self) -> Optional[GatheredOptimizer]:
+        """Collective over the group it was prepared with: the state on rank 0, ``None`` elsewhere.
+
+        Raises:
+            ConsolidationError: something failed on this rank (after every collective ran).
+        """
+        state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.names}
+        for state_key, pending in self.gathers.items():
+            gathered = pending.run()
+            for index, name in enumerate(self.names):
+                if self.copy.enabled and index in gathered.tensors:  # absent: a failure, raised below
+                    state[name][state_key] = gathered.tensors[index]
+        self.copy.raise_if_failed()
+        return GatheredOptimizer(state, self.meta) if self.copy.enabled else None
+
+
+def prepare_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB,
+                      background_group: Any = None) -> PendingOptimizer:
+    """Collective: agree on the layout, take the meta (step, scheduler...) now, allocate.
+
+    With ``background_group``, every rank also copies its partitions of the
+    state to host memory now, so :meth:`PendingOptimizer.finish` can run in
+    the background while training steps on (see
+    :func:`wenet_hooks.gather.bucketed.prepare_gather`).
+
+    Raises:
+        ConsolidationError: the state is not in DeepSpeed's flat layout (on every rank alike).
+    """
     module = unwrap_model(engine)
     params = trainable_parameters(module)
     parts = find_partitions_quietly(engine, list(params.values()))
     keys = _state_keys(engine, parts) if parts is not None else []  # agreed by optimizer_unavailable
     copy = HostCopies(torch.float32, enabled=is_rank0())
-    state: dict[str, dict[str, torch.Tensor]] = {key: {} for key in params}
     ordered = list(params.values())
+    gathers = {}
     with torch.no_grad():
         for state_key in keys:
-            gathered = gather_partitions(engine, ordered, torch.float32, int(bucket_mb * 2**20),
-                                         copy.record_failure, state_key=state_key)
-            if len(gathered.indices) != len(ordered):
+            pending = prepare_gather(engine, ordered, torch.float32, int(bucket_mb * 2**20), copy.record_failure,
+                                     state_key=state_key, background_group=background_group)
+            if len(pending.indices) != len(ordered):  # the layout every rank agreed on
                 raise ConsolidationError(
                     f"rank {get_rank()}: optimizer state '{state_key}' is not in the flat layout of DeepSpeed's "
                     "ZeRO-1/2/3 or bf16 optimizer (NVMe-swapped states, ZeRO-0?); HINT: its sharded checkpoint "
                     "holds it; set save_states: model+optimizer with keep_sharded: all")
-            for index, name in enumerate(params):
-                if copy.enabled and index in gathered.tensors:  # absent: a failure, raised below
-                    state[name][state_key] = gathered.tensors[index]
-    copy.raise_if_failed()
-    if not copy.enabled:
-        return None
-    return GatheredOptimizer(state, _meta(engine, list(params), keys))
+            gathers[state_key] = pending
+    return PendingOptimizer(list(params), gathers, copy, _meta(engine, list(params), keys) if copy.enabled else {})
 
 
 def optimizer_unavailable(engine: Any) -> Optional[str]:

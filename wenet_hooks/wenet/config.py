@@ -50,9 +50,11 @@ class ConsolidateConfig:
     tags: List[TagKind] = field(default_factory=lambda: list(TagKind))
     bucket_mb: float = DEFAULT_BUCKET_MB  # received by rank 0 per collective; 0: DeepSpeed's per-parameter gather
 
-    def save_options(self, optimizer: bool) -> SaveOptions:
-        """The options of each save this section asks for (``optimizer``: also ``<tag>.optim.pt``)."""
-        return SaveOptions(dtype=self.dtype, verify=self.verify, bucket_mb=self.bucket_mb, optimizer=optimizer)
+    def save_options(self, optimizer: bool, background_gather: bool = True) -> SaveOptions:
+        """The options of each save this section asks for (``optimizer``: also ``<tag>.optim.pt``;
+        ``background_gather``: its gather may go on after the save returns)."""
+        return SaveOptions(dtype=self.dtype, verify=self.verify, bucket_mb=self.bucket_mb, optimizer=optimizer,
+                           background_gather=background_gather)
 
     def keep_last(self) -> Optional[int]:
         """How many sharded folders to keep; ``None`` keeps all."""

@@ -6,10 +6,12 @@ section once, so a bad section stops the run before any step. Then, at each
 ``save_model(model, info_dict)`` with the hook active:
 
 - ``save_states: model+optimizer``: WeNet's own save runs (DeepSpeed's sharded
-  ``<tag>/`` and ``<tag>.yaml``), then every rank joins the gather and rank 0
-  writes the verified ``<tag>.pt`` and ``<tag>.optim.pt`` in the background;
-  once they verified, retention may remove older folders. The next save first
-  settles that write.
+  ``<tag>/`` and ``<tag>.yaml``), then every rank joins the weights' gather and
+  copies its part of the optimizer state; that state's gather and rank 0's
+  writing of the verified ``<tag>.pt`` and ``<tag>.optim.pt`` go on in the
+  background (except at WeNet's last save, after which it destroys the process
+  groups); once they verified, retention may remove older folders. The next
+  save first settles that work.
 - ``save_states: model_only``: nothing sharded is written, read or deleted;
   the ``.pt`` comes straight from memory and ``<tag>.yaml`` is written as WeNet
   writes it.
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 DEEPSPEED = "deepspeed"
 MODEL_ONLY = "model_only"
 INIT_TAG = "init"  # WeNet's save right after deepspeed.initialize
+WENET_MAX_EPOCH = 100  # train.py's default for max_epoch
 
 
 class _Session:
@@ -186,6 +189,13 @@ def _settle_previous_write(config: ConsolidateConfig) -> None:
                   "is kept. %s", e)
 
 
+def _is_last_save(info_dict: dict) -> bool:
+    """WeNet's save of its last epoch: train.py runs epochs up to ``max_epoch`` (100 if unset), or
+    one epoch in steps mode (``save_interval`` set)."""
+    end_epoch = 1 if "save_interval" in info_dict else int(info_dict.get("max_epoch", WENET_MAX_EPOCH))
+    return info_dict["tag"] == f"epoch_{end_epoch - 1}"
+
+
 def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfig,
                  info_dict: dict, model_only: bool) -> None:
     """Collective: gather, then write ``<tag>.pt``.
@@ -198,8 +208,15 @@ def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfi
     def written() -> None:
         _session.retention.after_verified(model_dir, tag, config.keep_last())
 
+    # After its last save WeNet destroys the process group, and with it the group the optimizer
+    # state's background gather would use: that save gathers it before training ends.
+    last = _is_last_save(info_dict)
+    if last and not model_only:
+        log_rank0(logger, logging.INFO, "wenet_hooks: %s is WeNet's last save: its optimizer state is gathered "
+                  "before training ends", tag)
+    options = config.save_options(optimizer=not model_only, background_gather=not last)
     try:
-        save_consolidated(model, model_dir, tag, config.save_options(optimizer=not model_only),
+        save_consolidated(model, model_dir, tag, options,
                           writer=None if model_only else _session.writer,
                           on_written=None if model_only else written)
         return
