@@ -7,7 +7,7 @@ import io
 import subprocess
 from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import pytest
 import torch
@@ -106,6 +106,19 @@ def _bf16_optimizer_reference(ckpt: Path, model: torch.nn.Module) -> "OrderedDic
                     ref[name] = flat[offset:offset + p.numel()].view(p.shape)
             offset += p.numel()
     return ref
+
+
+def zero0_checkpoint_without_masters(ckpt: Path) -> Optional[dict]:
+    """The module state of a ZeRO-0 16-bit checkpoint that holds no optimizer state (DeepSpeed 0.18.0
+    saves ``optimizer: None`` there, so it has no fp32 masters to compare with); else None."""
+    from wenet_hooks.readers.safe_load import load_shard
+
+    path = Path(ckpt) / "mp_rank_00_model_states.pt"
+    if not path.is_file() or any(Path(ckpt).glob("*optim_states.pt")):
+        return None
+    states = load_shard(path)
+    sixteen_bits = any(v.dtype in (torch.bfloat16, torch.float16) for v in states["module"].values())
+    return states["module"] if states.get("optimizer") is None and sixteen_bits else None
 
 
 def _zero0_reference(states: dict, model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":

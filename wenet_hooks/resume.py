@@ -19,7 +19,6 @@ from typing import Any, Optional, Union
 
 import torch
 
-from wenet_hooks.compat import installed_version, version_tuple
 from wenet_hooks.dist import first_failure, get_world_size
 from wenet_hooks.errors import RestoreError, VerificationError
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, from_file_dict
@@ -85,13 +84,6 @@ def _read_and_check(engine, params, parts: Optional[Partitions], weights: Path, 
             "this run keeps its fp32 masters in no partition layout wenet_hooks knows (ZeRO-0, NVMe-swapped "
             "optimizer states); HINT: exact resume needs ZeRO stage 1, 2 or 3 (with or without CPU offload)"]
     problems: list[str] = []
-    deepspeed = version_tuple(installed_version("deepspeed") or "0")
-    if zero_stage(engine) == 3 and (0, 18) <= deepspeed < (0, 19):
-        # Seen in the compatibility matrix: with 0.18.0 the resumed ZeRO-3 run diverged at its
-        # third step; refused rather than resumed wrongly (0.15-0.16 and 0.19 were exact).
-        problems.append(f"exact resume at ZeRO-3 is not verified with DeepSpeed {'.'.join(map(str, deepspeed))} "
-                        "(it diverged in wenet_hooks' tests); HINT: use DeepSpeed >= 0.19 or ZeRO-1/2, or resume "
-                        "without the .optim.pt file (weights only)")
     values, meta, state = None, None, {}
     try:
         values = load_state_dict_file(weights)
