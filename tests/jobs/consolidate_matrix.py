@@ -24,7 +24,7 @@ import torch.distributed as dist
 from support.tiny_model import build_model, make_batch
 from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks import Manifest, consolidate, write_state_dict
-from wenet_hooks.gather.bucketed import gather_partitions
+from wenet_hooks.gather.bucketed import prepare_gather
 
 TAG = "step_3"
 NEXT_TAG = "step_4"
@@ -72,7 +72,7 @@ def run_case(case: str, out_dir: Path) -> None:
     fp32 = consolidate(engine)
     bf16 = consolidate(engine, dtype="bf16")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    bucketed = gather_partitions(engine, trainable, torch.float32, 2**20, record_failure=_raise).indices
+    bucketed = prepare_gather(engine, trainable, torch.float32, 2**20, record_failure=_raise).run().indices
     variants = {"per_param": consolidate(engine, bucket_mb=0), "small_buckets": consolidate(engine, bucket_mb=1 / 1024)}
     out = engine_output(engine)
     # One step more, saved too: tests of mixed-up shards take a file from here.

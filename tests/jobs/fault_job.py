@@ -55,29 +55,14 @@ def patched(owner, name, make):
         setattr(owner, name, real)
 
 
-def fail_on(rank: int, call: int, error: Exception):
-    """A wrapper factory: the ``call``-th call on ``rank`` raises ``error``."""
+def fail_on(rank: int, call: int, error: Exception, background_only: bool = False):
+    """A wrapper factory: the ``call``-th call on ``rank`` raises ``error`` (with ``background_only``,
+    counting only calls made off the main thread: a background gather's)."""
     def make(real):
         calls = [0]
 
         def wrapper(*args, **kwargs):
-            calls[0] += 1
-            if dist.get_rank() == rank and calls[0] == call:
-                raise error
-            return real(*args, **kwargs)
-
-        return wrapper
-
-    return make
-
-
-def fail_in_background(rank: int, call: int, error: Exception):
-    """As :func:`fail_on`, counting only calls made off the main thread (a background gather's)."""
-    def make(real):
-        calls = [0]
-
-        def wrapper(*args, **kwargs):
-            if threading.current_thread() is not threading.main_thread():
+            if not background_only or threading.current_thread() is not threading.main_thread():
                 calls[0] += 1
                 if dist.get_rank() == rank and calls[0] == call:
                     raise error
@@ -127,7 +112,7 @@ SCENARIOS = {
     "verify@0": (publish, "_verify_as", corrupt_before_verify),
     "background@0": (publish, "write_file", disk_full_mid_write),
     "background-gather@1": (bucketed, "_read_chunk",
-                            fail_in_background(1, 3, RuntimeError("injected: cannot read the copy"))),
+                            fail_on(1, 3, RuntimeError("injected: cannot read the copy"), background_only=True)),
 }
 
 

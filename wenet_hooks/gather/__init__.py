@@ -26,7 +26,7 @@ from torch import nn
 
 from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
-from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, gather_partitions
+from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, prepare_gather
 from wenet_hooks.gather.masters import unpartitioned_masters, unwrap_model
 from wenet_hooks.gather.per_param import HostCopies, gather_entry
 
@@ -72,7 +72,7 @@ def consolidate(
     entries = module.state_dict(keep_vars=True)
     params = _partitionable_parameters(entries, masters)
     with torch.no_grad():
-        bucketed = gather_partitions(engine, params, copy.target, int(bucket_mb * 2**20), copy.record_failure)
+        bucketed = prepare_gather(engine, params, copy.target, int(bucket_mb * 2**20), copy.record_failure).run()
     # Tied weights are one Parameter object under several keys: gather it once
     # and reuse the CPU copy, so the file stores it once, as torch.save would.
     gathered: dict[int, Optional[torch.Tensor]] = {id(params[i]): bucketed.tensors.get(i) for i in bucketed.indices}

@@ -60,27 +60,6 @@ class Gathered:
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def gather_partitions(
-    engine: object,
-    params: Sequence[torch.nn.Parameter],
-    target: torch.dtype,
-    bucket_bytes: int,
-    record_failure: RecordFailure,
-    state_key: Optional[str] = None,
-) -> Gathered:
-    """Collective: the fp32 masters of ``params`` that DeepSpeed partitions, on rank 0.
-
-    With ``state_key``, that optimizer state of each parameter (``exp_avg``...)
-    instead: it lies in flat tensors of the masters' own layout.
-
-    Parameters whose index is not in the result's ``indices`` were not
-    gathered here (frozen, or a layout this does not know); the caller gets
-    them the per-parameter way. Local failures go to ``record_failure`` and the
-    collectives continue.
-    """
-    return prepare_gather(engine, params, target, bucket_bytes, record_failure, state_key).run()
-
-
 def prepare_gather(
     engine: object,
     params: Sequence[torch.nn.Parameter],
@@ -90,7 +69,16 @@ def prepare_gather(
     state_key: Optional[str] = None,
     background_group: Any = None,
 ) -> PendingGather:
-    """Collective: agree on the layout and allocate; :meth:`PendingGather.run` then moves the bytes.
+    """Collective: the gather of the fp32 masters of ``params`` that DeepSpeed partitions, agreed on
+    by every rank and allocated; :meth:`PendingGather.run` moves them to rank 0.
+
+    With ``state_key``, that optimizer state of each parameter (``exp_avg``...)
+    instead: it lies in flat tensors of the masters' own layout.
+
+    Parameters whose index is not in the result's ``indices`` are not gathered
+    here (frozen, or a layout this does not know); the caller gets them the
+    per-parameter way. Local failures go to ``record_failure`` and the
+    collectives continue.
 
     With ``background_group`` (a gloo group of every rank), each rank copies its
     flat partitions to host memory now, and ``run`` may be called later, off
