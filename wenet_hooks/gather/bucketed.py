@@ -92,7 +92,9 @@ def prepare_gather(
     if layout is None:
         return PendingGather(set())
     assert parts is not None  # every rank described its partitions
-    chunk = max(1, bucket_bytes // (_FP32_BYTES * dist.get_world_size()))
+    # No chunk larger than the largest flat buffer: a small model's gather then holds kilobytes,
+    # not a whole bucket, while it waits in the background.
+    chunk = max(1, min(bucket_bytes // (_FP32_BYTES * dist.get_world_size()), max(layout.flat_numels, default=1)))
     moves = None
     try:
         flats, group = parts.flats, parts.process_group
