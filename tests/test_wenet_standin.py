@@ -33,6 +33,7 @@ def write_configs(tmp_path, stage, section=None, **configs):
     """train.yaml (with an optional wenet_hooks section) and a DeepSpeed json."""
     if section is not None:
         configs["wenet_hooks"] = section
+    configs.setdefault("max_epoch", 1)  # WeNet's default is 100
     (tmp_path / "train.yaml").write_text(yaml.dump(configs))
     (tmp_path / "ds.json").write_text(json.dumps(ds_config(stage)))
 

@@ -157,8 +157,12 @@ def _save_job(path: Path, state_dict: Optional[dict], finish: Optional[Callable[
             except Exception as e:  # the weights are still written; this is raised after
                 failure = e
         # A rank that failed sent zeros: rank 0 must know before it publishes what it received.
-        all_sent = all_ok(failure is None, "sending the optimizer state", deferred_over) \
-            if deferred_over is not None else failure is None
+        all_sent = failure is None
+        if deferred_over is not None:
+            try:
+                all_sent = all_ok(failure is None, "sending the optimizer state", deferred_over)
+            except Exception as e:  # the group is gone (destroyed early): the weights are still written
+                all_sent, failure = False, failure or e
         if is_rank0():
             write_state_dict(state_dict, path, verify=verify)
             optim = optimizer_path(path)

@@ -74,7 +74,7 @@ def main():
 
     executor = Executor(global_step=infos.get("step", -1))
     start_epoch = infos.get("epoch", 0) + int("epoch_" in infos.get("tag", ""))
-    end_epoch = configs.get("max_epoch", 1) if "save_interval" not in configs else 1
+    end_epoch = configs.get("max_epoch", 100) if "save_interval" not in configs else 1  # WeNet's own line
     final_epoch = None
     for epoch in range(start_epoch, end_epoch):
         configs["epoch"] = epoch
