@@ -20,7 +20,7 @@ export PYTHONWARNINGS ?= ignore
 # killed half-way elsewhere leaves a lock in the shared cache that would stall every launch.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test compat clean
+.PHONY: demo test compat gpu-check clean
 
 $(BIN)/.stack:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ demo: $(BIN)/.installed
 # The installed pytest (not `python -m pytest`, which would put the source tree on sys.path).
 test: $(BIN)/.installed
 	$(BIN)/pytest tests -q -rs
+
+# On a GPU machine whose python3 has torch (CUDA), DeepSpeed and this package: the checks only a GPU can
+# run, then bench/gpu.py (bench/gpu_check.py says what each shows). Never part of `make test` or CI.
+GPU_PYTHON ?= python3
+gpu-check:
+	env -u DS_ACCELERATOR -u OMP_NUM_THREADS $(GPU_PYTHON) bench/gpu_check.py
 
 # One venv per torch + DeepSpeed pair, the suite in each; writes docs/compatibility.md's table.
 compat:

@@ -10,9 +10,9 @@ Alternates, ``--repeats`` times each, and prints one table row per question:
 2. ``model_only``: WeNet's current path (``save_checkpoint`` + DeepSpeed's
    ``convert_zero_checkpoint_to_fp32_state_dict`` on rank 0 + removal) vs this
    package, time to a recognize-ready file and bytes written;
-3. exact resume: the extra blocking when the hook also writes ``<tag>.optim.pt``
+3. exact resume: the extra blocking when the hook also writes ``<tag>.optim``
    (its gather in the background, as the hook does, and gathered first);
-   ``<tag>.pt`` + ``<tag>.optim.pt`` INSTEAD of DeepSpeed's sharded save (blocking
+   ``<tag>.pt`` + ``<tag>.optim`` INSTEAD of DeepSpeed's sharded save (blocking
    time and bytes against ``save_checkpoint``); and what restoring them costs at
    start-up.
 """
@@ -115,14 +115,14 @@ def main() -> None:
 
     def hooked_with_optimizer(i: int) -> None:
         engine.save_checkpoint(str(args.out), tag=f"e{i}")
-        with timer(optim_part):  # the hook's extra blocking when it also writes <tag>.optim.pt
+        with timer(optim_part):  # the hook's extra blocking when it also writes <tag>.optim
             save_consolidated(engine, args.out, f"e{i}", SaveOptions(optimizer=True), writer=writer)
             dist.barrier()
         with timer(optim_gather_background):  # training would run meanwhile: the gather, then the write
             settle_background(writer)
         if dist.get_rank() == 0:
             sharded_bytes.append(folder_bytes(args.out / f"e{i}"))
-        remove(f"e{i}", f"e{i}.pt", f"e{i}.optim.pt")
+        remove(f"e{i}", f"e{i}.pt", f"e{i}.optim")
 
     def remove(*names: str) -> None:
         """Rank 0 removes a measured save's files at once: at 256M one repeat would fill 20 GB."""
@@ -140,21 +140,21 @@ def main() -> None:
             dist.barrier()
         with timer(optim_background):
             settle_background(writer)
-        remove(f"g{i}", f"g{i}.pt", f"g{i}.optim.pt")
+        remove(f"g{i}", f"g{i}.pt", f"g{i}.optim")
 
     def files_instead_of_sharded(i: int) -> None:
-        with timer(files_only):  # <tag>.pt + <tag>.optim.pt and no sharded save at all
+        with timer(files_only):  # <tag>.pt + <tag>.optim and no sharded save at all
             save_consolidated(engine, args.out, f"f{i}", SaveOptions(optimizer=True), writer=writer)
             dist.barrier()
         with timer(files_background):
             settle_background(writer)
         if dist.get_rank() == 0:
-            files_bytes.append(folder_bytes(args.out / f"f{i}.pt") + folder_bytes(args.out / f"f{i}.optim.pt"))
+            files_bytes.append(folder_bytes(args.out / f"f{i}.pt") + folder_bytes(args.out / f"f{i}.optim"))
         dist.barrier()
         with timer(restores):  # what a resume costs at start-up (every rank reads both files)
-            restore(engine, args.out / f"f{i}.pt", args.out / f"f{i}.optim.pt")
+            restore(engine, args.out / f"f{i}.pt", args.out / f"f{i}.optim")
             dist.barrier()
-        remove(f"f{i}.pt", f"f{i}.optim.pt")
+        remove(f"f{i}.pt", f"f{i}.optim")
 
     def wenet_path(i: int) -> None:
         with timer(wenet):
@@ -198,8 +198,8 @@ def main() -> None:
     print()
     plain = median(sharded)
     with_optim = median(optim_part)
-    print(table(["model", "save_checkpoint (s)", "blocking, .pt (s)", "blocking, .pt + .optim.pt (s)",
-                 "extra for .optim.pt (s)", "extra for .optim.pt / save_checkpoint",
+    print(table(["model", "save_checkpoint (s)", "blocking, .pt (s)", "blocking, .pt + .optim (s)",
+                 "extra for .optim (s)", "extra for .optim / save_checkpoint",
                  "background gather + write after (s)", "blocking, optimizer gathered first (s)",
                  "its extra / save_checkpoint"],
                 [[size, f"{plain:.2f}", f"{extra:.2f}", f"{with_optim:.2f}", f"{with_optim - extra:.2f}",

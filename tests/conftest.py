@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import wenet_hooks
+from declared_skips import declared
 from multirank import MULTIRANK_SKIP_REASON
 
 TESTS = Path(__file__).resolve().parent
@@ -33,6 +34,13 @@ if (Path(wenet_hooks.__file__).resolve().parent == REPO / "wenet_hooks"
     raise pytest.UsageError(
         f"wenet_hooks is imported from the source tree ({wenet_hooks.__file__}), not from an installed wheel; "
         "HINT: run `make test`, which installs the wheel, or set WENET_HOOKS_TEST_SOURCE=1 on purpose")
+
+# Real checkpoints written by WeNet's own train.py (../shared beside the clone, as in CI): every test of
+# what reads checkpoints uses them, so their absence stops the run instead of skipping those tests.
+FIXTURES = REPO.parent / "shared" / "fixtures" / "wenet"
+if not FIXTURES.is_dir():
+    raise pytest.UsageError(f"{FIXTURES} is missing; HINT: clone this repository beside the project's shared/ "
+                            "folder, which holds WeNet's real checkpoints")
 
 # DeepSpeed on the CPU: its CPU accelerator, gloo, one thread per rank so two
 # ranks share two cores without oversubscription.
@@ -106,6 +114,18 @@ CASES = [
     for precision in ("fp32", "bf16")
     for offload in (("nooffload",) if stage == 0 else ("nooffload", "offload"))
 ]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skip not declared for this torch/DeepSpeed pair in tests/declared_skips.py is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not declared(reason):
+            report.outcome = "failed"
+            report.longrepr = f"undeclared skip (declare it in tests/declared_skips.py, or fix the cause): {reason}"
 
 
 def pytest_collection_modifyitems(config, items):

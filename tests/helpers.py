@@ -152,3 +152,31 @@ def small_disk(tmp_path, nbytes):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def deepspeed_optimizer_reference(model_dir: Path, tag: str, key: str, scratch: Path) -> dict[str, torch.Tensor]:
+    """Optimizer state ``key`` (``exp_avg``...) of every trainable parameter, reassembled by DeepSpeed's own
+    ``zero_to_fp32`` from DeepSpeed's shards: a copy of ``model_dir/tag`` whose flat fp32 partitions are
+    replaced by the same rank's flat ``key`` tensors (which share their layout). DeepSpeed strips the
+    last rank's trailing padding from the fp32 partition it saves, so the moment is cut to its length."""
+    from wenet_hooks.readers.safe_load import load_shard
+
+    copy = scratch / tag
+    copy.mkdir(parents=True, exist_ok=True)
+    for shard in sorted((Path(model_dir) / tag).iterdir()):
+        if not shard.name.endswith("optim_states.pt"):
+            (copy / shard.name).symlink_to(shard.resolve())
+            continue
+        osd = load_shard(shard)["optimizer_state_dict"]
+        name = "fp32_flat_groups" if "fp32_flat_groups" in osd else "single_partition_of_fp32_groups"
+        base = osd.get("base_optimizer_state") if name == "single_partition_of_fp32_groups" else osd["optimizer_state_dict"]
+        # What zero_to_fp32 reads of a shard, as plain data (DeepSpeed's own objects, its loss scaler, are left out).
+        plain = {k: v for k, v in osd.items() if k in ("partition_count", "param_alignment_paddings", "group_paddings")}
+        plain["zero_stage"] = int(getattr(osd["zero_stage"], "value", osd["zero_stage"]))
+        plain[name] = [base["state"][g][key][: flat.numel()].clone() for g, flat in enumerate(osd[name])]
+        torch.save({"optimizer_state_dict": plain}, copy / shard.name)
+    (scratch / "latest").write_text(tag)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(scratch), tag=tag, exclude_frozen_parameters=True))

@@ -20,7 +20,7 @@ import torch
 
 from helpers import assert_state_dicts_equal, deepspeed_reference, zero0_checkpoint_without_masters
 from conftest import CASES, case_dir
-from support.tiny_model import build_model, make_batch
+from support.tiny_model import NEGATIVE_ZERO, build_model, make_batch
 
 TAG = "step_3"
 FROZEN = ["encoder.embed.weight", "encoder.embed.bias"]
@@ -122,6 +122,21 @@ def test_dtype_option_casts_floating_tensors_only(matrix, case):
     bf16 = load(folder / f"{TAG}.bf16.pt")
     expected = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in fp32.items()}
     assert_state_dicts_equal(bf16, expected)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("z0-")])
+def test_a_negative_zero_weight_keeps_its_sign_bit(matrix, case):
+    """A -0.0 master (and training weight) is written as -0.0: the bytes DeepSpeed holds, not an all-reduce's +0.0."""
+    folder = case_dir(matrix, case)
+    ours = load(folder / "step_4.negative_zero.pt")
+    value = ours[NEGATIVE_ZERO].view(-1)[0]
+    assert value.item() == 0.0 and torch.signbit(value)
+    reference = deepspeed_reference(folder, "step_4", build_model())  # the rest: step_4 as DeepSpeed saved it
+    expected = {k: v for k, v in reference.items() if k in ours}
+    expected[NEGATIVE_ZERO] = expected[NEGATIVE_ZERO].clone()
+    expected[NEGATIVE_ZERO].view(-1)[0] = -0.0
+    assert_state_dicts_equal({k: v for k, v in ours.items() if k in expected and k not in FROZEN},
+                             {k: v for k, v in expected.items() if k not in FROZEN})
 
 
 def test_zero1_frozen_weights_dropped_by_deepspeed_are_kept(matrix):

@@ -13,19 +13,16 @@ import os
 import pickle
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CONVERT, case_dir
+from conftest import CONVERT, FIXTURES, case_dir
 from helpers import assert_state_dicts_equal, small_disk
 from support.deepspeed_versions import zero_to_fp32
 from wenet_hooks import Manifest, verify
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "wenet"
 
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} is missing")
 
 
 def convert(*overrides, check=True):
@@ -61,7 +58,6 @@ def wenet_dir(tmp_path_factory):
     return model_dir
 
 
-@needs_fixtures
 def test_real_wenet_checkpoints_every_tag(wenet_dir):
     proc = convert(f"model_dir={wenet_dir}")
     lines = proc.stdout.splitlines()
@@ -111,8 +107,6 @@ def test_sharded_folder_outputs_of_zero_to_fp32(matrix, tmp_path, safe):
     that case converts the real WeNet Transformer of the fixtures instead.
     """
     if safe:
-        if not FIXTURES.is_dir():
-            pytest.skip(f"{FIXTURES} is missing")
         source, tag = FIXTURES / "t_z2_model_optimizer", "epoch_0"
     else:
         source, tag = case_dir(matrix, "z2-fp32-nooffload"), "step_3"
@@ -129,7 +123,6 @@ def test_sharded_folder_outputs_of_zero_to_fp32(matrix, tmp_path, safe):
         assert tied[0].untyped_storage().data_ptr() == tied[1].untyped_storage().data_ptr()
 
 
-@needs_fixtures
 def test_dry_run_writes_nothing(tmp_path):
     shutil.copytree(FIXTURES / "t_z3_model_optimizer", tmp_path / "exp")
     before = snapshot(tmp_path / "exp")
@@ -156,7 +149,6 @@ def assert_refused(exp, message, *overrides):
     assert snapshot(exp) == before
 
 
-@needs_fixtures
 def test_missing_rank_shard(tmp_path):
     exp = bad_input(tmp_path, "t_z2_model_optimizer",
                     lambda e: (e / "epoch_0" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink())
@@ -164,7 +156,6 @@ def test_missing_rank_shard(tmp_path):
                    "rank 1, is missing (1 of 2 ranks found); HINT: copy it back from the node that wrote it")
 
 
-@needs_fixtures
 def test_shard_of_another_world_size(tmp_path):
     def spoil(e):
         shutil.copy(e / "epoch_0" / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
@@ -186,7 +177,6 @@ def test_shards_of_two_different_steps(matrix, tmp_path):
                    "are mixed in this folder")
 
 
-@needs_fixtures
 def test_truncated_shard(tmp_path):
     def spoil(e):
         path = e / "epoch_0" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -205,7 +195,6 @@ class _RunsCode:
         return (os.mkdir, (self.marker,))
 
 
-@needs_fixtures
 def test_crafted_shard_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     exp = bad_input(tmp_path, "t_z2_model_optimizer", lambda e: torch.save(
@@ -216,7 +205,6 @@ def test_crafted_shard_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-@needs_fixtures
 def test_not_a_deepspeed_checkpoint_and_unknown_tag(tmp_path):
     exp = tmp_path / "exp"
     (exp / "epoch_0").mkdir(parents=True)
@@ -228,7 +216,6 @@ def test_not_a_deepspeed_checkpoint_and_unknown_tag(tmp_path):
                    "epoch_9.pt/); HINT: tags found: epoch_0", "tag=epoch_9")
 
 
-@needs_fixtures
 def test_latest_naming_a_missing_tag(tmp_path):
     exp = bad_input(tmp_path, "t_z2_model_optimizer", lambda e: (e / "latest").write_text("epoch_7"))
     assert_refused(exp, f"{exp / 'latest'}: names tag 'epoch_7', which has no checkpoint in {exp}; HINT: pass "
@@ -245,7 +232,6 @@ def test_index_naming_a_missing_file(matrix, tmp_path):
                    "checkpoint instead", "tag=step_3")
 
 
-@needs_fixtures
 def test_existing_output_needs_overwrite(tmp_path):
     exp = bad_input(tmp_path, "t_z2_model_optimizer", lambda e: None)
     convert(f"model_dir={exp}", "tag=epoch_0")
@@ -257,7 +243,6 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert first != (exp / "epoch_0.pt").read_bytes()
 
 
-@needs_fixtures
 def test_interrupted_repair_is_finished_by_the_next_run(tmp_path):
     """A crash after the folder was moved aside: the next run finds it and completes the repair."""
     exp = tmp_path / "exp"
@@ -274,7 +259,6 @@ def folder_size(folder):
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-@needs_fixtures
 def test_full_disk_says_how_much_and_leaves_nothing_half_written(tmp_path):
     source = FIXTURES / "t_z3_model_optimizer"
     with small_disk(tmp_path, folder_size(source) + 512 * 1024) as disk:
@@ -285,7 +269,6 @@ def test_full_disk_says_how_much_and_leaves_nothing_half_written(tmp_path):
         assert_refused(exp, "B free; HINT: free space or point model_dir elsewhere", "tag=epoch_0")
 
 
-@needs_fixtures
 def test_read_only_folder(tmp_path):
     with small_disk(tmp_path, 64 * 2**20) as disk:
         exp = disk / "exp"
@@ -295,7 +278,6 @@ def test_read_only_folder(tmp_path):
                        "system); HINT: check its permissions or mount", "tag=epoch_0")
 
 
-@needs_fixtures
 def test_repair_interrupted_after_publishing_is_cleaned_up(tmp_path):
     """A crash between publishing epoch_0.pt and removing the moved-aside folder."""
     exp = tmp_path / "exp"
@@ -308,10 +290,29 @@ def test_repair_interrupted_after_publishing_is_cleaned_up(tmp_path):
     assert sorted(p.name for p in exp.iterdir() if p.name.startswith("epoch_0")) == ["epoch_0.pt", "epoch_0.yaml"]
 
 
-@needs_fixtures
 def test_a_file_of_another_kind_in_the_folder(tmp_path):
     exp = bad_input(tmp_path, "t_z2_model_optimizer", lambda e: torch.save(
         {"weights": torch.zeros(2)}, e / "epoch_0" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
     assert_refused(exp, f"{exp / 'epoch_0' / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'}: is not a DeepSpeed "
                    "checkpoint shard (no 'optimizer_state_dict' in it); HINT: a file of another kind was put in "
                    "this folder", "tag=epoch_0")
+
+
+def test_optimizer_files_under_the_old_name_are_renamed(tmp_path):
+    """wenet_hooks 0.2.0 named the optimizer file <tag>.optim.pt, which WeNet's average_model.py averages into
+    the model: the offline command renames the package's own (never a model that happens to match)."""
+    exp = tmp_path / "exp"
+    shutil.copytree(FIXTURES / "t_z2_model_optimizer", exp)
+    convert(f"model_dir={exp}", "tag=epoch_0", "optimizer=true")
+    written = (exp / "epoch_0.optim").read_bytes()
+    (exp / "epoch_0.optim").rename(exp / "epoch_0.optim.pt")
+    shutil.copy(exp / "epoch_0.pt", exp / "model.optim.pt")  # a model under such a name: not the package's
+    dry = convert(f"model_dir={exp}", "dry_run=true")
+    assert f"would rename {exp / 'epoch_0.optim.pt'} to epoch_0.optim" in dry.stdout
+    assert (exp / "epoch_0.optim.pt").is_file()
+    proc = convert(f"model_dir={exp}")
+    assert f"renamed {exp / 'epoch_0.optim.pt'} to epoch_0.optim: WeNet's average_model.py takes every *.pt for a " \
+           "model" in proc.stderr
+    assert (exp / "epoch_0.optim").read_bytes() == written and not (exp / "epoch_0.optim.pt").exists()
+    assert (exp / "model.optim.pt").is_file()
+    assert sorted(p.name for p in exp.glob("[!init]*.pt")) == ["epoch_0.pt", "model.optim.pt"]

@@ -36,3 +36,4 @@ def test_a_tensor_that_does_not_fit_its_layout_publishes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"^'b': produced torch.float32\[4\], laid out as torch.float32\[3\]$"):
         write_entries(entries, iter([torch.zeros(2, 2), torch.zeros(4)]), tmp_path / "x.pt")
     assert list(tmp_path.iterdir()) == []
+

@@ -43,11 +43,7 @@ def launch_two_nodes(script, *args, records):
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     for node, (proc, output) in enumerate(zip(nodes, outputs)):
-        # gloo/DeepSpeed sometimes abort a rank in the interpreter's teardown, after all its work
-        # ("terminate called without an active exception"; seen under load, not caused by this
-        # package): tolerated there only, the test then judges by the files and the writers recorded.
-        teardown_abort = "terminate called without an active exception" in output
-        assert proc.returncode == 0 or teardown_abort, f"node {node} exited {proc.returncode}:\n{output[-6000:]}"
+        assert proc.returncode == 0, f"node {node} exited {proc.returncode}:\n{output[-6000:]}"
     return outputs
 
 
@@ -79,11 +75,12 @@ def test_wenet_standin_on_two_nodes_writes_each_save_once_from_global_rank_0(tmp
     launch_two_nodes(STANDIN / "wenet" / "bin" / "train.py", "--train_engine", "deepspeed",
                      "--deepspeed_config", str(tmp_path / "ds.json"), "--deepspeed.save_states", "model+optimizer",
                      "--config", str(tmp_path / "train.yaml"), "--model_dir", str(exp), records=records)
-    saved = sorted(p.name for p in exp.glob("*.pt") if not p.is_symlink())
-    assert saved == ["epoch_0.optim.pt", "epoch_0.pt", "epoch_1.optim.pt", "epoch_1.pt", "init.optim.pt", "init.pt"]
+    saved = sorted(p.name for p in exp.glob("*.pt*") if not p.is_symlink()) + sorted(
+        p.name for p in exp.glob("*.optim"))
+    assert saved == ["epoch_0.pt", "epoch_1.pt", "init.pt", "epoch_0.optim", "epoch_1.optim", "init.optim"]
     assert (exp / "final.pt").resolve() == exp / "epoch_1.pt"
     assert writes(records) == sorted(("0", "0", "0", name) for name in saved)  # global rank 0, once each
     assert not list(exp.glob("*.tmp"))
-    for name in saved[1::2]:  # the weights
+    for name in saved[:3]:  # the weights
         build_model(seed=5).load_state_dict(torch.load(str(exp / name), map_location="cpu", weights_only=True),
                                             strict=True)

@@ -20,8 +20,7 @@ from wenet_hooks.file.manifest import Manifest
 from wenet_hooks.readers.folder import FolderCheckpoint
 from wenet_hooks.readers.sharded import ShardedCheckpoint
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "wenet"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} is missing")
+from conftest import FIXTURES
 SHARDED = ["t_z1_model_optimizer", "t_z2_model_optimizer", "t_z3_model_optimizer", "t_z1_lora"]
 
 

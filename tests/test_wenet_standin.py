@@ -71,7 +71,15 @@ def test_model_and_optimizer_zero2_steps_epochs_and_retention(tmp_path):
     for tag in tags:
         assert_recognize_ready(exp / f"{tag}.pt")
         assert (exp / f"{tag}.yaml").is_file()
-        assert (exp / f"{tag}.optim.pt").is_file()  # model+optimizer: the optimizer too, for exact resume
+        assert (exp / f"{tag}.optim").is_file()  # model+optimizer: the optimizer too, for exact resume
+    # WeNet's average_model.py takes every model_dir/[!init]*.pt for a model (by mtime, without
+    # --val_best) and loads it with strict=False: nothing the package writes may match unless it is one.
+    averaged = sorted(p.name for p in exp.glob("[!init]*.pt"))
+    assert averaged == ["epoch_0.pt", "final.pt", "step_1.pt", "step_3.pt"]
+    for name in averaged:
+        build_model(seed=5).load_state_dict(load(exp / name), strict=True)
+    # With --val_best it reads each <tag>.yaml and opens <tag>.pt.
+    assert sorted(p.stem for p in exp.glob("*.yaml") if p.name != "train.yaml") == sorted(tags)
     # keep_sharded: 1 kept only the newest sharded folder, each removed one after its .pt verified.
     assert [t for t in tags if (exp / t).is_dir()] == ["epoch_0"]
     assert_state_dicts_equal(load(exp / "epoch_0.pt"), deepspeed_reference(exp, "epoch_0", build_model()))

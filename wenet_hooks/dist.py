@@ -3,6 +3,8 @@ all-rank vote that keeps every rank raising (or going on) together."""
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import traceback
 from dataclasses import dataclass
@@ -87,6 +89,7 @@ def all_ok(ok: bool, what: str, group: object = None) -> bool:
 
 # (the default group it was made in, the gloo group of every rank)
 _background: Optional[tuple[object, object]] = None
+_release_registered = False
 
 
 def background_group() -> object:
@@ -95,9 +98,38 @@ def background_group() -> object:
 
     It has its own communicator, so its collectives never interleave with
     training's on the default group (NCCL or gloo); gloo moves host memory,
-    which is where a background gather's snapshot lies.
+    which is where a background gather's snapshot lies. It is destroyed at
+    exit (:func:`release_background_group`).
     """
-    global _background
+    global _background, _release_registered
     if _background is None or _background[0] is not dist.group.WORLD:
         _background = (dist.group.WORLD, dist.new_group(backend="gloo"))
+        if not _release_registered:  # at the first group, not at import
+            atexit.register(release_background_group)
+            _release_registered = True
     return _background[1]
+
+
+def release_background_group() -> None:
+    """Destroy the package's gloo group and drop every reference to it, while the interpreter is whole.
+
+    Kept alive into the interpreter's finalization (after WeNet's own
+    ``destroy_process_group()``, which forgets the group but cannot free it
+    while this module holds it, or after a save failed and the process ends
+    without it), gloo's worker threads free the tensors of their last work
+    there, need the GIL that is being torn down, and the process aborts
+    ("terminate called without an active exception") after its work is done.
+    Python has joined the writer thread before atexit handlers run.
+    """
+    global _background
+    if _background is None:
+        return
+    world, group = _background
+    _background = None
+    if is_distributed() and dist.group.WORLD is world:
+        try:
+            dist.destroy_process_group(group)
+        except Exception:  # already gone with the default group: dropping it below is enough
+            logging.getLogger(__name__).debug("destroying the background group", exc_info=True)
+    del world, group
+    gc.collect()

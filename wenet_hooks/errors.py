@@ -88,7 +88,7 @@ def _listing(problems: Sequence[str]) -> str:
 
 
 class RestoreError(WenetHooksError):
-    """A resume from ``<tag>.pt`` + ``<tag>.optim.pt`` was refused before anything changed."""
+    """A resume from ``<tag>.pt`` + ``<tag>.optim`` was refused before anything changed."""
 
     def __init__(self, path: Path, problems: Sequence[str]) -> None:
         self.path = Path(path)

@@ -1,7 +1,7 @@
 """Exact resume from single files, at any world size and ZeRO stage: :func:`restore`.
 
 Right after ``deepspeed.initialize`` and before the first step, every rank
-reads ``<tag>.pt`` and ``<tag>.optim.pt`` in full and writes into its own
+reads ``<tag>.pt`` and ``<tag>.optim`` in full and writes into its own
 partitions exactly the slices it owns: the fp32 masters (so bf16 runs do not
 resume from bf16-rounded weights) and each optimizer state, through the same
 fragments the gather reads them by (:mod:`wenet_hooks.gather.masters`); then
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
@@ -23,15 +23,9 @@ from wenet_hooks.dist import first_failure, get_world_size
 from wenet_hooks.errors import RestoreError, VerificationError
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, from_file_dict
 from wenet_hooks.file.verify import load_state_dict_file
-from wenet_hooks.gather.masters import (
-    Partitions,
-    base_optimizer,
-    find_partitions_quietly,
-    full_shape,
-    unwrap_model,
-    zero_stage,
-)
-from wenet_hooks.gather.optimizer import optimizer_family, trainable_parameters
+from wenet_hooks.gather.check import check_masters, mismatched
+from wenet_hooks.gather.masters import EngineLayout, full_shape, inspect_engine
+from wenet_hooks.gather.optimizer import optimizer_family
 
 logger = logging.getLogger(__name__)
 
@@ -55,31 +49,40 @@ class Restored:
 def restore(engine: Any, weights: Union[str, Path], optimizer_file: Union[str, Path]) -> Restored:
     """Collective: must be called on all ranks, before the first step. Resume exactly.
 
+    The module must hold the weights of ``weights`` (load them before
+    ``deepspeed.initialize``, as WeNet's ``--checkpoint`` does): each rank
+    checks that the slices it is about to write equal its training weights,
+    and after writing that its masters do (:mod:`wenet_hooks.gather.check`).
+
     Raises:
         RestoreError: on every rank, listing every problem of either file
-            (another model, another optimizer type, truncated, not plain data);
-            nothing was changed.
+            (another model, another optimizer type, truncated, not plain data,
+            weights the module does not hold); nothing was changed.
+        ConsolidationError: on every rank, if the masters written do not
+            equal the training weights afterwards (the run must not go on).
     """
     weights, optimizer_file = Path(weights), Path(optimizer_file)
-    params = trainable_parameters(unwrap_model(engine))
-    parts = find_partitions_quietly(engine, list(params.values()))
-    values, meta, state, problems = _read_and_check(engine, params, parts, weights, optimizer_file)
+    layout = inspect_engine(engine)
+    params = {layout.names[i]: layout.params[i] for i in layout.trainable()}
+    values, meta, state, problems = _read_and_check(layout, params, weights, optimizer_file)
     # Every rank read the same files; agreeing still keeps one rank from changing alone.
     problems = first_failure(problems or None)
     if problems:
         raise RestoreError(optimizer_file, problems)
     with torch.no_grad():
-        _ensure_state(engine, parts, meta["state_keys"], meta["step"])
-        _write_partitions(engine, parts, list(params), values, state, meta["state_keys"])
-    _restore_counters(engine, meta)
+        _ensure_state(layout, meta["state_keys"], meta["step"])
+        _write_partitions(layout, values, state, meta["state_keys"])
+        check_masters(layout, "the fp32 masters restored")
+    _restore_counters(engine, layout, meta)
     return Restored(len(params), tuple(meta["state_keys"]), meta["step"],
                     f"ZeRO-{meta['zero_stage']} on {meta['world_size']} ranks",
-                    f"ZeRO-{zero_stage(engine)} on {get_world_size()} ranks")
+                    f"ZeRO-{layout.stage} on {get_world_size()} ranks")
 
 
-def _read_and_check(engine, params, parts: Optional[Partitions], weights: Path, optimizer_file: Path):
+def _read_and_check(layout: EngineLayout, params: dict[str, torch.nn.Parameter], weights: Path,
+                    optimizer_file: Path):
     """Both files read and checked against this run: ``(weights, meta, state, problems)``."""
-    if parts is None:
+    if layout.partitions is None:
         return {}, {}, {}, [
             "this run keeps its fp32 masters in no partition layout wenet_hooks knows (ZeRO-0, NVMe-swapped "
             "optimizer states); HINT: exact resume needs ZeRO stage 1, 2 or 3 (with or without CPU offload)"]
@@ -94,10 +97,24 @@ def _read_and_check(engine, params, parts: Optional[Partitions], weights: Path, 
     except VerificationError as e:
         problems += [f"{optimizer_file}: {p}" for p in e.problems]
     if meta is not None:
-        problems += _optimizer_mismatches(engine, params, meta, state)
+        problems += _optimizer_mismatches(layout, params, meta, state)
     if values is not None:
         problems += _weight_mismatches(weights, params, values)
+        if not problems:
+            problems += _not_in_the_module(layout, weights, values)
     return values, meta, state, problems
+
+
+def _not_in_the_module(layout: EngineLayout, weights: Path, values: dict[str, torch.Tensor]) -> list[str]:
+    """This rank's slices of the file's weights, as they would be written, against its training weights."""
+    assert layout.partitions is not None
+    wrong = mismatched(layout.partitions, layout.names,
+                       lambda f: values[layout.names[f.param]].reshape(-1).narrow(0, f.start, f.numel))
+    if not wrong:
+        return []
+    return [f"weights: {len(wrong)} parameter(s) of {weights.name} differ from the weights this run's module holds "
+            f"(first: {wrong[0]}); HINT: load the same file into the model before deepspeed.initialize, as "
+            "WeNet's --checkpoint does"]
 
 
 def _weight_mismatches(path: Path, params, values) -> list[str]:
@@ -116,14 +133,14 @@ def _weight_mismatches(path: Path, params, values) -> list[str]:
     return problems
 
 
-def _optimizer_mismatches(engine, params, meta, state) -> list[str]:
+def _optimizer_mismatches(layout: EngineLayout, params, meta, state) -> list[str]:
     """Every way the optimizer file differs from this run's model and optimizer."""
     problems = []
-    mine = type(base_optimizer(engine)).__name__
+    mine = type(layout.optimizer).__name__
     if optimizer_family(meta["optimizer"]) != optimizer_family(mine):
         problems.append(f"holds {meta['optimizer']} state, but this run's optimizer is {mine}; HINT: resume "
-                        "with the optimizer the checkpoint was trained with, or without the .optim.pt file")
-    groups = base_optimizer(engine).param_groups
+                        "with the optimizer the checkpoint was trained with, or without the .optim file")
+    groups = layout.optimizer.param_groups
     if len(meta["param_groups"]) != len(groups):
         problems.append(f"has {len(meta['param_groups'])} param groups, this run's optimizer {len(groups)}")
     if set(meta["params"]) != set(params):
@@ -131,6 +148,10 @@ def _optimizer_mismatches(engine, params, meta, state) -> list[str]:
                         f"{len(params)} (first difference: "
                         f"'{next(iter(sorted(set(meta['params']) ^ set(params))))}')")
     if not meta["state_keys"]:
+        if meta["step"] > 0:
+            problems.append(f"holds no optimizer state although it was saved at optimizer step {meta['step']:g}: "
+                            "the state was kept where it was not read; HINT: resume without the optimizer file "
+                            "(weights only)")
         return problems  # saved before the first step: no state, nothing per parameter
     for name, param in params.items():
         shape = tuple(full_shape(param))
@@ -145,44 +166,67 @@ def _optimizer_mismatches(engine, params, meta, state) -> list[str]:
     return problems
 
 
-def _ensure_state(engine: Any, parts: Partitions, keys: list[str], step: float) -> None:
+def _ensure_state(layout: EngineLayout, keys: list[str], step: float) -> None:
     """Create the optimizer's state before its first step, as it would create it itself."""
     if not keys:
         return  # saved before the first step: the optimizer creates its state itself, as it would have
-    optimizer = base_optimizer(engine)
+    optimizer = layout.optimizer
     # torch's own optimizers keep the step as a float tensor; DeepSpeed's (CPU and fused Adam) as an int.
     as_tensor = type(optimizer).__module__.startswith("torch.optim")
-    for flat in parts.flats:
+    assert layout.partitions is not None
+    for flat in layout.partitions.flats:
         state = optimizer.state[flat]
         for key in keys:
             if key not in state:
                 state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        state["step"] = torch.tensor(step, dtype=_scalar_dtype()) if as_tensor else int(step)
+        state["step"] = step_value(step, _group_of(optimizer, flat), flat.device) if as_tensor else int(step)
     for group in optimizer.param_groups:
         if "step" in group:  # DeepSpeed's fused Adam counts in the group
             group["step"] = int(step)
+
+
+def step_value(step: float, group: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """``state["step"]`` as torch's Adam/AdamW make it for ``group``: on the parameters' device in
+    float32 when ``fused`` or ``capturable`` (their kernels read it there), else a CPU scalar of the
+    default float dtype (torch's ``_get_scalar_dtype``)."""
+    if group.get("fused") or group.get("capturable"):
+        dtype = torch.float32 if group.get("fused") else _scalar_dtype()
+        return torch.tensor(step, dtype=dtype, device=device)
+    return torch.tensor(step, dtype=_scalar_dtype())
+
+
+def _group_of(optimizer: Any, flat: torch.Tensor) -> dict[str, Any]:
+    # DeepSpeed hands each flat partition to its group's "params" while it steps (ZeRO-3 empties it
+    # between steps); the groups agree on fused/capturable in practice, so the first one decides there.
+    groups = optimizer.param_groups
+    return next((g for g in groups if any(p is flat for p in g["params"])), groups[0])
 
 
 def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _write_partitions(engine, parts: Partitions, names: list[str], values, state, keys: list[str]) -> None:
+def _write_partitions(layout: EngineLayout, values, state, keys: list[str]) -> None:
     """Each fragment this rank owns, from the full tensors: the masters, then every state."""
-    optimizer = base_optimizer(engine)
+    parts, names = layout.partitions, layout.names
+    assert parts is not None
     targets = [(parts.flats, values)]
-    targets += [([optimizer.state[flat][key] for flat in parts.flats], {n: state[n][key] for n in names})
-                for key in keys]
+    targets += [([layout.optimizer.state[flat][key] for flat in parts.flats],
+                 {names[i]: state[names[i]][key] for i in layout.trainable()}) for key in keys]
     for flats, full in targets:
         for f in parts.fragments:
             source = full[names[f.param]].reshape(-1).narrow(0, f.start, f.numel)
             flats[f.group].narrow(0, f.offset, f.numel).copy_(source)
 
 
-def _restore_counters(engine: Any, meta: dict[str, Any]) -> None:
-    for group, saved in zip(base_optimizer(engine).param_groups, meta["param_groups"]):
+# How this run's optimizer computes, not what it computes: the new run's configuration decides.
+_IMPLEMENTATION_FLAGS = ("step", "fused", "capturable", "foreach", "differentiable")
+
+
+def _restore_counters(engine: Any, layout: EngineLayout, meta: dict[str, Any]) -> None:
+    for group, saved in zip(layout.optimizer.param_groups, meta["param_groups"]):
         for key, value in saved.items():
-            if key in group and key != "step":
+            if key in group and key not in _IMPLEMENTATION_FLAGS:
                 group[key] = type(group[key])(value) if isinstance(group[key], tuple) else value
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and meta.get("lr_scheduler") is not None:

@@ -18,9 +18,10 @@ from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.dist import Failure, all_ok, background_group, first_failure, get_rank, is_rank0, log_rank0
 from wenet_hooks.dtypes import DtypeLike
 from wenet_hooks.errors import SaveError
-from wenet_hooks.file.optimizer_file import optimizer_path, to_file_dict
+from wenet_hooks.file.optimizer_file import legacy_optimizer_path, optimizer_path, to_file_dict
 from wenet_hooks.file.publish import write_state_dict
 from wenet_hooks.gather import DEFAULT_BUCKET_MB, consolidate
+from wenet_hooks.gather.masters import EngineLayout, inspect_engine
 from wenet_hooks.gather.optimizer import (
     GatheredOptimizer,
     PendingOptimizer,
@@ -46,7 +47,7 @@ class SaveOptions:
             DeepSpeed's flat fp32 partitions, which is also the gather's extra
             accelerator memory (default 16). ``0`` uses DeepSpeed's
             per-parameter ``safe_get_full_fp32_param`` instead.
-        optimizer: also write ``<tag>.optim.pt``, the optimizer state under
+        optimizer: also write ``<tag>.optim``, the optimizer state under
             the model's key names, for an exact resume at any world size and
             ZeRO stage (:func:`wenet_hooks.resume.restore`). Default ``False``.
         background_gather: with a ``writer``, each rank copies its partitions
@@ -73,7 +74,7 @@ def save_consolidated(
     writer: Optional[BackgroundWriter] = None,
     on_written: Optional[Callable[[], None]] = None,
 ) -> Path:
-    """Collective: must be called on all ranks. Write ``<model_dir>/<tag>.pt`` (and ``<tag>.optim.pt``).
+    """Collective: must be called on all ranks. Write ``<model_dir>/<tag>.pt`` (and ``<tag>.optim``).
 
     Gathers the full state dict (:func:`wenet_hooks.consolidate`), writes it
     atomically on rank 0 and, with ``options.verify``, reopens it and checks
@@ -92,13 +93,14 @@ def save_consolidated(
             the failing rank's message and where it raised.
     """
     path = Path(model_dir) / f"{tag}.pt"
-    state_dict, failure = _run_phase(lambda: consolidate(engine, options.dtype, options.bucket_mb), tag)
+    layout = inspect_engine(engine)  # once per save: the weights' gather and the optimizer's read it
+    state_dict, failure = _run_phase(lambda: consolidate(engine, options.dtype, options.bucket_mb, layout), tag)
     _raise_if_any_failed(failure, tag, "gathering the weights")
     # With a writer, the optimizer state may be gathered in the background from a copy taken now.
     in_background = writer is not None and options.background_gather
     pending: Optional[PendingOptimizer] = None
     if options.optimizer:
-        pending, failure = _run_phase(lambda: _prepare_optimizer(engine, options.bucket_mb, in_background), tag)
+        pending, failure = _run_phase(lambda: _prepare_optimizer(layout, options.bucket_mb, in_background), tag)
         _raise_if_any_failed(failure, tag, "gathering the optimizer state")
     deferred = in_background and pending is not None
     finish: Optional[Callable[[], Optional[GatheredOptimizer]]] = None
@@ -130,17 +132,18 @@ def settle_background(writer: BackgroundWriter) -> None:
         raise _save_error(failed.tag, f"{failed.what} in the background", failed.failure)
 
 
-def _prepare_optimizer(engine: Any, bucket_mb: float, in_background: bool) -> Optional[PendingOptimizer]:
+def _prepare_optimizer(layout: EngineLayout, bucket_mb: float, in_background: bool) -> Optional[PendingOptimizer]:
     """Collective: the optimizer state, ready to gather; None where it cannot be gathered (ZeRO-0,
-    NVMe-swapped states): the save goes on without it, as WeNet's own would."""
-    reason = optimizer_unavailable(engine)
+    NVMe-swapped states, state kept outside the base optimizer): the save goes on without it, as
+    WeNet's own would."""
+    reason = optimizer_unavailable(layout)
     if reason is not None:
         if reason not in _said:  # once per run, not at every save
             _said.add(reason)
-            log_rank0(logger, logging.WARNING, "wenet_hooks: no <tag>.optim.pt is written: %s; a resume from "
+            log_rank0(logger, logging.WARNING, "wenet_hooks: no <tag>.optim is written: %s; a resume from "
                       "these saves restarts the optimizer", reason)
         return None
-    return prepare_optimizer(engine, bucket_mb or DEFAULT_BUCKET_MB,  # never per parameter: no such path
+    return prepare_optimizer(layout, bucket_mb or DEFAULT_BUCKET_MB,  # never per parameter: no such path
                              background_group() if in_background else None)
 
 
@@ -165,17 +168,25 @@ def _save_job(path: Path, state_dict: Optional[dict], finish: Optional[Callable[
                 all_sent, failure = False, failure or e
         if is_rank0():
             write_state_dict(state_dict, path, verify=verify)
-            optim = optimizer_path(path)
             if gathered is not None and all_sent:
-                write_state_dict(to_file_dict(gathered.state, gathered.meta), optim, verify=verify)
-            elif optim.is_file():
-                optim.unlink()
+                write_state_dict(to_file_dict(gathered.state, gathered.meta), optimizer_path(path), verify=verify)
+            else:
+                _remove_stale(optimizer_path(path))
+            _remove_stale(legacy_optimizer_path(path))
             if on_written is not None and all_sent:
                 on_written()
         if failure is not None:
             raise failure
 
     return job
+
+
+def _remove_stale(optim: Path) -> None:
+    """An older save's optimizer file of this tag: it does not belong to the weights just written,
+    and a resume would pair them."""
+    if optim.is_file():
+        optim.unlink()
+        logger.info("wenet_hooks: removed %s, which belonged to an earlier save of the same tag", optim)
 
 
 def _run_phase(work: Callable[[], Any], tag: str) -> tuple[Any, Optional[Failure]]:

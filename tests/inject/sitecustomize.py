@@ -6,8 +6,10 @@
 - ``WENET_HOOKS_TEST_WRITERS=<folder>``: each rank appends ``RANK LOCAL_RANK GROUP_RANK
   file`` to ``<folder>/writes<rank>.txt`` for every file it publishes.
 - ``WENET_HOOKS_TEST_PROBE=<folder>``: after each save, every rank records its
-  resident memory, open file descriptors, threads and the ``*.tmp`` files in
-  model_dir; written to ``<folder>/probe<rank>.json`` at exit.
+  resident memory, the bytes of the host tensors Python can reach (each storage
+  once: a leak of a save's copies shows here to the byte, where resident memory
+  wanders with the allocator), open file descriptors, threads and the ``*.tmp``
+  files in model_dir; written to ``<folder>/probe<rank>.json`` at exit.
 """
 
 import os
@@ -39,6 +41,18 @@ if os.environ.get("WENET_HOOKS_TEST_PROBE"):
     _samples = []
     _save = _hook._save
 
+    def _live_tensor_mb():
+        import gc
+
+        import torch
+
+        storages = {}
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values()) / 2**20
+
     def _probed_save(original, model, info_dict, config):
         _save(original, model, info_dict, config)
         with open("/proc/self/status") as f:
@@ -46,6 +60,7 @@ if os.environ.get("WENET_HOOKS_TEST_PROBE"):
         _samples.append({
             "tag": info_dict["tag"],
             "rss_mb": rss_kb / 1024,
+            "tensor_mb": _live_tensor_mb(),
             "fds": len(os.listdir("/proc/self/fd")),
             "threads": threading.active_count(),
             "tmp_files": len(list(Path(info_dict["model_dir"]).glob("*.tmp"))),

@@ -6,7 +6,8 @@ Usage: consolidate_matrix.py OUT_DIR CASE [CASE ...], a CASE being
 ``step_3.pt`` (fp32) and ``step_3.bf16.pt`` (dtype="bf16"), the same weights
 gathered parameter by parameter (``step_3.per_param.pt``, bucket_mb=0) and in
 buckets of 1 KiB that split parameters (``step_3.small_buckets.pt``), a second sharded
-save ``step_4/`` one step later, the engine's module output on a fixed batch
+save ``step_4/`` one step later, the weights gathered after one element was set to -0.0
+(``step_4.negative_zero.pt``, ZeRO-1/2/3), the engine's module output on a fixed batch
 (``engine_out.pt``) and ``result.json``.
 The pytest side compares them; this script only records.
 """
@@ -21,10 +22,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from support.tiny_model import build_model, make_batch
+from support.tiny_model import NEGATIVE_ZERO, build_model, make_batch
 from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks import Manifest, consolidate, write_state_dict
 from wenet_hooks.gather.bucketed import prepare_gather
+from wenet_hooks.gather.masters import inspect_engine
 
 TAG = "step_3"
 NEXT_TAG = "step_4"
@@ -55,6 +57,25 @@ def engine_output(engine) -> torch.Tensor:
     return out
 
 
+def with_negative_zero(engine):
+    """Collective: element 0 of one parameter set to -0.0 in the fp32 masters (DeepSpeed's own setter) and
+    in the training weight (the rank that holds it under ZeRO-3), then gathered: the file must keep the
+    sign bit, which an all-reduce (DeepSpeed's per-parameter gather) loses."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    param = dict(engine.module.named_parameters())[NEGATIVE_ZERO]
+    value = safe_get_full_fp32_param(param)
+    value.view(-1)[0] = -0.0
+    safe_set_full_fp32_param(param, value)
+    with torch.no_grad():
+        if hasattr(param, "ds_tensor"):
+            if dist.get_rank() == 0:  # rank 0 holds elements [0, n) of every ZeRO-3 parameter
+                param.ds_tensor.view(-1)[0] = -0.0
+        else:
+            param.data.view(-1)[0] = -0.0
+    return consolidate(engine)
+
+
 def run_case(case: str, out_dir: Path) -> None:
     stage, precision, offload = parse_case(case)
     case_dir = out_dir / case
@@ -72,23 +93,27 @@ def run_case(case: str, out_dir: Path) -> None:
     fp32 = consolidate(engine)
     bf16 = consolidate(engine, dtype="bf16")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    bucketed = prepare_gather(engine, trainable, torch.float32, 2**20, record_failure=_raise).run().indices
+    bucketed = prepare_gather(inspect_engine(engine), torch.float32, 2**20, record_failure=_raise).run().indices
     variants = {"per_param": consolidate(engine, bucket_mb=0), "small_buckets": consolidate(engine, bucket_mb=1 / 1024)}
     out = engine_output(engine)
     # One step more, saved too: tests of mixed-up shards take a file from here.
     train_steps(engine, 1, first_step=STEPS)
     engine.save_checkpoint(str(case_dir), tag=NEXT_TAG)
+    negative_zero = with_negative_zero(engine) if stage > 0 else None
     if dist.get_rank() == 0:
         write_state_dict(fp32, case_dir / f"{TAG}.pt", expected=Manifest.from_state_dict(fp32))
         write_state_dict(bf16, case_dir / f"{TAG}.bf16.pt", expected=Manifest.from_state_dict(bf16))
         for name, state_dict in variants.items():
             write_state_dict(state_dict, case_dir / f"{TAG}.{name}.pt")
         torch.save(out, case_dir / "engine_out.pt")
+        if negative_zero is not None:
+            write_state_dict(negative_zero, case_dir / f"{NEXT_TAG}.negative_zero.pt")
         (case_dir / "result.json").write_text(json.dumps({
             "ok": True, "losses": losses, "bucketed": len(bucketed), "trainable": len(trainable),
             "optimizer": type(engine.optimizer).__name__}))
     else:
         assert fp32 is None and bf16 is None and not any(variants.values()), "ranks other than 0 must receive None"
+        assert negative_zero is None
 
 
 def main() -> None:

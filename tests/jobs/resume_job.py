@@ -1,4 +1,4 @@
-"""torchrun worker for exact resume from ``<tag>.pt`` + ``<tag>.optim.pt``.
+"""torchrun worker for exact resume from ``<tag>.pt`` + ``<tag>.optim``.
 
 Usage: resume_job.py OUT_DIR MODE=ARG [MODE=ARG ...], run in order; what each
 mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
@@ -14,8 +14,10 @@ mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
   sharded ``step_3/`` and both files in ``FOLDER/zero<stage>/`` (for a job of
   another world size to restore, and the offline command to convert).
 - ``restore=FOLDER``: for each (saved stage, this run's stage) of 2 and 3:
-  restore FOLDER/zero<saved>/step_3.*, gather the masters and optimizer state
-  again into ``OUT_DIR/again-<saved>-<stage>.*``, then train one more step.
+  restore FOLDER/zero<saved>/step_3.*, save DeepSpeed's own sharded checkpoint
+  of what was restored (``OUT_DIR/ds-<saved>-<stage>/``), gather the masters and
+  optimizer state again into ``OUT_DIR/again-<saved>-<stage>.*``, then train
+  one more step.
 - ``fresh=CASE``: files saved before the first step, resumed (nothing to restore but counters).
 - ``zero0=``: a ZeRO-0 save asked for an optimizer file (it has none to give).
 - ``refuse=FOLDER``: bad files offered to a ZeRO-2 run: each error message, and
@@ -38,6 +40,7 @@ from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks import BackgroundWriter, SaveOptions, consolidate, save_consolidated, write_state_dict
 from wenet_hooks.errors import RestoreError
 from wenet_hooks.file.optimizer_file import to_file_dict
+from wenet_hooks.gather.masters import inspect_engine
 from wenet_hooks.gather.optimizer import consolidate_optimizer, prepare_optimizer
 from wenet_hooks.save import settle_background
 from wenet_hooks.resume import restore
@@ -86,24 +89,26 @@ def exact(out: Path, cases: list[str]) -> dict:
             writer = BackgroundWriter()
             save_consolidated(engine, folder, TAG, SaveOptions(optimizer=True), writer=writer)
             # (its own group: the save's background gather is using the package's)
-            late = prepare_optimizer(engine, background_group=dist.new_group(backend="gloo"))
+            late = prepare_optimizer(inspect_engine(engine), background_group=dist.new_group(backend="gloo"))
             straight = train_steps(engine, 1, first_step=3)
             late_state = late.finish()
             straight += train_steps(engine, 2, first_step=4)
             settle_background(writer)
             straight_lr = lr(engine)
-            snapshot_kept = same_as_file(late_state, folder / f"{TAG}.optim.pt") if dist.get_rank() == 0 else None
+            snapshot_kept = same_as_file(late_state, folder / f"{TAG}.optim") if dist.get_rank() == 0 else None
             del engine
             resumed_engine = fresh_engine(case, folder / f"{TAG}.pt")
-            restored = restore(resumed_engine, folder / f"{TAG}.pt", folder / f"{TAG}.optim.pt")
+            restored = restore(resumed_engine, folder / f"{TAG}.pt", folder / f"{TAG}.optim")
             resumed = train_steps(resumed_engine, 3, first_step=3)
             resumed_lr = lr(resumed_engine)
             del resumed_engine
             # WeNet's resume without the optimizer file: weights only, Adam restarts.
             weights_only = train_steps(fresh_engine(case, folder / f"{TAG}.pt"), 3, first_step=3)
+            # DeepSpeed's own resume is the bar only where ours departs from the uninterrupted run.
+            bar = deepspeed_resume(case, folder) if resumed != straight else None
             seen[case] = {"straight": straight, "resumed": resumed, "weights_only": weights_only,
                           "lr": [straight_lr, resumed_lr], "restored": str(restored), "snapshot": snapshot_kept,
-                          "deepspeed_resumed": deepspeed_resume(case, folder)}
+                          "deepspeed_resumed": bar}
         except Exception:
             traceback.print_exc()
             seen[case] = {"error": traceback.format_exc()}
@@ -122,7 +127,8 @@ def same_as_file(gathered, path: Path) -> bool:
 
 def deepspeed_resume(case: str, folder: Path) -> list[float] | str:
     """Steps 4-6 after DeepSpeed's own ``load_checkpoint`` of the same save at the same world size:
-    the bar for "exact" (where it differs from the uninterrupted run, so does DeepSpeed)."""
+    the bar for "exact" (where it differs from the uninterrupted run, so does DeepSpeed); its error
+    as text, which the test reports as a failure."""
     try:
         engine = fresh_engine(case)
         engine.load_checkpoint(str(folder), tag=TAG)
@@ -139,17 +145,18 @@ def fresh(out: Path, case: str) -> dict:
     save_consolidated(engine, folder, "init", SaveOptions(optimizer=True))
     straight = train_steps(engine, 3)
     resumed_engine = engine_for(case, folder / "init.pt")
-    restored = restore(resumed_engine, folder / "init.pt", folder / "init.optim.pt")
+    restored = restore(resumed_engine, folder / "init.pt", folder / "init.optim")
     return {"straight": straight, "resumed": train_steps(resumed_engine, 3), "restored": str(restored)}
 
 
 def zero0(out: Path) -> dict:
     """ZeRO-0 keeps no partitioned optimizer state: the save goes on without an optimizer file, and
-    removes a stale one of the same tag."""
+    removes a stale one of the same tag (under its name and under wenet_hooks 0.2.0's)."""
     folder = out / "zero0"
     folder.mkdir(parents=True, exist_ok=True)
     if dist.get_rank() == 0:
-        (folder / f"{TAG}.optim.pt").write_bytes(b"an older save's optimizer file")
+        (folder / f"{TAG}.optim").write_bytes(b"an older save's optimizer file")
+        (folder / f"{TAG}.optim.pt").write_bytes(b"an older save's optimizer file, named by wenet_hooks 0.2.0")
     dist.barrier()
     engine = engine_for("z0-fp32-nooffload")
     train_steps(engine, 3)
@@ -174,12 +181,14 @@ def restore_elsewhere(out: Path, folder: Path) -> dict:
         for stage in (2, 3):
             weights = folder / f"zero{saved}" / f"{TAG}.pt"
             engine = engine_for(f"z{stage}-fp32-nooffload", weights)
-            restored = restore(engine, weights, folder / f"zero{saved}" / f"{TAG}.optim.pt")
+            restored = restore(engine, weights, folder / f"zero{saved}" / f"{TAG}.optim")
+            # DeepSpeed's own sharded save of what was restored: its zero_to_fp32 is the test's oracle.
+            engine.save_checkpoint(str(out / f"ds-{saved}-{stage}"), tag=TAG)
             again = consolidate(engine)
             optim = consolidate_optimizer(engine)
             if dist.get_rank() == 0:
                 write_state_dict(again, out / f"again-{saved}-{stage}.pt")
-                write_state_dict(to_file_dict(optim.state, optim.meta), out / f"again-{saved}-{stage}.optim.pt")
+                write_state_dict(to_file_dict(optim.state, optim.meta), out / f"again-{saved}-{stage}.optim")
             losses = train_steps(engine, 1, first_step=3)
             seen[f"{saved}->{stage}"] = {"restored": str(restored), "loss": losses[0]}
             dist.barrier()
@@ -198,7 +207,7 @@ class Payload:
 
 def make_bad_files(folder: Path) -> None:
     """Rank 0: optimizer files that must be refused, made from the good one."""
-    good = torch.load(str(folder / f"{TAG}.optim.pt"), weights_only=True)
+    good = torch.load(str(folder / f"{TAG}.optim"), weights_only=True)
     meta = json.loads(bytes(good["meta"].numpy()).decode())
     state = {}
     for key, value in good.items():
@@ -208,17 +217,19 @@ def make_bad_files(folder: Path) -> None:
     other = {p: dict(v) for p, v in state.items()}
     other["encoder.encoders.0.linear.weight"]["exp_avg"] = torch.zeros(3, 3)
     other["encoder.extra.weight"] = {"exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
-    torch.save(to_file_dict(other, meta), folder / "bad-another-model.optim.pt")
+    torch.save(to_file_dict(other, meta), folder / "bad-another-model.optim")
     sgd = {p: {"momentum_buffer": v["exp_avg"]} for p, v in state.items()}
     torch.save(to_file_dict(sgd, {**meta, "optimizer": "SGD", "state_keys": ["momentum_buffer"]}),
-               folder / "bad-sgd.optim.pt")
-    raw = (folder / f"{TAG}.optim.pt").read_bytes()
-    (folder / "bad-truncated.optim.pt").write_bytes(raw[: len(raw) // 2])
-    torch.save({"meta": good["meta"], "payload": Payload(folder / "crafted-ran")}, folder / "bad-crafted.optim.pt")
+               folder / "bad-sgd.optim")
+    raw = (folder / f"{TAG}.optim").read_bytes()
+    (folder / "bad-truncated.optim").write_bytes(raw[: len(raw) // 2])
+    torch.save({"meta": good["meta"], "payload": Payload(folder / "crafted-ran")}, folder / "bad-crafted.optim")
+    # Saved at step 3 with no state: the state was kept where the save did not read it.
+    torch.save(to_file_dict({}, {**meta, "state_keys": []}), folder / "bad-nostate.optim")
     incomplete = {k: v for k, v in meta.items() if k not in ("step", "param_groups")}
     flat = to_file_dict(state, {})
     flat["meta"] = torch.frombuffer(bytearray(json.dumps(incomplete).encode()), dtype=torch.uint8)
-    torch.save(flat, folder / "bad-incomplete.optim.pt")
+    torch.save(flat, folder / "bad-incomplete.optim")
     weights = torch.load(str(folder / f"{TAG}.pt"), weights_only=True)
     torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()},
                folder / "bf16-weights.pt")
@@ -231,8 +242,8 @@ def refuse(folder: Path) -> dict:
     engine = engine_for("z2-fp32-nooffload", folder / f"{TAG}.pt")
     before = consolidate(engine)
     seen = {}
-    attempts = [(f"{TAG}.pt", p.name) for p in sorted(folder.glob("bad-*.optim.pt"))]
-    attempts.append(("bf16-weights.pt", f"{TAG}.optim.pt"))
+    attempts = [(f"{TAG}.pt", p.name) for p in sorted(folder.glob("bad-*.optim"))]
+    attempts.append(("bf16-weights.pt", f"{TAG}.optim"))
     for weights, optim in attempts:
         try:
             restore(engine, folder / weights, folder / optim)

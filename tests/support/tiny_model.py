@@ -19,6 +19,8 @@ from torch import nn
 FEAT_DIM = 8
 VOCAB = 16
 D_MODEL = 32
+# A parameter whose element 0 the matrix job sets to -0.0 (tests/jobs/consolidate_matrix.py).
+NEGATIVE_ZERO = "encoder.encoders.0.linear.bias"
 
 
 class GlobalCMVN(nn.Module):
@@ -42,15 +44,15 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, num_blocks: int, max_len: int = 64) -> None:
+    def __init__(self, num_blocks: int, max_len: int = 64, d_model: int = D_MODEL) -> None:
         super().__init__()
         self.global_cmvn = GlobalCMVN(FEAT_DIM)
-        self.embed = nn.Linear(FEAT_DIM, D_MODEL)
+        self.embed = nn.Linear(FEAT_DIM, d_model)
         self.embed.requires_grad_(False)
-        self.norm = nn.BatchNorm1d(D_MODEL)
+        self.norm = nn.BatchNorm1d(d_model)
         pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
-        self.register_buffer("pe", torch.sin(pos / 10.0).expand(max_len, D_MODEL).clone(), persistent=False)
-        self.encoders = nn.ModuleList(Block(D_MODEL) for _ in range(num_blocks))
+        self.register_buffer("pe", torch.sin(pos / 10.0).expand(max_len, d_model).clone(), persistent=False)
+        self.encoders = nn.ModuleList(Block(d_model) for _ in range(num_blocks))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         x = self.embed(self.global_cmvn(feats))
@@ -61,12 +63,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, d_model: int = D_MODEL) -> None:
         super().__init__()
-        self.embed = nn.Sequential(nn.Embedding(VOCAB, D_MODEL))
-        self.block = Block(D_MODEL)
-        self.output_layer = nn.Linear(D_MODEL, VOCAB)
-        nn.init.normal_(self.embed[0].weight, std=D_MODEL**-0.5)
+        self.embed = nn.Sequential(nn.Embedding(VOCAB, d_model))
+        self.block = Block(d_model)
+        self.output_layer = nn.Linear(d_model, VOCAB)
+        nn.init.normal_(self.embed[0].weight, std=d_model**-0.5)
         self.output_layer.weight = self.embed[0].weight
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -77,10 +79,10 @@ class Decoder(nn.Module):
 class TinyASR(nn.Module):
     """Features (B, T, FEAT_DIM) and tokens (B, U) in, logits (B, U, VOCAB) out."""
 
-    def __init__(self, num_blocks: int = 2) -> None:
+    def __init__(self, num_blocks: int = 2, d_model: int = D_MODEL) -> None:
         super().__init__()
-        self.encoder = Encoder(num_blocks)
-        self.decoder = Decoder()
+        self.encoder = Encoder(num_blocks, d_model=d_model)
+        self.decoder = Decoder(d_model)
 
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder(tokens, self.encoder(feats))
@@ -94,7 +96,10 @@ def make_batch(seed: int, batch: int = 2, frames: int = 12, tokens: int = 5) -> 
     return feats, ys[:, :-1], ys[:, 1:]
 
 
-def build_model(seed: int = 0, num_blocks: int = 2) -> TinyASR:
-    """The same initial weights on every rank, as WeNet gets from ``--checkpoint``."""
+def build_model(seed: int = 0, num_blocks: int = 2, d_model: int = D_MODEL) -> TinyASR:
+    """The same initial weights on every rank, as WeNet gets from ``--checkpoint``.
+
+    An odd ``d_model`` (e.g. 33) gives parameters of odd sizes, whose fragments
+    straddle partition boundaries at any world size."""
     torch.manual_seed(seed)
-    return TinyASR(num_blocks)
+    return TinyASR(num_blocks, d_model)

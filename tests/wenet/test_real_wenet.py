@@ -160,13 +160,13 @@ def resume(tmp_path, train_yaml, name, files, nproc="2"):
 
 
 def test_resume_from_the_single_files_gives_the_uninterrupted_losses(tmp_path):
-    """``--checkpoint exp/epoch_0.pt`` with ``epoch_0.optim.pt`` beside it: every loss of epoch 1
+    """``--checkpoint exp/epoch_0.pt`` with ``epoch_0.optim`` beside it: every loss of epoch 1
     equals the uninterrupted run's. Without it (WeNet's weights-only resume) only the first does.
     An epoch save is used because WeNet restarts an epoch's data from its first batch when it
     resumes, so only there do both runs see the same batches."""
     train_yaml = deterministic_config(tmp_path)
     straight = run_recipe(tmp_path, train_config=str(train_yaml), stop_stage="1", dir=str(tmp_path / "exp"))
-    exact = resume(tmp_path, train_yaml, "exact", ["epoch_0.pt", "epoch_0.yaml", "epoch_0.optim.pt"])
+    exact = resume(tmp_path, train_yaml, "exact", ["epoch_0.pt", "epoch_0.yaml", "epoch_0.optim"])
     assert "missing tensor" not in exact and "unexpected tensor" not in exact
     assert "wenet_hooks: resumed exactly from" in exact
     expected, got = train_losses(straight, 1), train_losses(exact, 1)
@@ -180,6 +180,6 @@ def test_resume_from_the_single_files_gives_the_uninterrupted_losses(tmp_path):
 def test_resume_on_three_ranks_trains_to_the_end(tmp_path):
     train_yaml = deterministic_config(tmp_path)
     run_recipe(tmp_path, train_config=str(train_yaml), stop_stage="1", dir=str(tmp_path / "exp"))
-    log = resume(tmp_path, train_yaml, "three", ["epoch_0.pt", "epoch_0.yaml", "epoch_0.optim.pt"], nproc="3")
+    log = resume(tmp_path, train_yaml, "three", ["epoch_0.pt", "epoch_0.yaml", "epoch_0.optim"], nproc="3")
     assert "saved by ZeRO-2 on 2 ranks, restored onto ZeRO-2 on 3 ranks" in log
-    assert (tmp_path / "three_exp" / "epoch_1.pt").is_file() and (tmp_path / "three_exp" / "epoch_1.optim.pt").is_file()
+    assert (tmp_path / "three_exp" / "epoch_1.pt").is_file() and (tmp_path / "three_exp" / "epoch_1.optim").is_file()

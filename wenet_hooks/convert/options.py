@@ -24,7 +24,7 @@ class ConvertConfig:
     # (removed), the words of the training section's keep_sharded.
     keep_sharded: str = KEEP
     config: Optional[str] = None  # a WeNet train.yaml: check keys and shapes against the model it builds
-    # Also write <tag>.optim.pt from a sharded model+optimizer save, for an exact resume
+    # Also write <tag>.optim from a sharded model+optimizer save, for an exact resume
     # with --checkpoint <tag>.pt (the file the hook writes during training).
     optimizer: bool = False
 

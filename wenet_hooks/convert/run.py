@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from wenet_hooks.compat import describe_environment
+from wenet_hooks.convert.legacy import rename_legacy_optimizer_files
 from wenet_hooks.convert.options import ConvertConfig
 from wenet_hooks.convert.plan import ASIDE_SUFFIX, SHARDED, Source, has_valid_single_file, plan
 from wenet_hooks.convert.report import Outcome, Progress, print_plan, print_summary
@@ -42,6 +43,10 @@ def run(options: ConvertConfig) -> int:
     logger.debug("wenet_hooks: %s", describe_environment())
     try:
         remove_sharded = options.removes_sharded()
+        if Path(options.model_dir).is_dir():
+            renamed = rename_legacy_optimizer_files(Path(options.model_dir), options.dry_run)
+            if options.dry_run and renamed:
+                print("\n".join(f"would rename {old} to {new.name}" for old, new in renamed))
         sources = plan(options)
         expected = _expected_manifest(options)
     except (WenetHooksError, ValueError) as e:
@@ -95,7 +100,7 @@ def _convert_sharded(source: Source, target: Path, dtype: torch.dtype, expected:
 
 
 def _optimizer_layout(checkpoint: ShardedCheckpoint) -> tuple[list[Entry], Iterator[torch.Tensor]]:
-    """``<tag>.optim.pt`` as the hook writes it: each parameter's state tensors, then the meta."""
+    """``<tag>.optim`` as the hook writes it: each parameter's state tensors, then the meta."""
     keys, names, shapes = checkpoint.optimizer_state_keys(), checkpoint.trainable_names(), checkpoint.full_shapes()
     readers = {key: checkpoint.optimizer_state(key) for key in keys}
     meta = to_file_dict({}, checkpoint.optimizer_meta())[META_KEY]

@@ -1,5 +1,11 @@
-"""The optimizer file ``<tag>.optim.pt``: one flat ``dict[str, Tensor]``, so the same
+"""The optimizer file ``<tag>.optim``: one flat ``dict[str, Tensor]``, so the same
 layout, manifest, verification and publishing serve it as ``<tag>.pt``.
+
+Its name does not end in ``.pt`` on purpose: WeNet's ``average_model.py``
+averages every ``model_dir/[!init]*.pt`` it finds (newest by mtime), and
+loads with ``strict=False``, so an optimizer file named ``*.pt`` would be
+averaged into the model silently. wenet_hooks 0.2.0 named it
+``<tag>.optim.pt``; such files are still read (:func:`find_optimizer_file`).
 
 On disk (``torch.load(path, weights_only=True)``)::
 
@@ -16,16 +22,20 @@ It does not depend on the world size or ZeRO stage that wrote it.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
 from wenet_hooks.errors import VerificationError
 
+logger = logging.getLogger(__name__)
+
 FORMAT = "wenet_hooks.optimizer/1"
 META_KEY = "meta"
-SUFFIX = ".optim.pt"
+SUFFIX = ".optim"
+LEGACY_SUFFIX = ".optim.pt"  # wenet_hooks 0.2.0: taken for a model by WeNet's average_model.py
 # What every optimizer file's meta holds (see to_file_dict's callers).
 REQUIRED = ("optimizer", "params", "state_keys", "step", "param_groups", "lr_scheduler", "engine", "loss_scaler",
             "world_size", "zero_stage")
@@ -35,10 +45,35 @@ LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hyster
 
 
 def optimizer_path(weights: Union[str, Path]) -> Path:
-    """``exp/epoch_3.pt`` -> ``exp/epoch_3.optim.pt``."""
+    """``exp/epoch_3.pt`` -> ``exp/epoch_3.optim``: where the optimizer file of those weights is written."""
+    return _beside(weights, SUFFIX)
+
+
+def legacy_optimizer_path(weights: Union[str, Path]) -> Path:
+    """``exp/epoch_3.pt`` -> ``exp/epoch_3.optim.pt``: the name wenet_hooks 0.2.0 wrote."""
+    return _beside(weights, LEGACY_SUFFIX)
+
+
+def find_optimizer_file(weights: Union[str, Path]) -> Optional[Path]:
+    """The optimizer file beside ``weights`` under its name, else under 0.2.0's name (said once), else None."""
+    for path in (optimizer_path(weights), legacy_optimizer_path(weights)):
+        if path.is_file():
+            if path.name.endswith(LEGACY_SUFFIX) and path not in _said_legacy:
+                _said_legacy.add(path)
+                logger.info("wenet_hooks: reading %s, the name wenet_hooks 0.2.0 gave the optimizer file; new saves "
+                            "write %s (WeNet's average_model.py takes every *.pt for a model: rename or remove "
+                            "the old one)", path, optimizer_path(weights).name)
+            return path
+    return None
+
+
+_said_legacy: set[Path] = set()
+
+
+def _beside(weights: Union[str, Path], suffix: str) -> Path:
     weights = Path(weights)
-    return weights.with_name(weights.name[: -len(".pt")] + SUFFIX if weights.name.endswith(".pt")
-                             else weights.name + SUFFIX)
+    stem = weights.name[: -len(".pt")] if weights.name.endswith(".pt") else weights.name
+    return weights.with_name(stem + suffix)
 
 
 def file_key(state: str, param: str) -> str:
@@ -47,7 +82,7 @@ def file_key(state: str, param: str) -> str:
 
 
 def to_file_dict(state: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The flat dict written as ``<tag>.optim.pt``.
+    """The flat dict written as ``<tag>.optim``.
 
     Raises:
         ValueError: ``meta`` holds something JSON cannot represent (naming it).
@@ -70,7 +105,7 @@ def from_file_dict(path: Path, loaded: Mapping[str, torch.Tensor]) -> tuple[dict
     """
     if META_KEY not in loaded:
         raise VerificationError(path, [f"has no '{META_KEY}' entry: not an optimizer file written by wenet_hooks "
-                                       "(HINT: pass the <tag>.optim.pt written beside <tag>.pt)"])
+                                       "(HINT: pass the <tag>.optim written beside <tag>.pt)"])
     try:
         meta = json.loads(bytes(loaded[META_KEY].numpy()).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:

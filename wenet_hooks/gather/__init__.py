@@ -6,7 +6,9 @@ same order, tied weights sharing one tensor, persistent buffers present,
 non-persistent buffers absent, and parameter values taken from DeepSpeed's
 fp32 master weights wherever it keeps them.
 
-- ``masters``: where DeepSpeed keeps the masters (flat partitions, or not);
+- ``masters``: where DeepSpeed keeps the masters (flat partitions, or not),
+  read once per save into an ``EngineLayout``;
+- ``check``: the masters read, checked against the module's training weights;
 - ``bucketed``: the partitions moved to rank 0 in a few large collectives;
 - ``per_param``: DeepSpeed's per-parameter gather for the rest, and rank 0's
   host copies;
@@ -22,13 +24,12 @@ from collections import OrderedDict
 from typing import Any, Optional
 
 import torch
-from torch import nn
-
 from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, prepare_gather
-from wenet_hooks.gather.masters import unpartitioned_masters, unwrap_model
-from wenet_hooks.gather.per_param import HostCopies, gather_entry
+from wenet_hooks.gather.check import check_masters, per_parameter_hint
+from wenet_hooks.gather.masters import EngineLayout, inspect_engine, unwrap_model
+from wenet_hooks.gather.per_param import HostCopies, PerParameterChecks, gather_entry
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ __all__ = ["DEFAULT_BUCKET_MB", "consolidate", "unwrap_model"]
 
 
 def consolidate(
-    engine: Any, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB
+    engine: Any, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB,
+    layout: Optional[EngineLayout] = None,
 ) -> Optional["OrderedDict[str, torch.Tensor]"]:
     """Collective: must be called on all ranks. Gather the full state dict onto rank 0's CPU.
 
@@ -47,14 +49,17 @@ def consolidate(
     ``deepspeed.utils.safe_get_full_fp32_param``. Parameters without a master
     copy (ZeRO-0 in fp32, frozen parameters) come from the module itself,
     gathered with ``deepspeed.zero.GatheredParameters`` under ZeRO-3. Buffers
-    come from rank 0. The extra accelerator memory is one bucket on rank 0
-    (the largest parameter on the per-parameter path).
+    come from rank 0. Every master read is first checked against the module's
+    own training weights (:mod:`wenet_hooks.gather.check`). The extra
+    accelerator memory is one bucket (on rank 0 over gloo, on every rank over
+    NCCL), or the largest parameter on the per-parameter path.
 
     Args:
         engine: a ``deepspeed.DeepSpeedEngine`` (or a plain ``nn.Module``).
         dtype: floating tensors are cast to this (``"fp32"``, ``"bf16"``,
             ``"fp16"``); integer buffers keep their dtype.
         bucket_mb: megabytes rank 0 receives per collective.
+        layout: the engine already inspected for this save (else it is inspected here).
 
     Returns:
         On rank 0, an ordered ``dict[str, Tensor]`` on CPU whose keys are exactly
@@ -62,37 +67,34 @@ def consolidate(
         ``None`` on every other rank.
 
     Raises:
-        ConsolidationError: on the rank where something failed, after every
-            collective of the gather has run on every rank.
+        ConsolidationError: on every rank when the masters read differ from
+            the training weights (naming the parameters); on the rank where
+            anything else failed, after every collective of the gather has run
+            on every rank.
     """
-    module = unwrap_model(engine)
-    masters = unpartitioned_masters(engine)
+    layout = layout or inspect_engine(engine)
     copy = HostCopies(resolve_dtype(dtype), enabled=is_rank0())
     started = time.perf_counter()
-    entries = module.state_dict(keep_vars=True)
-    params = _partitionable_parameters(entries, masters)
     with torch.no_grad():
-        bucketed = prepare_gather(engine, params, copy.target, int(bucket_mb * 2**20), copy.record_failure).run()
+        check_masters(layout)
+        bucketed = prepare_gather(layout, copy.target, int(bucket_mb * 2**20), copy.record_failure).run()
     # Tied weights are one Parameter object under several keys: gather it once
     # and reuse the CPU copy, so the file stores it once, as torch.save would.
-    gathered: dict[int, Optional[torch.Tensor]] = {id(params[i]): bucketed.tensors.get(i) for i in bucketed.indices}
+    gathered: dict[int, Optional[torch.Tensor]] = {
+        id(layout.params[i]): bucketed.tensors.get(i) for i in bucketed.indices}
+    mismatches = PerParameterChecks(per_parameter_hint(engine))
     result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     with torch.no_grad():
-        for key, tensor in entries.items():
+        for key, tensor in layout.entries.items():
             if id(tensor) not in gathered:
-                gathered[id(tensor)] = gather_entry(key, tensor, masters.get(id(tensor)), copy)
+                gathered[id(tensor)] = gather_entry(key, tensor, layout.masters.get(id(tensor)), copy, mismatches)
             result[key] = gathered[id(tensor)]
+    mismatches.raise_if_any()
     copy.raise_if_failed()
     if not copy.enabled:
         return None
     _log_summary(result, time.perf_counter() - started)
     return result
-
-
-def _partitionable_parameters(entries: dict, masters: dict[int, torch.Tensor]) -> list[nn.Parameter]:
-    """The parameters DeepSpeed may partition, each once (tied keys share one), in state_dict order."""
-    unique = {id(t): t for t in entries.values() if isinstance(t, nn.Parameter) and id(t) not in masters}
-    return list(unique.values())
 
 
 def _log_summary(state_dict: "OrderedDict[str, torch.Tensor]", seconds: float) -> None:

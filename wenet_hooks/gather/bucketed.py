@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -30,14 +31,7 @@ import torch
 import torch.distributed as dist
 
 from wenet_hooks.dist import all_ok, is_distributed
-from wenet_hooks.gather.masters import (
-    Fragment,
-    Partitions,
-    find_partitions_quietly,
-    full_numel,
-    full_shape,
-    optimizer_state_partitions,
-)
+from wenet_hooks.gather.masters import EngineLayout, Fragment, Partitions, full_numel, full_shape
 
 logger = logging.getLogger(__name__)
 
@@ -61,24 +55,23 @@ class Gathered:
 
 
 def prepare_gather(
-    engine: object,
-    params: Sequence[torch.nn.Parameter],
+    layout: EngineLayout,
     target: torch.dtype,
     bucket_bytes: int,
     record_failure: RecordFailure,
     state_key: Optional[str] = None,
     background_group: Any = None,
 ) -> PendingGather:
-    """Collective: the gather of the fp32 masters of ``params`` that DeepSpeed partitions, agreed on
-    by every rank and allocated; :meth:`PendingGather.run` moves them to rank 0.
+    """Collective: the gather of the fp32 masters that DeepSpeed partitions, agreed on by every rank
+    and allocated; :meth:`PendingGather.run` moves them to rank 0.
 
     With ``state_key``, that optimizer state of each parameter (``exp_avg``...)
     instead: it lies in flat tensors of the masters' own layout.
 
-    Parameters whose index is not in the result's ``indices`` are not gathered
-    here (frozen, or a layout this does not know); the caller gets them the
-    per-parameter way. Local failures go to ``record_failure`` and the
-    collectives continue.
+    Parameters (indices into ``layout.params``) not in the result's ``indices``
+    are not gathered here (frozen, or a layout this does not know); the caller
+    gets them the per-parameter way. Local failures go to ``record_failure``
+    and the collectives continue.
 
     With ``background_group`` (a gloo group of every rank), each rank copies its
     flat partitions to host memory now, and ``run`` may be called later, off
@@ -87,31 +80,27 @@ def prepare_gather(
     """
     if not is_distributed() or bucket_bytes <= 0:
         return PendingGather(set())
-    parts = _find_quietly(engine, params, state_key)
-    layout = _agree_on_layout(parts, params)
-    if layout is None:
+    parts = layout.partitions if state_key is None else layout.state_partitions(state_key)
+    agreed = _agree_on_layout(parts, layout.params)
+    if agreed is None:
         return PendingGather(set())
     assert parts is not None  # every rank described its partitions
     # No chunk larger than the largest flat buffer: a small model's gather then holds kilobytes,
     # not a whole bucket, while it waits in the background.
-    chunk = max(1, min(bucket_bytes // (_FP32_BYTES * dist.get_world_size()), max(layout.flat_numels, default=1)))
+    chunk = max(1, min(bucket_bytes // (_FP32_BYTES * dist.get_world_size()), max(agreed.flat_numels, default=1)))
     moves = None
     try:
         flats, group = parts.flats, parts.process_group
         if background_group is not None:
-            flats, group = [_SNAPSHOTS.copy_of(flat) for flat in flats], background_group
-        device = _comm_device(group)
-        # Rank 0's host tensors and receive buffer: allocated before the first
-        # chunk, so running out of memory here cannot strand the others mid-loop.
-        receiver = _Receiver(layout, params, target, chunk, device, record_failure) if dist.get_rank() == 0 else None
-        zeros = torch.zeros(chunk, dtype=torch.float32, device=device)  # sent in place of a part that failed
-        moves = _Moves(flats, layout, chunk, device, group, receiver, zeros, record_failure,
-                       snapshot=background_group is not None)
+            flats, group = [snapshot_pool(layout.engine).copy_of(flat) for flat in flats], background_group
+        moves = _Moves(flats, agreed, chunk, group, _Collective.for_group(group, agreed, layout.params, target, chunk,
+                                                                          record_failure),
+                       record_failure, snapshot=layout.engine if background_group is not None else None)
     except Exception as e:
         record_failure("allocating memory for the gathered weights", e)
     if not all_ok(moves is not None, "allocating memory for the gathered weights"):
-        return PendingGather(set(layout.by_param))
-    return PendingGather(set(layout.by_param), moves)
+        return PendingGather(set(agreed.by_param))
+    return PendingGather(set(agreed.by_param), moves)
 
 
 @dataclass
@@ -135,27 +124,69 @@ class _Moves:
     flats: list[torch.Tensor]
     layout: _Layout
     chunk: int
-    device: torch.device
     group: Any
-    receiver: Optional[_Receiver]
-    zeros: torch.Tensor
+    collective: _Collective
     record_failure: RecordFailure
-    snapshot: bool = False  # flats are this rank's host copies (from _SNAPSHOTS), not DeepSpeed's own
+    snapshot: Any = None  # the engine whose pool lent the flats (host copies), or None: DeepSpeed's own
 
     def run(self) -> dict[int, torch.Tensor]:
         failed = False
+        receiver = self.collective.receiver
         for group, flat in enumerate(self.flats):
             for lo in range(0, self.layout.flat_numels[group], self.chunk):
                 numel = min(self.chunk, self.layout.flat_numels[group] - lo)
-                send, failed = _chunk_to_send(flat, lo, numel, self.device, self.zeros, failed, self.record_failure)
-                gathered = self.receiver.buffer(numel) if self.receiver else None
-                dist.gather(send, gather_list=gathered, dst=0, group=self.group)
-                if self.receiver:
-                    self.receiver.place(group, lo, gathered)
-        if self.snapshot:  # sent: free for the next save's copy
-            _SNAPSHOTS.give_back(self.flats)
+                send, failed = _chunk_to_send(flat, lo, numel, self.collective, failed, self.record_failure)
+                received = self.collective.exchange(send, numel)
+                if receiver is not None:
+                    receiver.place(group, lo, received)
+        if self.snapshot is not None:  # sent: free for the next save's copy
+            snapshot_pool(self.snapshot).give_back(self.flats)
         self.flats = []
-        return self.receiver.tensors if self.receiver else {}
+        return receiver.tensors if receiver is not None else {}
+
+
+class _Collective:
+    """One chunk from every rank to rank 0, with buffers allocated once.
+
+    gloo (host memory): ``gather``, so only rank 0 receives. Accelerator
+    backends: ``all_gather_into_tensor`` over the partitions' own group, the
+    collective DeepSpeed itself moves partitions with, on its data-parallel
+    communicator: NCCL's ``gather`` is point-to-point underneath and would open
+    a connection (with buffers kept for the communicator's life) from rank 0 to
+    every peer. Every rank then receives each bucket: the extra accelerator
+    memory is one bucket (``bucket_mb``) on every rank.
+    """
+
+    def __init__(self, group: Any, chunk: int, device: torch.device, all_gather: bool,
+                 receiver: Optional[_Receiver]) -> None:
+        self.group, self.device, self.all_gather, self.receiver = group, device, all_gather, receiver
+        self.world = dist.get_world_size(group=group)
+        receives = all_gather or dist.get_rank() == 0
+        self.out = torch.empty(self.world * chunk, dtype=torch.float32, device=device) if receives else None
+        self.zeros = torch.zeros(chunk, dtype=torch.float32, device=device)  # sent in place of a part that failed
+
+    @classmethod
+    def for_group(cls, group: Any, layout: _Layout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
+                  chunk: int, record_failure: RecordFailure) -> _Collective:
+        device = _comm_device(group)
+        # Rank 0's host tensors and receive buffer: allocated before the first chunk, so running
+        # out of memory here cannot strand the others mid-loop.
+        receiver = _Receiver(layout, params, target, record_failure) if dist.get_rank() == 0 else None
+        return cls(group, chunk, device, use_all_gather(group), receiver)
+
+    def exchange(self, send: torch.Tensor, numel: int) -> Optional[list[torch.Tensor]]:
+        """Collective: rank 0 gets every rank's ``numel`` elements (in rank order); the others None."""
+        received = None if self.out is None else [self.out[r * numel:(r + 1) * numel] for r in range(self.world)]
+        if self.all_gather:
+            dist.all_gather_into_tensor(self.out[: self.world * numel], send, group=self.group)
+        else:
+            dist.gather(send, gather_list=received, dst=0, group=self.group)
+        return received if dist.get_rank() == 0 else None
+
+
+def use_all_gather(group: Any) -> bool:
+    """Whether chunks move with ``all_gather_into_tensor`` (accelerator backends) rather than ``gather`` (gloo)."""
+    return dist.get_backend(group) != "gloo"
 
 
 class _SnapshotPool:
@@ -163,15 +194,19 @@ class _SnapshotPool:
 
     A fresh buffer costs its page faults at every save, about four times the
     copy itself (1 GB: 0.5 s against 0.13 s here); kept, each rank holds its
-    share of the optimizer state once more in host memory for the whole run.
-    Pinned when the state lies on an accelerator, so the copy runs at full speed.
-    A buffer still being sent (a save made before the previous one settled) is
-    not in the pool, so the copy gets a new one.
+    share of the optimizer state once more in host memory while the engine
+    lives (the pool is emptied when the engine is collected). Pinned when the
+    state lies on an accelerator, so the copy runs at full speed: torch's
+    caching host allocator rounds each pinned block up to a power of two, so
+    the pool asks for exactly that and counts what it really holds
+    (:attr:`nbytes`). A buffer still being sent (a save made before the
+    previous one settled) is not in the pool, so the copy gets a new one.
     """
 
     def __init__(self) -> None:
         self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Lock()  # given back by the background thread
+        self.nbytes = 0  # host memory the pool's buffers hold, lent or free
 
     def copy_of(self, flat: torch.Tensor) -> torch.Tensor:
         """A host copy of ``flat`` (a flat partition), taken now."""
@@ -179,16 +214,47 @@ class _SnapshotPool:
             free = self._free[(flat.numel(), flat.dtype)]
             buffer = free.pop() if free else None
         if buffer is None:
-            buffer = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=flat.device.type == "cuda")
+            buffer = self._allocate(flat.numel(), flat.dtype, pinned=flat.device.type != "cpu")
         return buffer.copy_(flat.detach().reshape(-1))
+
+    def _allocate(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+        size = 1 << max(0, numel - 1).bit_length() if pinned else numel
+        block = torch.empty(size, dtype=dtype, pin_memory=pinned)
+        with self._lock:
+            self.nbytes += block.numel() * block.element_size()
+        return block[:numel]
 
     def give_back(self, buffers: list[torch.Tensor]) -> None:
         with self._lock:
             for buffer in buffers:
                 self._free[(buffer.numel(), buffer.dtype)].append(buffer)
 
+    def clear(self) -> None:
+        """Drop every free buffer (lent ones go when their gather ends)."""
+        with self._lock:
+            self._free.clear()
+            self.nbytes = 0
 
-_SNAPSHOTS = _SnapshotPool()
+
+_POOLS: dict[int, _SnapshotPool] = {}  # id(engine) -> its pool, removed when the engine is collected
+
+
+def snapshot_pool(engine: Any) -> _SnapshotPool:
+    """The host buffers kept for ``engine``'s background gathers; freed when the engine is collected."""
+    key = id(engine)
+    if key not in _POOLS:
+        _POOLS[key] = _SnapshotPool()
+        try:
+            weakref.finalize(engine, _drop_pool, key)
+        except TypeError:  # an object without weak references: kept for the process's life
+            pass
+    return _POOLS[key]
+
+
+def _drop_pool(key: int) -> None:
+    pool = _POOLS.pop(key, None)
+    if pool is not None:
+        pool.clear()
 
 
 @dataclass
@@ -198,14 +264,6 @@ class _Layout:
     flat_numels: list[int]
     by_rank: list[list[Fragment]]
     by_param: dict[int, list[Fragment]]
-
-
-def _find_quietly(engine: object, params: Sequence[torch.nn.Parameter],
-                  state_key: Optional[str]) -> Optional[Partitions]:
-    parts = find_partitions_quietly(engine, params)
-    if parts is None or state_key is None:
-        return parts
-    return optimizer_state_partitions(engine, parts, state_key)
 
 
 def _agree_on_layout(parts: Optional[Partitions], params: Sequence[torch.nn.Parameter]) -> Optional[_Layout]:
@@ -253,17 +311,15 @@ def _comm_device(group: object) -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def _chunk_to_send(
-    flat: torch.Tensor, lo: int, numel: int, device: torch.device, zeros: torch.Tensor, failed: bool,
-    record_failure: RecordFailure,
-) -> tuple[torch.Tensor, bool]:
+def _chunk_to_send(flat: torch.Tensor, lo: int, numel: int, collective: _Collective, failed: bool,
+                   record_failure: RecordFailure) -> tuple[torch.Tensor, bool]:
     """This rank's contribution, or zeros (allocated in advance) once anything here has failed."""
     if not failed:
         try:
-            return _read_chunk(flat, lo, numel, device), False
+            return _read_chunk(flat, lo, numel, collective.device), False
         except Exception as e:
             record_failure(f"reading elements {lo}..{lo + numel} of the fp32 partition", e)
-    return zeros[:numel], True
+    return collective.zeros[:numel], True
 
 
 def _read_chunk(flat: torch.Tensor, lo: int, numel: int, device: torch.device) -> torch.Tensor:
@@ -271,7 +327,7 @@ def _read_chunk(flat: torch.Tensor, lo: int, numel: int, device: torch.device) -
 
 
 class _Receiver:
-    """Rank 0: a reused receive buffer, and the full tensors each fragment is copied into.
+    """Rank 0: the full tensors each received fragment is copied into.
 
     (Receiving straight into views of one big host buffer was tried: gloo
     copies through a temporary of its own, so it saved nothing, and
@@ -279,8 +335,7 @@ class _Receiver:
     """
 
     def __init__(self, layout: _Layout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
-                 chunk: int, device: torch.device, record_failure: RecordFailure) -> None:
-        self.world = len(layout.by_rank)
+                 record_failure: RecordFailure) -> None:
         self.record_failure = record_failure
         self.failed = False
         self.tensors = {
@@ -294,13 +349,9 @@ class _Receiver:
             for f in sorted(fragments, key=lambda f: f.offset):
                 self.queues[(f.group, rank)].append(f)
         self.cursors: dict[tuple[int, int], int] = defaultdict(int)
-        self._buffer = torch.empty(self.world, chunk, dtype=torch.float32, device=device)
 
-    def buffer(self, numel: int) -> list[torch.Tensor]:
-        return [self._buffer[rank, :numel] for rank in range(self.world)]
-
-    def place(self, group: int, lo: int, received: list[torch.Tensor]) -> None:
-        if self.failed:
+    def place(self, group: int, lo: int, received: Optional[list[torch.Tensor]]) -> None:
+        if self.failed or received is None:
             return
         try:
             for rank, chunk in enumerate(received):

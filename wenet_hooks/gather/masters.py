@@ -1,41 +1,53 @@
-"""Where DeepSpeed keeps the fp32 master weights.
+"""Where DeepSpeed keeps the fp32 master weights: the one place that reads its layout.
 
-Partitioned (ZeRO-1/2/3 and the bf16 optimizer), :func:`find_partitions`:
+:func:`inspect_engine` looks at the engine once per save (or restore) and
+returns an :class:`EngineLayout`; the weights' gather, the optimizer state's
+gather and the restore all read that one description.
 
-ZeRO-1/2 (and DeepSpeed's bf16 optimizer) hold one flat fp32 partition per
-parameter group on each rank, and link every parameter to the slice of it
-that this rank owns (``param._hp_mapping``). ZeRO-3 holds one flat fp32
-buffer per sub-group, each parameter's partition at a recorded offset
-(``optimizer.grad_position``). Both reduce to the same description: flat
-buffers of equal length on every rank, and fragments saying which elements of
-which parameter sit where in them. :mod:`wenet_hooks.gather.bucketed` moves the flat
-buffers in a few large collectives and places the fragments on rank 0.
+Partitioned (ZeRO-1/2/3 and DeepSpeed's bf16 optimizer), each rank holds flat
+fp32 buffers and the layout reduces to :class:`Fragment` s: which elements of
+which parameter sit where in which flat buffer. They are derived from where
+the data really is, not from DeepSpeed's bookkeeping alone:
 
-DeepSpeed keeps each optimizer state (Adam's ``exp_avg``, ``exp_avg_sq``) in
-flat tensors of exactly the masters' layout, keyed by the flat master in its
-base optimizer's ``state``: :func:`optimizer_state_partitions` describes them
-with the same fragments.
+- ZeRO-1/2 (and the bf16 optimizer): each training weight is a view into the
+  group's flat 16-bit (or fp32) buffer; rank r's fp32 partition is a copy of
+  elements ``[r * n, (r + 1) * n)`` of that buffer. A parameter's place is its
+  weight's offset in the buffer. DeepSpeed's own per-parameter mapping
+  (``param._hp_mapping``, which ``safe_get_full_fp32_param`` reads) is only
+  cross-checked: with ``round_robin_gradients`` it is linked in the groups'
+  original order while the buffer is built in round-robin order, so it points
+  at other parameters' values.
+- ZeRO-3: rank r holds elements ``[r * n, (r + 1) * n)`` of each parameter,
+  n its partition size; the partition (``param.ds_tensor``) is a view into the
+  sub-group's flat buffer, and the fp32 flat buffer is a copy of that one.
+  Cross-checked against ``optimizer.grad_position``.
 
-Unpartitioned (bf16/fp16 without ZeRO), :func:`unpartitioned_masters`.
+Each fragment also carries the training weight's elements it must equal
+(:mod:`wenet_hooks.gather.check`). Optimizer states (Adam's ``exp_avg``...)
+lie in flat tensors of the masters' own layout, keyed by the flat master in
+the base optimizer's ``state`` (:meth:`EngineLayout.state_partitions`).
 
-Anything this module does not recognise (NVMe-swapped optimizer states, a
-process group that is not the whole world) yields ``None``, and the caller
-falls back to DeepSpeed's per-parameter ``safe_get_full_fp32_param``.
+Unpartitioned (bf16/fp16 without ZeRO): :func:`unpartitioned_masters`.
+Anything not recognised (NVMe-swapped optimizer states, a process group that
+is not the whole world) has no partitions, and the gather falls back to
+DeepSpeed's per-parameter ``safe_get_full_fp32_param``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from wenet_hooks.dist import is_distributed
 from wenet_hooks.errors import ConsolidationError
 
 logger = logging.getLogger(__name__)
+_said: set[str] = set()  # warnings already logged in this process
 
 
 @dataclass(frozen=True)
@@ -52,11 +64,74 @@ class Fragment:
 
 @dataclass
 class Partitions:
-    """This rank's flat fp32 buffers and the fragments they hold."""
+    """This rank's flat buffers, the fragments they hold and, for each fragment, the training
+    weight's elements (a view) that the fp32 masters must equal once cast to the training dtype."""
 
     flats: list[torch.Tensor]
     fragments: list[Fragment]
     process_group: Any
+    weights: list[torch.Tensor]
+
+    def with_flats(self, flats: list[torch.Tensor]) -> Partitions:
+        """The same fragments over other flat tensors of the same layout (an optimizer state)."""
+        return replace(self, flats=flats)
+
+
+@dataclass
+class EngineLayout:
+    """One save's view of a DeepSpeed engine (or a plain module), inspected once."""
+
+    engine: Any
+    module: nn.Module
+    entries: dict[str, torch.Tensor]  # state_dict(keep_vars=True): parameters as Parameter objects
+    params: list[nn.Parameter]  # each parameter once (tied ones under their first key), state_dict order
+    names: list[str]  # the first key of each parameter
+    masters: dict[int, torch.Tensor]  # id(param) -> unpartitioned fp32 master (FP16_Optimizer)
+    partitions: Optional[Partitions]  # None: not partitioned, or a layout this module does not know
+    stage: int
+    optimizer: Any  # the base optimizer holding the state (torch's, DeepSpeed's CPU or fused Adam)
+
+    def trainable(self) -> list[int]:
+        """Indices of the parameters the optimizer trains (``requires_grad``)."""
+        return [i for i, p in enumerate(self.params) if p.requires_grad]
+
+    def state_partitions(self, key: str) -> Optional[Partitions]:
+        """This rank's partitions of optimizer state ``key``: same fragments, the state's flat tensors.
+
+        ``None`` when a flat master has no such state tensor of its own shape
+        (no step taken yet, or a state kept elsewhere).
+        """
+        if self.partitions is None:
+            return None
+        state = getattr(self.optimizer, "state", {})
+        flats = []
+        for flat in self.partitions.flats:
+            value = state[flat].get(key) if flat in state else None
+            if not (torch.is_tensor(value) and value.shape == flat.shape):
+                return None
+            flats.append(value)
+        return self.partitions.with_flats(flats)
+
+
+def inspect_engine(engine: Any) -> EngineLayout:
+    """Read the engine's layout once (local: no collective). Any error reading DeepSpeed's
+    partitions is logged and read as "unknown layout", so every rank still reaches the next
+    collective (the ranks then agree on whether to use it)."""
+    module = unwrap_model(engine)
+    entries = module.state_dict(keep_vars=True)
+    unique: dict[int, tuple[str, nn.Parameter]] = {}
+    for key, tensor in entries.items():
+        if isinstance(tensor, nn.Parameter) and id(tensor) not in unique:
+            unique[id(tensor)] = (key, tensor)
+    names = [key for key, _ in unique.values()]
+    params = [param for _, param in unique.values()]
+    try:
+        partitions = find_partitions(engine, params)
+    except Exception:
+        logger.warning("wenet_hooks: could not read DeepSpeed's fp32 partitions here", exc_info=True)
+        partitions = None
+    return EngineLayout(engine, module, entries, params, names, unpartitioned_masters(engine), partitions,
+                        zero_stage(engine), base_optimizer(engine))
 
 
 def full_shape(tensor: torch.Tensor) -> torch.Size:
@@ -76,25 +151,16 @@ def find_partitions(engine: Any, params: Sequence[torch.nn.Parameter]) -> Option
     optimizer = getattr(engine, "optimizer", None)
     if optimizer is None:
         return None
+    index_of = {id(p): i for i, p in enumerate(params)}
     if hasattr(optimizer, "fp32_partitioned_groups_flat"):
-        parts = _zero3_partitions(optimizer, params)
+        parts = _zero3_partitions(optimizer, index_of)
     else:
-        parts = _linked_partitions(optimizer, params)
+        parts = _linked_partitions(optimizer, index_of)
     if parts is None or not _spans_world(parts.process_group):
         return None
     if any(flat.dtype != torch.float32 for flat in parts.flats):
         return None  # masters kept in 16 bits (DeepSpeed's bf16 master option): not what we move
     return parts
-
-
-def find_partitions_quietly(engine: Any, params: Sequence[torch.nn.Parameter]) -> Optional[Partitions]:
-    """:func:`find_partitions`, with any error read as "unknown layout": a collective follows, which
-    every rank must reach."""
-    try:
-        return find_partitions(engine, params)
-    except Exception:
-        logger.warning("wenet_hooks: could not read DeepSpeed's fp32 partitions here", exc_info=True)
-        return None
 
 
 def unwrap_model(engine: Any) -> torch.nn.Module:
@@ -118,69 +184,109 @@ def base_optimizer(engine: Any) -> Any:
     return getattr(wrapper, "optimizer", wrapper)
 
 
-def optimizer_state_partitions(engine: Any, parts: Partitions, key: str) -> Optional[Partitions]:
-    """This rank's partitions of optimizer state ``key``: same fragments, the state's flat tensors.
-
-    ``None`` when a flat master has no such state tensor of its own shape
-    (no step taken yet, or a state kept elsewhere).
-    """
-    state = getattr(base_optimizer(engine), "state", {})
-    flats = []
-    for flat in parts.flats:
-        value = state.get(flat, {}).get(key) if flat in state else None
-        if not (torch.is_tensor(value) and value.shape == flat.shape):
-            return None
-        flats.append(value)
-    return Partitions(flats, parts.fragments, parts.process_group)
+# (training weights per group, their flat buffers, this rank's fp32 partitions) as DeepSpeed names them:
+_LINKED_ATTRIBUTES = (
+    ("bit16_groups", "bit16_groups_flat", "single_partition_of_fp32_groups"),  # ZeRO-1/2
+    ("bf16_groups", "bf16_groups_flat", "fp32_groups_flat_partition"),  # the bf16 optimizer (ZeRO-0 bf16)
+)
 
 
-def _linked_partitions(optimizer: Any, params: Sequence[torch.nn.Parameter]) -> Optional[Partitions]:
-    """ZeRO-1/2 and the bf16 optimizer: fragments from each parameter's ``_hp_mapping``."""
-    flats = getattr(optimizer, "single_partition_of_fp32_groups", None)
-    if flats is None:
-        flats = getattr(optimizer, "fp32_groups_flat_partition", None)
+def _linked_partitions(optimizer: Any, index_of: dict[int, int]) -> Optional[Partitions]:
+    """ZeRO-1/2 and the bf16 optimizer: fragments from each training weight's place in its flat buffer."""
+    found = next((names for names in _LINKED_ATTRIBUTES if getattr(optimizer, names[2], None)), None)
     groups = getattr(optimizer, "real_dp_process_group", None)
-    if not flats or not groups:
+    if found is None or not groups:
         return None
-    fragments = []
-    for index, param in enumerate(params):
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is None:
-            continue
-        group, lp, hp = mapping.param_group_index, mapping.lp_fragment_address, mapping.hp_fragment_address
-        # The mapping's slice must be where we are about to read; if DeepSpeed
-        # ever lays it out differently, take the slow path rather than guess.
-        expected = flats[group].narrow(0, hp.start, hp.numel)
-        if mapping.hp_fragment.data_ptr() != expected.data_ptr():
+    weights_of, buffers, hp_flats = (getattr(optimizer, name) for name in found)
+    fragments: list[Fragment] = []
+    weights: list[torch.Tensor] = []
+    disagree: list[int] = []
+    for g, (params, buffer, hp_flat) in enumerate(zip(weights_of, buffers, hp_flats)):
+        size = buffer.numel() // dist.get_world_size(group=groups[g])
+        if hp_flat.numel() != size:
             return None
-        fragments.append(Fragment(group, index, lp.start, hp.start, hp.numel))
-    return Partitions(list(flats), fragments, _one_group(groups))
+        first = dist.get_rank(group=groups[g]) * size
+        for param in params:
+            position = _offset_in(param.data, buffer)
+            if position is None or id(param) not in index_of:
+                return None
+            lo, hi = max(position, first), min(position + param.numel(), first + size)
+            fragment = None
+            if lo < hi:
+                fragment = Fragment(g, index_of[id(param)], lo - position, lo - first, hi - lo)
+                fragments.append(fragment)
+                weights.append(param.data.view(-1).narrow(0, fragment.start, fragment.numel))
+            if not _mapping_agrees(param, fragment):
+                disagree.append(index_of[id(param)])
+    if disagree:
+        _say_once(f"DeepSpeed's own parameter mapping (_hp_mapping, which its safe_get_full_fp32_param reads) "
+                  f"disagrees with where {len(disagree)} parameter(s) lie in its flat buffers on this rank "
+                  "(round_robin_gradients: true does this); wenet_hooks reads where the data is")
+    return Partitions(list(hp_flats), fragments, _one_group(groups), weights)
 
 
-def _zero3_partitions(optimizer: Any, params: Sequence[torch.nn.Parameter]) -> Optional[Partitions]:
-    """ZeRO-3: rank r holds elements ``[r * n, (r + 1) * n)`` of each parameter, n its partition size."""
+def _mapping_agrees(param: torch.Tensor, fragment: Optional[Fragment]) -> bool:
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return fragment is None
+    if fragment is None:
+        return mapping.hp_fragment_address.numel == 0
+    lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+    return (mapping.param_group_index, lp.start, hp.start, hp.numel) == (
+        fragment.group, fragment.start, fragment.offset, fragment.numel)
+
+
+def _zero3_partitions(optimizer: Any, index_of: dict[int, int]) -> Optional[Partitions]:
+    """ZeRO-3: fragments from each partition's place in its sub-group's flat buffer."""
     if getattr(optimizer, "swap_optimizer", False):
         return None
-    positions = getattr(optimizer, "grad_position", None)
+    buffers = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    sub_groups = getattr(optimizer, "fp16_groups", None)
     group = getattr(optimizer, "dp_process_group", None)
-    if positions is None:
+    if not buffers or sub_groups is None or len(buffers) != len(optimizer.fp32_partitioned_groups_flat):
         return None
     rank = dist.get_rank(group=group)
-    fragments = []
-    for index, param in enumerate(params):
-        if not hasattr(param, "ds_id"):
-            continue
-        position = positions.get(optimizer.get_param_id(param))
-        if position is None:
-            continue
-        if not _same_ranks(getattr(param, "ds_process_group", group), group):
+    positions = getattr(optimizer, "grad_position", None) or {}
+    fragments, weights, disagree = [], [], []
+    for i, (params, buffer) in enumerate(zip(sub_groups, buffers)):
+        if buffer is None:  # a sub-group kept on NVMe
             return None
-        group_index, offset, partition_numel = position
-        start = rank * partition_numel
-        numel = min(partition_numel, param.ds_numel - start)
-        if numel > 0:
-            fragments.append(Fragment(group_index, index, start, offset, numel))
-    return Partitions(list(optimizer.fp32_partitioned_groups_flat), fragments, group)
+        for param in params:
+            partition = getattr(param, "ds_tensor", None)
+            position = None if partition is None else _offset_in(partition, buffer)
+            if position is None or id(param) not in index_of:
+                return None
+            if not _same_ranks(getattr(param, "ds_process_group", group), group):
+                return None
+            size = partition.ds_numel if hasattr(partition, "ds_numel") else partition.numel()
+            if positions and positions.get(optimizer.get_param_id(param)) != [i, position, size]:
+                disagree.append(index_of[id(param)])
+            start = rank * size
+            numel = min(size, param.ds_numel - start)
+            if numel > 0:
+                fragments.append(Fragment(i, index_of[id(param)], start, position, numel))
+                weights.append(partition.view(-1).narrow(0, 0, numel))
+    if disagree:
+        _say_once(f"DeepSpeed's grad_position disagrees with where {len(disagree)} ZeRO-3 partition(s) lie in its "
+                  "flat buffers on this rank; wenet_hooks reads where the data is")
+    return Partitions(list(optimizer.fp32_partitioned_groups_flat), fragments, group, weights)
+
+
+def _offset_in(tensor: torch.Tensor, buffer: torch.Tensor) -> Optional[int]:
+    """The element offset of ``tensor``'s data inside ``buffer``, or None if it does not lie there."""
+    if tensor.dtype != buffer.dtype or tensor.device != buffer.device or not tensor.is_contiguous():
+        return None
+    size = buffer.element_size()
+    distance = tensor.data_ptr() - buffer.data_ptr()
+    if distance % size or distance < 0 or distance // size + tensor.numel() > buffer.numel():
+        return None
+    return distance // size
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        logger.warning("wenet_hooks: %s", message)
 
 
 def _one_group(groups: Sequence[Any]) -> Any:
@@ -217,7 +323,7 @@ def unpartitioned_masters(engine: Any) -> dict[int, torch.Tensor]:
     """
     optimizer = getattr(engine, "optimizer", None)
     groups = getattr(optimizer, "fp16_groups", None)
-    if groups is None:
+    if groups is None or hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3 names its groups so too
         return {}
     if hasattr(optimizer, "fp32_groups_flat"):
         return _split_flat_groups(groups, optimizer.fp32_groups_flat)

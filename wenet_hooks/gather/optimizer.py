@@ -12,16 +12,15 @@ and move with the same bucketed collectives (:mod:`wenet_hooks.gather.bucketed`)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
-from torch import nn
 
 from wenet_hooks.dist import all_reports, get_rank, get_world_size, is_rank0
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, LOSS_SCALER_FIELDS, plain
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, prepare_gather
-from wenet_hooks.gather.masters import base_optimizer, find_partitions_quietly, unwrap_model, zero_stage
+from wenet_hooks.gather.masters import EngineLayout, inspect_engine
 from wenet_hooks.gather.per_param import HostCopies
 
 # Optimizers whose state has the same meaning (Adam's two moments and a step):
@@ -42,15 +41,6 @@ class GatheredOptimizer:
     meta: dict[str, Any] = field(default_factory=dict)  # plain data: step, param groups, scheduler...
 
 
-def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """Each trainable parameter once (tied ones under their first key), in ``state_dict()`` order."""
-    found: dict[int, tuple[str, nn.Parameter]] = {}
-    for key, tensor in module.state_dict(keep_vars=True).items():
-        if isinstance(tensor, nn.Parameter) and tensor.requires_grad and id(tensor) not in found:
-            found[id(tensor)] = (key, tensor)
-    return dict(found.values())
-
-
 def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> Optional[GatheredOptimizer]:
     """Collective: must be called on all ranks. The optimizer state on rank 0; ``None`` elsewhere.
 
@@ -61,14 +51,14 @@ def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> 
         ConsolidationError: gathering it failed on this rank (after every
             collective ran on every rank).
     """
-    return prepare_optimizer(engine, bucket_mb).finish()
+    return prepare_optimizer(inspect_engine(engine), bucket_mb).finish()
 
 
 @dataclass
 class PendingOptimizer:
     """The optimizer state as it was at :func:`prepare_optimizer`; :meth:`finish` moves it to rank 0."""
 
-    names: list[str]  # the trainable parameters' keys, in the gathers' index order
+    names: dict[int, str]  # layout index -> key of each trainable parameter, in state_dict order
     gathers: dict[str, PendingGather]  # state key -> its prepared gather
     copy: HostCopies
     meta: dict[str, Any]
@@ -79,17 +69,17 @@ class PendingOptimizer:
         Raises:
             ConsolidationError: something failed on this rank (after every collective ran).
         """
-        state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.names}
+        state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.names.values()}
         for state_key, pending in self.gathers.items():
             gathered = pending.run()
-            for index, name in enumerate(self.names):
+            for index, name in self.names.items():
                 if self.copy.enabled and index in gathered.tensors:  # absent: a failure, raised below
                     state[name][state_key] = gathered.tensors[index]
         self.copy.raise_if_failed()
         return GatheredOptimizer(state, self.meta) if self.copy.enabled else None
 
 
-def prepare_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB,
+def prepare_optimizer(layout: EngineLayout, bucket_mb: float = DEFAULT_BUCKET_MB,
                       background_group: Any = None) -> PendingOptimizer:
     """Collective: agree on the layout, take the meta (step, scheduler...) now, allocate.
 
@@ -101,38 +91,32 @@ def prepare_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB,
     Raises:
         ConsolidationError: the state is not in DeepSpeed's flat layout (on every rank alike).
     """
-    module = unwrap_model(engine)
-    params = trainable_parameters(module)
-    parts = find_partitions_quietly(engine, list(params.values()))
-    keys = _state_keys(engine, parts) if parts is not None else []  # agreed by optimizer_unavailable
+    names = {i: layout.names[i] for i in layout.trainable()}
+    keys = state_keys(layout)
+    keys = keys if isinstance(keys, list) else []  # agreed by optimizer_unavailable
     copy = HostCopies(torch.float32, enabled=is_rank0())
-    ordered = list(params.values())
     gathers = {}
     with torch.no_grad():
         for state_key in keys:
-            pending = prepare_gather(engine, ordered, torch.float32, int(bucket_mb * 2**20), copy.record_failure,
+            pending = prepare_gather(layout, torch.float32, int(bucket_mb * 2**20), copy.record_failure,
                                      state_key=state_key, background_group=background_group)
-            if len(pending.indices) != len(ordered):  # the layout every rank agreed on
+            if pending.indices != set(names):  # the layout every rank agreed on
                 raise ConsolidationError(
                     f"rank {get_rank()}: optimizer state '{state_key}' is not in the flat layout of DeepSpeed's "
-                    "ZeRO-1/2/3 or bf16 optimizer (NVMe-swapped states, ZeRO-0?); HINT: its sharded checkpoint "
-                    "holds it; set save_states: model+optimizer with keep_sharded: all")
+                    "ZeRO-1/2/3 or bf16 optimizer for every trainable parameter (NVMe-swapped states, ZeRO-0?); "
+                    "HINT: its sharded checkpoint holds it; set save_states: model+optimizer with keep_sharded: all")
             gathers[state_key] = pending
-    return PendingOptimizer(list(params), gathers, copy, _meta(engine, list(params), keys) if copy.enabled else {})
+    return PendingOptimizer(names, gathers, copy, _meta(layout, list(names.values()), keys) if copy.enabled else {})
 
 
-def optimizer_unavailable(engine: Any) -> Optional[str]:
+def optimizer_unavailable(layout: EngineLayout) -> Optional[str]:
     """Collective: why this engine's optimizer state cannot be gathered, agreed by every rank; None if it can.
 
     It must lie in DeepSpeed's partitioned layout (ZeRO-1/2/3, the bf16
-    optimizer), in memory, with the same state keys on every rank.
+    optimizer), in memory, in the base optimizer's own state, with the same
+    state keys on every rank.
     """
-    module = unwrap_model(engine)
-    parts = find_partitions_quietly(engine, list(trainable_parameters(module).values()))
-    mine: Any = "a layout wenet_hooks does not know (ZeRO-0, NVMe-swapped optimizer states)"
-    if parts is not None:
-        mine = _state_keys(engine, parts)
-    reports = all_reports(mine)
+    reports = all_reports(state_keys(layout))
     if any(isinstance(r, str) for r in reports):
         return f"the optimizer state is kept in {next(r for r in reports if isinstance(r, str))}"
     if any(r != reports[0] for r in reports):
@@ -140,15 +124,42 @@ def optimizer_unavailable(engine: Any) -> Optional[str]:
     return None
 
 
-def _state_keys(engine: Any, parts: Any) -> list[str]:
-    """The state tensors kept per flat partition, in the partitions' own shape (none before the first step)."""
-    state = getattr(base_optimizer(engine), "state", {})
-    first = state.get(parts.flats[0], {}) if parts.flats else {}
-    return sorted(k for k, v in first.items() if torch.is_tensor(v) and v.shape == parts.flats[0].shape)
+def state_keys(layout: EngineLayout) -> Union[list[str], str]:
+    """The state tensors kept for every flat partition, in the partitions' own shape (none before the
+    first step), or where else the state is kept (a reason why it cannot be gathered)."""
+    parts = layout.partitions
+    if parts is None:
+        return "a layout wenet_hooks does not know (ZeRO-0, NVMe-swapped optimizer states)"
+    elsewhere = _kept_elsewhere(layout)
+    if elsewhere:
+        return elsewhere
+    state = getattr(layout.optimizer, "state", {})
+    per_flat = [sorted(k for k, v in state.get(flat, {}).items() if torch.is_tensor(v) and v.shape == flat.shape)
+                for flat in parts.flats]
+    if any(keys != per_flat[0] for keys in per_flat):
+        return "a place wenet_hooks does not read for some of its flat partitions (their state keys differ)"
+    step = optimizer_step(layout.optimizer)
+    if per_flat and not per_flat[0] and step > 0:
+        return (f"a place wenet_hooks does not read: {type(layout.optimizer).__name__} has taken {step:g} steps "
+                "but its state holds no tensor shaped like DeepSpeed's flat partitions")
+    return per_flat[0] if per_flat else []
 
 
-def _meta(engine: Any, names: list[str], keys: list[str]) -> dict[str, Any]:
-    optimizer = base_optimizer(engine)
+def _kept_elsewhere(layout: EngineLayout) -> Optional[str]:
+    """Optimizer state DeepSpeed keeps outside the base optimizer's ``state``."""
+    wrapper = getattr(layout.engine, "optimizer", None)
+    if "SuperOffload" in type(wrapper).__name__:
+        return "another process (DeepSpeed's SuperOffload)"
+    backup = getattr(wrapper, "backup_optimizer", None)
+    devices = getattr(wrapper, "subgroup_to_device", None) or {}
+    if backup is not None and any(device != "cpu" for device in devices.values()):
+        return ("two optimizers (ZeRO-3 offload_optimizer.ratio < 1: the sub-groups kept on the accelerator step "
+                "with DeepSpeed's backup optimizer)")
+    return None
+
+
+def _meta(layout: EngineLayout, names: list[str], keys: list[str]) -> dict[str, Any]:
+    engine, optimizer = layout.engine, layout.optimizer
     wrapper = getattr(engine, "optimizer", None)
     scheduler = getattr(engine, "lr_scheduler", None)
     scaler = getattr(wrapper, "loss_scaler", None)
@@ -165,7 +176,7 @@ def _meta(engine: Any, names: list[str], keys: list[str]) -> dict[str, Any]:
         "loss_scaler": ({f: plain(getattr(scaler, f)) for f in LOSS_SCALER_FIELDS if hasattr(scaler, f)}
                         if scaler is not None else None),
         "world_size": get_world_size(),
-        "zero_stage": zero_stage(engine),
+        "zero_stage": layout.stage,
     }
 
 

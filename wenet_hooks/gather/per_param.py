@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from wenet_hooks.dist import get_rank
+from wenet_hooks.dist import Failure, first_failure, get_rank
 from wenet_hooks.errors import ConsolidationError, error_text
+from wenet_hooks.gather.check import mismatch_message, rank_slice, same_after_cast
 from wenet_hooks.gather.masters import full_shape
 
 
@@ -49,14 +50,41 @@ class HostCopies:
             raise ConsolidationError(f"rank {get_rank()}: {what} failed: {error_text(e)}") from e
 
 
+class PerParameterChecks:
+    """The masters gathered whole (DeepSpeed's per-parameter path, FP16_Optimizer's unpartitioned
+    masters), each checked on every rank against its own elements of the training weight."""
+
+    def __init__(self, hint: str = "") -> None:
+        self.checked = 0  # the same on every rank: every rank takes the same path for each parameter
+        self.wrong: list[str] = []
+        self.hint = hint  # what to do instead, when the cause is known
+
+    def check(self, key: str, param: torch.Tensor, master: torch.Tensor) -> None:
+        self.checked += 1
+        mine, weight = rank_slice(param, master)
+        if not same_after_cast(mine, weight):
+            self.wrong.append(f"'{key}'")
+
+    def raise_if_any(self) -> None:
+        """Collective (when anything was checked): raise on every rank if any rank found a mismatch."""
+        if not self.checked:
+            return
+        wrong = self.wrong
+        failure = first_failure(Failure(get_rank(), mismatch_message(wrong, "the fp32 masters gathered", self.hint))
+                                if wrong else None)
+        if failure is not None:
+            raise ConsolidationError(failure.message)
+
+
 def gather_entry(key: str, tensor: torch.Tensor, master: Optional[torch.Tensor],
-                 copy: HostCopies) -> Optional[torch.Tensor]:
+                 copy: HostCopies, checks: PerParameterChecks) -> Optional[torch.Tensor]:
     """Collective for parameters: the full value of one state-dict entry as a CPU tensor on rank 0."""
     try:
         if master is not None:
+            checks.check(key, tensor, master)
             return copy(key, master, fresh=False)
         if isinstance(tensor, nn.Parameter):
-            return _gather_parameter(key, tensor, copy)
+            return _gather_parameter(key, tensor, copy, checks)
         # Buffers are never partitioned; rank 0's copy is the one to keep
         # (BatchNorm statistics differ between ranks).
         return copy(key, tensor, fresh=False)
@@ -66,12 +94,15 @@ def gather_entry(key: str, tensor: torch.Tensor, master: Optional[torch.Tensor],
         ) from e
 
 
-def _gather_parameter(key: str, param: nn.Parameter, copy: HostCopies) -> Optional[torch.Tensor]:
+def _gather_parameter(key: str, param: nn.Parameter, copy: HostCopies,
+                      checks: PerParameterChecks) -> Optional[torch.Tensor]:
     """Collective: the fp32 master weight if DeepSpeed holds one, else the module's full value."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     master = safe_get_full_fp32_param(param)
     if master is not None:
+        # (An all-reduce under ZeRO-1/2 through param._hp_mapping, which round_robin_gradients mislinks.)
+        checks.check(key, param, master)
         return copy(key, master.view(full_shape(param)), fresh=True)
     if hasattr(param, "ds_id"):
         # A ZeRO-3 parameter without a master copy (frozen): materialise it

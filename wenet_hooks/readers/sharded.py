@@ -135,7 +135,7 @@ class ShardedCheckpoint:
         return sorted(k for k, v in first.items() if torch.is_tensor(v) and v.shape == flat.shape)
 
     def optimizer_meta(self) -> dict[str, Any]:
-        """What ``<tag>.optim.pt`` records besides the tensors, read from the shards.
+        """What ``<tag>.optim`` records besides the tensors, read from the shards.
 
         DeepSpeed's shards do not name the optimizer class: Adam's two moments
         are recorded as ``Adam`` (any Adam-family optimizer resumes from it).

@@ -51,7 +51,7 @@ class ConsolidateConfig:
     bucket_mb: float = DEFAULT_BUCKET_MB  # received by rank 0 per collective; 0: DeepSpeed's per-parameter gather
 
     def save_options(self, optimizer: bool, background_gather: bool = True) -> SaveOptions:
-        """The options of each save this section asks for (``optimizer``: also ``<tag>.optim.pt``;
+        """The options of each save this section asks for (``optimizer``: also ``<tag>.optim``;
         ``background_gather``: its gather may go on after the save returns)."""
         return SaveOptions(dtype=self.dtype, verify=self.verify, bucket_mb=self.bucket_mb, optimizer=optimizer,
                            background_gather=background_gather)

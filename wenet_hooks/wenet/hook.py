@@ -8,7 +8,7 @@ section once, so a bad section stops the run before any step. Then, at each
 - ``save_states: model+optimizer``: WeNet's own save runs (DeepSpeed's sharded
   ``<tag>/`` and ``<tag>.yaml``), then every rank joins the weights' gather and
   copies its part of the optimizer state; that state's gather and rank 0's
-  writing of the verified ``<tag>.pt`` and ``<tag>.optim.pt`` go on in the
+  writing of the verified ``<tag>.pt`` and ``<tag>.optim`` go on in the
   background (except at WeNet's last save, after which it destroys the process
   groups); once they verified, retention may remove older folders. The next
   save first settles that work.
@@ -17,7 +17,7 @@ section once, so a bad section stops the run before any step. Then, at each
   writes it.
 
 At the ``init`` save, right after ``deepspeed.initialize``, a run started with
-``--checkpoint X.pt`` that has ``X.optim.pt`` beside it is first restored
+``--checkpoint X.pt`` that has ``X.optim`` beside it is first restored
 exactly (:mod:`wenet_hooks.resume`).
 
 Inactive (section absent, ``enabled: false``, or another ``train_engine``),
@@ -34,9 +34,9 @@ from typing import Any, Callable, Mapping, Optional
 
 from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.compat import describe_environment, environment_problems
-from wenet_hooks.dist import all_ok, is_rank0, log_rank0
+from wenet_hooks.dist import all_ok, background_group, is_rank0, log_rank0
 from wenet_hooks.errors import SaveError
-from wenet_hooks.file.optimizer_file import optimizer_path
+from wenet_hooks.file.optimizer_file import find_optimizer_file, optimizer_path
 from wenet_hooks.resume import restore
 from wenet_hooks.save import save_consolidated, settle_background
 from wenet_hooks.wenet.config import SECTION, ConsolidateConfig, OnError, compose_section
@@ -121,7 +121,7 @@ def wrap_check_modify_and_save_config(original: Callable) -> Callable:
     def check_modify_and_save_config(args, configs, *rest, **kwargs):
         configs = original(args, configs, *rest, **kwargs)
         configure(configs)
-        # WeNet resumes with --checkpoint X.pt; the init save restores the rest from X.optim.pt.
+        # WeNet resumes with --checkpoint X.pt; the init save restores the rest from X.optim.
         _session.checkpoint = getattr(args, "checkpoint", None)
         return configs
 
@@ -136,6 +136,10 @@ def wrap_save_model(original: Callable) -> Callable:
         config = _session.active
         if config is not None and info_dict["tag"] == INIT_TAG:
             _resume(model)
+            if info_dict.get("save_states") != MODEL_ONLY:
+                # The background gathers' own gloo group, made now, before the first step: a bad network
+                # setting (GLOO_SOCKET_IFNAME) stops the run here rather than at the first save.
+                background_group()
         if config is None or not config.converts(info_dict["tag"]):
             return original(model, info_dict)
         return _save(original, model, info_dict, config)
@@ -144,7 +148,7 @@ def wrap_save_model(original: Callable) -> Callable:
 
 
 def _resume(engine: Any) -> None:
-    """Collective: WeNet reloaded only the weights of ``--checkpoint X.pt``; restore the rest from X.optim.pt.
+    """Collective: WeNet reloaded only the weights of ``--checkpoint X.pt``; restore the rest from X.optim.
 
     WeNet saves ``init`` right after ``deepspeed.initialize``, before any step:
     the moment DeepSpeed's masters and optimizer state can still be set.
@@ -153,12 +157,13 @@ def _resume(engine: Any) -> None:
     if not checkpoint or _session.resumed:
         return
     _session.resumed = True
-    optim = optimizer_path(checkpoint)
+    optim = find_optimizer_file(checkpoint)
     # Every rank must take the same way (restore is collective): it is there for all, or it is not used.
-    if not all_ok(optim.is_file(), f"finding {optim}"):
+    if not all_ok(optim is not None, f"finding {optimizer_path(checkpoint)}"):
         log_rank0(logger, logging.WARNING, "wenet_hooks: %s has no %s beside it (on every rank): weights-only "
-                  "resume, the optimizer starts afresh", checkpoint, optim.name)
+                  "resume, the optimizer starts afresh", checkpoint, optimizer_path(checkpoint).name)
         return
+    assert optim is not None
     restored = restore(engine, checkpoint, optim)
     log_rank0(logger, logging.INFO, "wenet_hooks: resumed exactly from %s + %s: %s", checkpoint, optim.name,
               restored)

@@ -1,0 +1,93 @@
+"""Table 7: what the run-time check of the masters against the training weights costs, next to the gather.
+
+    python bench/check_cost.py [--params 53e6 258e6] [--stages 2 3] [--precisions fp32 bf16] [--repeats 3]
+
+One 2-rank DeepSpeed job (CPU, gloo) per size, stage and precision, one optimizer step, then alternately:
+the whole gather of the weights as a save makes it (``consolidate``: the check, then the bucketed gather)
+and the check alone (``check_masters``: each rank casts its fragments of the masters and compares them with
+its training weights, then the ranks vote). Medians of ``--repeats``; the ratio is check / gather.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from common import median, sized_model
+    from support.tiny_training import ds_config, init_engine
+    from wenet_hooks import consolidate
+    from wenet_hooks.gather.check import check_masters
+    from wenet_hooks.gather.masters import inspect_engine
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = sized_model(args.params)
+    engine = init_engine(model, ds_config(args.stage, args.precision))
+    x = torch.randn(2, model[0].in_features, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    loss = F.mse_loss(engine(x).float(), torch.zeros(2, model[0].in_features))
+    engine.backward(loss)
+    engine.step()
+    gather, check = [], []
+    for _ in range(args.repeats):
+        dist.barrier()
+        started = time.perf_counter()
+        state = consolidate(engine)
+        dist.barrier()
+        gather.append(time.perf_counter() - started)
+        del state
+        started = time.perf_counter()
+        check_masters(inspect_engine(engine))
+        dist.barrier()
+        check.append(time.perf_counter() - started)
+    if dist.get_rank() == 0:
+        params = sum(p.numel() for p in model.parameters())
+        g, c = median(gather), median(check)
+        print(f"| {params / 1e6:.0f}M | ZeRO-{args.stage} {args.precision} | {g:.3f} | {c:.3f} | {c / g:.3f} |",
+              flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, nargs="+", default=[53e6, 258e6])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.params = args.params[0]
+        return worker(args)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    print("| model | stage | gather incl. check (s) | check alone (s) | check / gather |\n| --- | --- | --- | --- | --- |")
+    for params in args.params:
+        for stage in args.stages:
+            for precision in args.precisions:
+                proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                       "--nproc_per_node=2", __file__, "--worker", "--params", str(params),
+                                       "--stage", str(stage), "--precision", precision,
+                                       "--repeats", str(args.repeats)], env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"check_cost worker failed:\n{proc.stderr[-3000:]}")
+                print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("|")), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The run-time check that the fp32 masters read are the right ones.
+
+The truth it checks against does not come from the layout it checks: after
+every optimizer step DeepSpeed copies its fp32 masters into the training
+weights (``copy_``: bit for bit in fp32, rounded to nearest even in bf16 and
+fp16), and before the first step the masters are copies of those weights. So,
+at every ZeRO stage and precision, each fragment's masters cast to the
+training dtype must equal the module's own weight elements the fragment claims
+to hold. Each rank checks the fragments it owns, where the data lies (its
+ZeRO-3 partition of the weights, or its slice of the full ZeRO-1/2 weights),
+and the ranks vote, so a wrong layout raises on every rank before anything is
+written or restored.
+
+Not checked, because no independent copy exists: frozen parameters (no master:
+the file holds the weight itself) and ZeRO-0 in fp32 (the weight is the master).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from wenet_hooks.dist import Failure, first_failure, get_rank
+from wenet_hooks.errors import ConsolidationError
+from wenet_hooks.gather.masters import EngineLayout, Fragment, Partitions
+
+# Elements compared at a time: bounds the temporary cast (and its device copy) whatever the parameter's size.
+_CHUNK = 1 << 22
+_NAMED = 5  # parameters named in a message; the count says how many more
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_after_cast(master: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``master`` cast to ``weight``'s dtype is ``weight``, bit for bit (any NaN equals any NaN)."""
+    if master.numel() != weight.numel():
+        return False
+    if master.data_ptr() == weight.data_ptr() and master.dtype == weight.dtype and master.device == weight.device:
+        return True  # the masters are the weights themselves (ZeRO-3 in fp32 keeps one buffer)
+    master, weight = master.reshape(-1), weight.reshape(-1)
+    bits = _BITS[weight.element_size()]
+    for lo in range(0, weight.numel(), _CHUNK):
+        w = weight[lo:lo + _CHUNK]
+        m = master[lo:lo + _CHUNK].to(device=w.device, dtype=w.dtype)
+        if not torch.equal(m.view(bits), w.view(bits)) and not _equal_but_nan(m, w, bits):
+            return False
+    return True
+
+
+def _equal_but_nan(m: torch.Tensor, w: torch.Tensor, bits: torch.dtype) -> bool:
+    # NaN payloads may change in a cast; a NaN weight still has a NaN master.
+    return bool(((m.view(bits) == w.view(bits)) | (m.isnan() & w.isnan())).all())
+
+
+def mismatched(parts: Partitions, names: list[str],
+               source: Optional[Callable[[Fragment], torch.Tensor]] = None) -> list[str]:
+    """The fragments of ``parts`` whose values (the masters, or ``source(fragment)``) do not equal the
+    training weights once cast: one line each, naming the parameter and the elements."""
+    found = []
+    for fragment, weight in zip(parts.fragments, parts.weights):
+        value = (source(fragment) if source is not None
+                 else parts.flats[fragment.group].narrow(0, fragment.offset, fragment.numel))
+        if not same_after_cast(value, weight):
+            found.append(f"'{names[fragment.param]}' (elements {fragment.start}..{fragment.start + fragment.numel})")
+    return found
+
+
+def check_masters(layout: EngineLayout, what: str = "the fp32 masters read") -> None:
+    """Collective: every rank checks its fragments of the masters against its training weights.
+
+    Raises:
+        ConsolidationError: on every rank when any rank found a mismatch,
+            naming the rank and the parameters.
+    """
+    mine = None
+    if layout.partitions is not None:
+        try:
+            wrong = mismatched(layout.partitions, layout.names)
+            mine = Failure(get_rank(), mismatch_message(wrong, what)) if wrong else None
+        except Exception as e:  # reading the weights failed: say so on every rank, never hang one
+            mine = Failure.from_exception(e)
+    failure = first_failure(mine)
+    if failure is not None:
+        raise ConsolidationError(failure.message)
+
+
+def mismatch_message(wrong: list[str], what: str, hint: str = "") -> str:
+    """One line: which parameters' masters differ from the training weights, and what it means."""
+    named = ", ".join(wrong[:_NAMED]) + (f" and {len(wrong) - _NAMED} more" if len(wrong) > _NAMED else "")
+    hint = hint or ("DeepSpeed lays its partitions out in a way wenet_hooks does not read correctly here; its "
+                    "sharded checkpoint is unaffected (convert it with wenet-hooks-convert), and please report "
+                    "your DeepSpeed config")
+    return (f"rank {get_rank()}: {what} for {len(wrong)} parameter(s) do not equal the module's own training "
+            f"weights once cast to their dtype: {named}; nothing was written or restored. HINT: {hint}")
+
+
+def per_parameter_hint(engine: object) -> str:
+    """What to do when DeepSpeed's own per-parameter gather reads the wrong slices, if the cause is known."""
+    round_robin = getattr(engine, "zero_round_robin_gradients", None)
+    if callable(round_robin) and round_robin():
+        return ("with round_robin_gradients: true DeepSpeed's safe_get_full_fp32_param (bucket_mb: 0) reads "
+                "other parameters' slices; set bucket_mb above 0, which reads where the data is")
+    return ""
+
+
+def rank_slice(param: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(this rank's elements of the full master, the training weight elements they must equal)``
+    for a parameter gathered whole (DeepSpeed's per-parameter path)."""
+    partition = getattr(param, "ds_tensor", None)
+    if partition is None:  # ZeRO-0/1/2: every rank holds the whole weight
+        return full.reshape(-1), param.data.reshape(-1)
+    size = partition.ds_numel if hasattr(partition, "ds_numel") else partition.numel()
+    start = dist.get_rank(group=getattr(param, "ds_process_group", None)) * size
+    numel = max(0, min(size, param.ds_numel - start))
+    return full.reshape(-1).narrow(0, start, numel), partition.reshape(-1).narrow(0, 0, numel)
