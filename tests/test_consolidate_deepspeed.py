@@ -75,6 +75,11 @@ def test_bucketed_gather_equals_per_parameter_path(matrix, case):
         assert result["bucketed"] == 0  # nothing is partitioned
     else:  # ZeRO-1/2/3, and BF16_Optimizer (ZeRO-0 bf16 on DeepSpeed <= 0.16: partitioned masters)
         assert result["bucketed"] == result["trainable"] > 0
+        # The ranks exchanged their fragment lists once for the engine; the other gathers reused it.
+        assert result["agreements"] == 1
+        # Streamed to a file, rank 0 held at most a parameter straddling the two ranks' partitions and
+        # the ones in flight: never the whole model (counted by the receiver, allocation by allocation).
+        assert 0 < result["peak_bytes"] <= 3 * result["largest_bytes"] < result["model_bytes"]
     ours = load(folder / f"{TAG}.pt")
     assert_state_dicts_equal(load(folder / f"{TAG}.per_param.pt"), ours)
     assert_state_dicts_equal(load(folder / f"{TAG}.small_buckets.pt"), ours)

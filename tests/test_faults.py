@@ -38,11 +38,14 @@ EXPECTED = {
     "failed verification (1 problem(s)):\n  - 'encoder.global_cmvn.mean': values differ from those gathered "
     "(crc32 <crc>, expected <crc>)",
     # Reported at the next save, under the failed save's own tag.
-    "background@0": "save 'background_at_0' failed on rank 0 while writing {dir}/background_at_0.pt in the "
-    "background: " + FULL.replace("{file}", "background_at_0.pt"),
-    "background-gather@1": "save 'background_gather_at_1' failed on rank 1 while gathering the optimizer state "
-    "and writing {dir}/background_gather_at_1.pt in the background: rank 1: reading elements 256..384 of the "
-    "fp32 partition failed: injected: cannot read the copy",
+    "background@0": "save 'background_at_0' failed on rank 0 while gathering the weights and writing "
+    "{dir}/background_at_0.pt in the background: " + FULL.replace("{file}", "background_at_0.pt"),
+    "background-gather@1": "save 'background_gather_at_1' failed on rank 1 while gathering the weights and the "
+    "optimizer state and writing {dir}/background_gather_at_1.pt in the background: rank 1: reading elements "
+    "256..384 of the fp32 partition failed: injected: cannot read the copy",
+    "background-optimizer@1": "save 'background_optimizer_at_1' failed on rank 1 while gathering the weights and "
+    "the optimizer state and writing {dir}/background_optimizer_at_1.pt in the background: rank 1: reading "
+    "elements 256..384 of the fp32 partition failed: injected: cannot read the copy",
 }
 # scenario -> the last line of the failing rank's traceback, which every rank's SaveError carries.
 RAISED = {
@@ -54,6 +57,7 @@ RAISED = {
     "verify@0": "VerificationError: ",
     "background@0": "CheckpointWriteError: could not write",
     "background-gather@1": "ConsolidationError: rank 1: reading elements",
+    "background-optimizer@1": "ConsolidationError: rank 1: reading elements",
 }
 
 
@@ -84,7 +88,7 @@ def test_a_failure_on_one_rank_in_any_phase_ends_the_save_on_every_rank_in_secon
         print(f"{scenario}: failing save ended on both ranks in "
               f"{max(s[scenario]['seconds'] for s in seen):.2f} s")
         assert all(s[scenario]["seconds"] < 60 for s in seen), scenario
-        if scenario == "background-gather@1":  # the weights were gathered before: written, verified
+        if scenario == "background-optimizer@1":  # the weights were sent: written, verified
             assert_state_dicts_equal(torch.load(tmp_path / f"{tag}.pt", weights_only=True), reference)
             assert not (tmp_path / f"{tag}.optim").exists()
         else:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wenet_hooks.gather.bucketed import _covers, _Layout, _Receiver
+from wenet_hooks.gather.agreement import AgreedLayout, _covers
+from wenet_hooks.gather.bucketed import _Receiver
 from wenet_hooks.gather.masters import Fragment
 
 
@@ -23,7 +24,7 @@ def test_receiver_places_every_fragment_whatever_the_chunk_size(chunk):
     values = [torch.arange(8.0).view(2, 4), torch.tensor([10.0, 11.0, 12.0])]
     flats = [torch.tensor([0.0, 1, 2, 3, 4, -1]), torch.tensor([5.0, 6, 7, 10, 11, 12])]
     by_rank = [[Fragment(0, 0, 0, 0, 5)], [Fragment(0, 0, 5, 0, 3), Fragment(0, 1, 0, 3, 3)]]
-    layout = _Layout([6], by_rank, {0: [by_rank[0][0], by_rank[1][0]], 1: [by_rank[1][1]]})
+    layout = AgreedLayout([6], by_rank, {0: [by_rank[0][0], by_rank[1][0]], 1: [by_rank[1][1]]})
     failures = []
     params = [torch.nn.Parameter(torch.empty(2, 4)), torch.nn.Parameter(torch.empty(3))]
     receiver = _Receiver(layout, params, torch.float32, lambda what, e: failures.append((what, e)))

@@ -56,3 +56,50 @@ def test_fsync_failing_publishes_nothing(tmp_path, monkeypatch):
     with pytest.raises(CheckpointWriteError, match=r"^could not write .*x\.pt: Input/output error \(OSError\)$"):
         write_entries([Entry("a", (8,))], iter([torch.ones(8)]), tmp_path / "x.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def _records(path) -> dict[str, bytes]:
+    """Every record of a torch.save zip, by name without the archive's folder."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return {name.split("/", 1)[1]: archive.read(name) for name in archive.namelist()}
+
+
+def test_tensors_written_in_any_order_give_torch_saves_file_bit_for_bit(tmp_path):
+    """The file laid out from shapes and filled in the order a gather completes (here: reversed)
+    holds, record for record, the bytes torch.save writes for the same dict (its serialization id,
+    unique per file, aside)."""
+    from wenet_hooks.file.publish import PendingFile
+
+    embed = torch.randn(5, 3)
+    state = {"embed": embed, "steps": torch.tensor(7), "half": torch.randn(2, 2).to(torch.bfloat16),
+             "empty": torch.zeros(0, 4), "out": embed, "bias": torch.tensor([-0.0, 1.5])}
+    entries = [Entry("embed", (5, 3)), Entry("steps", (), torch.int64), Entry("half", (2, 2), torch.bfloat16),
+               Entry("empty", (0, 4)), Entry("out", alias_of="embed"), Entry("bias", (2,))]
+    pending = PendingFile(tmp_path / "ours.pt", entries)
+    for e in reversed(entries):
+        if not e.alias_of:
+            pending.write(e.key, state[e.key])
+    pending.publish()
+    torch.save(state, tmp_path / "torch.pt")
+    ours, theirs = _records(tmp_path / "ours.pt"), _records(tmp_path / "torch.pt")
+    assert sorted(ours) == sorted(theirs)
+    different = [name for name in ours if ours[name] != theirs[name]]
+    assert different in ([], [".data/serialization_id"])
+
+
+def test_a_tensor_written_twice_or_missing_publishes_nothing(tmp_path):
+    from wenet_hooks.file.publish import PendingFile
+
+    entries = [Entry("a", (2,)), Entry("b", (2,))]
+    pending = PendingFile(tmp_path / "x.pt", entries)
+    pending.write("a", torch.ones(2))
+    with pytest.raises(ValueError, match=r"^'a': written twice$"):
+        pending.write("a", torch.ones(2))
+    assert list(tmp_path.iterdir()) == []
+    pending = PendingFile(tmp_path / "x.pt", entries)
+    pending.write("b", torch.ones(2))
+    with pytest.raises(ValueError, match=r"^1 entries were never written \(first: 'a'\)$"):
+        pending.publish()
+    assert list(tmp_path.iterdir()) == []

@@ -40,8 +40,8 @@ def test_disk_full_with_on_error_warn_keeps_training_and_the_sharded_folder(tmp_
     step_3 = re.escape(str(exp / "step_3.pt"))
     # (at step_5's save, under the failed save's own tag)
     assert re.search(rf"^.*wenet_hooks: on_error is warn: training goes on, the sharded folder is kept. save "
-                     rf"'step_3' failed on rank 0 while gathering the optimizer state and writing {step_3} in the "
-                     r"background: "
+                     rf"'step_3' failed on rank 0 while gathering the weights and the optimizer state and writing "
+                     rf"{step_3} in the background: "
                      rf"could not write {step_3}: no space left on the device of {re.escape(str(exp))}: "
                      r"about [0-9.]+ kB needed, [0-9.]+ [kMG]B free; HINT: free space or point model_dir elsewhere$",
                      proc.stderr, flags=re.M)
@@ -79,9 +79,10 @@ def test_200_saves_in_one_run_do_not_leak(tmp_path):
         # leaking every save's copies (weights and optimizer state, 3 copies' worth) would add.
         leak_mb = (len(samples) - 21) * 3 * copy_mb
         assert late["rss_mb"] - early["rss_mb"] < leak_mb / 2, (leak_mb, samples[::20])
-        # +1: the background write in flight when a sample is taken holds the file it writes or
-        # verifies (now two files per save); a leak would grow with every one of the 180 saves.
-        assert max(s["fds"] for s in samples[20:]) <= early["fds"] + 1, samples[::20]
+        # +3: the background save in flight when a sample is taken holds its two files open (rank 0
+        # writes the weights and the optimizer state as they arrive) and maps one it verifies; a leak
+        # would grow with every one of the 180 saves.
+        assert max(s["fds"] for s in samples[20:]) <= early["fds"] + 3, samples[::20]
         assert late["threads"] <= early["threads"], samples[::20]
         # At most the write in flight has a .tmp (it is published before the next save returns).
         assert max(s["tmp_files"] for s in samples) <= 1
@@ -142,3 +143,34 @@ def test_resume_on_another_number_of_ranks_trains_to_the_end(tmp_path):
     assert [step for step, _ in resumed] == ["3", "4", "5"]
     assert "saved by ZeRO-2 on 2 ranks, restored onto ZeRO-2 on 3 ranks" in proc.stderr
     assert_recognize_ready(tmp_path / "three_exp" / "step_5.pt")
+
+
+def test_files_only_killed_mid_write_resumes_exactly_from_the_save_before(tmp_path):
+    """``sharded: false``: no sharded folder is written; <tag>.pt and <tag>.optim are the checkpoint,
+    gathered and written in the background. Rank 0 killed while writing step_4.pt loses that save
+    only: step_3 is complete and verified, and resuming from it gives the uninterrupted losses."""
+    section = {"consolidate": {"enabled": True, "sharded": False}}
+    write_configs(tmp_path, stage=2, section=section, save_interval=1)
+    straight = tmp_path / "straight.txt"
+    train(tmp_path, "model+optimizer", "--model_dir", str(tmp_path / "straight_exp"),
+          env={"STANDIN_STEPS": "6", "STANDIN_LOSSES": str(straight)})
+    done = tmp_path / "straight_exp"
+    assert not [p.name for p in done.iterdir() if p.is_dir()] and not (done / "latest").exists()
+    for tag in ("init", "step_1", "step_2", "step_3", "step_4", "step_5", "epoch_0"):
+        assert_recognize_ready(done / f"{tag}.pt")
+        assert (done / f"{tag}.optim").is_file() and (done / f"{tag}.yaml").is_file()
+    killed = train(tmp_path, "model+optimizer", check=False,
+                   env=instrumented(STANDIN_STEPS="6", WENET_HOOKS_TEST_KILL_WRITING="step_4"))
+    assert killed.returncode != 0
+    exp = tmp_path / "exp"
+    assert not (exp / "step_4.pt").exists() and not (exp / "step_4.optim").exists()
+    assert not [p.name for p in exp.iterdir() if p.is_dir()]  # nothing sharded, ever
+    assert_recognize_ready(exp / "step_3.pt")
+    assert_state_dicts_equal(load(exp / "step_3.pt"), load(done / "step_3.pt"))
+    resumed = tmp_path / "resumed.txt"
+    proc = train(tmp_path, "model+optimizer", "--checkpoint", str(exp / "step_3.pt"), "--model_dir",
+                 str(tmp_path / "resumed_exp"), env={"STANDIN_STEPS": "2", "STANDIN_LOSSES": str(resumed)})
+    expected = [line.split() for line in straight.read_text().splitlines()][4:]  # steps 4 and 5
+    assert [line.split() for line in resumed.read_text().splitlines()] == expected  # every bit
+    assert "wenet_hooks: resumed exactly from " in proc.stderr
+

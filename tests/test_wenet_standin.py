@@ -89,8 +89,7 @@ def test_model_and_optimizer_zero2_steps_epochs_and_retention(tmp_path):
     # The other saves gather the optimizer state in the background; WeNet destroys the process
     # group right after its last one (steps mode: epoch_0), so that one gathers it at once.
     assert proc.stderr.count("is WeNet's last save") == 1
-    assert "wenet_hooks: epoch_0 is WeNet's last save: its optimizer state is gathered before training ends" \
-        in proc.stderr
+    assert "wenet_hooks: epoch_0 is WeNet's last save: it is gathered before training ends" in proc.stderr
 
 
 def test_model_only_zero3_writes_single_files_and_nothing_sharded(tmp_path):
@@ -178,8 +177,8 @@ def test_on_error_stop_stops_every_rank_with_the_reason(tmp_path):
     stderr = re.sub(r"(?m)^\[rank\d\]: ", "", proc.stderr)
     # model+optimizer: rank 0 writes init.pt in the background; the next save learns it failed.
     path = tmp_path / "exp" / "init.pt"
-    reason = (f"SaveError: save 'init' failed on rank 0 while gathering the optimizer state and writing {path} "
-              "in the background: "
+    reason = (f"SaveError: save 'init' failed on rank 0 while gathering the weights and the optimizer state and "
+              f"writing {path} in the background: "
               f"could not write {path}: a folder of that name exists")
     assert stderr.count(reason) == 2  # both ranks raised it, neither hung
     assert stderr.count("where rank 0 raised it:") == 1  # rank 1 carries rank 0's traceback

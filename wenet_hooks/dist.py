@@ -51,12 +51,13 @@ class Failure:
     rank: int
     message: str
     traceback: str = ""  # the last frames, where it was raised
+    phase: str = ""  # what that rank was doing, where the caller cannot tell (e.g. "writing exp/step_3.pt")
 
     @classmethod
-    def from_exception(cls, error: BaseException) -> Failure:
+    def from_exception(cls, error: BaseException, phase: str = "") -> Failure:
         frames = traceback.format_tb(error.__traceback__)[-_TRACEBACK_FRAMES:]
         summary = "".join(frames) + f"{type(error).__name__}: {error_text(error)}\n"
-        return cls(get_rank(), error_text(error), summary)
+        return cls(get_rank(), error_text(error), summary, phase)
 
 
 Report = TypeVar("Report")

@@ -95,3 +95,13 @@ class RestoreError(WenetHooksError):
         self.problems = list(problems)
         super().__init__(f"cannot resume from {self.path} ({len(self.problems)} problem(s)); nothing was "
                          "restored:\n" + _listing(self.problems))
+
+
+class PhaseError(WenetHooksError):
+    """One rank's failure during a save, with the phase it happened in (``phase``, e.g. "writing
+    exp/step_3.pt") and the original error (``cause``): the message every rank's SaveError carries."""
+
+    def __init__(self, phase: str, cause: BaseException) -> None:
+        super().__init__(error_text(cause))
+        self.phase, self.cause = phase, cause
+

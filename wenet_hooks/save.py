@@ -15,19 +15,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from wenet_hooks.background import BackgroundWriter
-from wenet_hooks.dist import Failure, all_ok, background_group, first_failure, get_rank, is_rank0, log_rank0
+from wenet_hooks.dist import Failure, background_group, first_failure, get_rank, log_rank0
 from wenet_hooks.dtypes import DtypeLike
-from wenet_hooks.errors import SaveError
-from wenet_hooks.file.optimizer_file import legacy_optimizer_path, optimizer_path, to_file_dict
-from wenet_hooks.file.publish import write_state_dict
-from wenet_hooks.gather import DEFAULT_BUCKET_MB, consolidate
+from wenet_hooks.errors import PhaseError, SaveError
+from wenet_hooks.gather import DEFAULT_BUCKET_MB, prepare_consolidate
 from wenet_hooks.gather.masters import EngineLayout, inspect_engine
-from wenet_hooks.gather.optimizer import (
-    GatheredOptimizer,
-    PendingOptimizer,
-    optimizer_unavailable,
-    prepare_optimizer,
-)
+from wenet_hooks.gather.optimizer import PendingOptimizer, optimizer_unavailable, prepare_optimizer
+from wenet_hooks.save_job import GATHERING_OPTIMIZER, GATHERING_WEIGHTS, SaveJob
 
 logger = logging.getLogger(__name__)
 _said: set[str] = set()  # warnings already logged in this process
@@ -51,11 +45,12 @@ class SaveOptions:
             the model's key names, for an exact resume at any world size and
             ZeRO stage (:func:`wenet_hooks.resume.restore`). Default ``False``.
         background_gather: with a ``writer``, each rank copies its partitions
-            of the optimizer state to host memory and their gather to rank 0
-            runs in the background too, over a gloo group of its own (default
-            ``True``). Call :func:`settle_background` before
-            ``destroy_process_group``, which takes that group with it.
-            ``False`` gathers it before returning, as the weights always are.
+            of the masters (and of the optimizer state) to host memory, and
+            the gathers to rank 0 and its writing run in the background, over
+            a gloo group of the package's own (default ``True``). Call
+            :func:`settle_background` before ``destroy_process_group``, which
+            takes that group with it. ``False``: gathered and written before
+            returning, as without a writer.
     """
 
     dtype: DtypeLike = "fp32"
@@ -76,13 +71,15 @@ def save_consolidated(
 ) -> Path:
     """Collective: must be called on all ranks. Write ``<model_dir>/<tag>.pt`` (and ``<tag>.optim``).
 
-    Gathers the full state dict (:func:`wenet_hooks.consolidate`), writes it
-    atomically on rank 0 and, with ``options.verify``, reopens it and checks
-    every tensor before publishing it; then rank 0 calls ``on_written``. After
-    each phase the ranks share their outcome, so a failure anywhere raises on
-    every rank. With a ``writer``, rank 0 writes in the background (and, with
-    ``options.background_gather``, every rank sends its part of the optimizer
-    state from a copy taken now) and this returns;
+    Gathers the full state dict (:func:`wenet_hooks.consolidate`) and, with
+    ``options.optimizer``, the optimizer state; rank 0 writes each tensor into
+    its place in ``<tag>.pt.tmp`` as it arrives (it never holds the whole
+    model), and, with ``options.verify``, reopens the file and checks every
+    tensor before publishing it; then rank 0 calls ``on_written``. After each
+    phase the ranks share their outcome, so a failure anywhere raises on every
+    rank. With a ``writer`` (and ``options.background_gather``), each rank
+    copies its partitions to host memory now and the gathers and the writing
+    go on in the background; this returns at once and
     :func:`settle_background` reports the outcome.
 
     Returns:
@@ -94,30 +91,25 @@ def save_consolidated(
     """
     path = Path(model_dir) / f"{tag}.pt"
     layout = inspect_engine(engine)  # once per save: the weights' gather and the optimizer's read it
-    state_dict, failure = _run_phase(lambda: consolidate(engine, options.dtype, options.bucket_mb, layout), tag)
-    _raise_if_any_failed(failure, tag, "gathering the weights")
-    # With a writer, the optimizer state may be gathered in the background from a copy taken now.
-    in_background = writer is not None and options.background_gather
+    # With a writer, the gathers run in the background, from host copies each rank takes now, over
+    # the package's own gloo group (made collectively here the first time).
+    deferred = writer is not None and options.background_gather
+    group = background_group() if deferred else None
+    weights, failure = _run_phase(
+        lambda: prepare_consolidate(engine, options.dtype, options.bucket_mb, layout, group), tag)
+    _raise_if_any_failed(failure, tag, GATHERING_WEIGHTS)
     pending: Optional[PendingOptimizer] = None
     if options.optimizer:
-        pending, failure = _run_phase(lambda: _prepare_optimizer(layout, options.bucket_mb, in_background), tag)
-        _raise_if_any_failed(failure, tag, "gathering the optimizer state")
-    deferred = in_background and pending is not None
-    finish: Optional[Callable[[], Optional[GatheredOptimizer]]] = None
+        pending, failure = _run_phase(lambda: _prepare_optimizer(layout, options.bucket_mb, group), tag)
+        _raise_if_any_failed(failure, tag, GATHERING_OPTIMIZER)
+    job = SaveJob(path, weights, pending, group, options.verify, on_written)
+    what = "the weights and the optimizer state" if pending is not None else "the weights"
+    del weights, pending
     if deferred:
-        finish = pending.finish
-    elif pending is not None:
-        gathered, failure = _run_phase(pending.finish, tag)
-        _raise_if_any_failed(failure, tag, "gathering the optimizer state")
-        finish = lambda: gathered  # noqa: E731
-    job = _save_job(path, state_dict, finish, background_group() if deferred else None, options.verify, on_written)
-    del state_dict, pending
-    if writer is None:
+        writer.submit(job, tag, f"gathering {what} and writing {path}")
+    else:  # gathered and written before training goes on
         _, failure = _run_phase(job, tag)
         _raise_if_any_failed(failure, tag, f"writing {path}")
-    elif is_rank0() or deferred:  # the other ranks send their part of a deferred gather
-        writer.submit(job, tag, f"gathering the optimizer state and writing {path}" if deferred
-                      else f"writing {path}")
     return path
 
 
@@ -132,7 +124,7 @@ def settle_background(writer: BackgroundWriter) -> None:
         raise _save_error(failed.tag, f"{failed.what} in the background", failed.failure)
 
 
-def _prepare_optimizer(layout: EngineLayout, bucket_mb: float, in_background: bool) -> Optional[PendingOptimizer]:
+def _prepare_optimizer(layout: EngineLayout, bucket_mb: float, group: Any) -> Optional[PendingOptimizer]:
     """Collective: the optimizer state, ready to gather; None where it cannot be gathered (ZeRO-0,
     NVMe-swapped states, state kept outside the base optimizer): the save goes on without it, as
     WeNet's own would."""
@@ -143,50 +135,7 @@ def _prepare_optimizer(layout: EngineLayout, bucket_mb: float, in_background: bo
             log_rank0(logger, logging.WARNING, "wenet_hooks: no <tag>.optim is written: %s; a resume from "
                       "these saves restarts the optimizer", reason)
         return None
-    return prepare_optimizer(layout, bucket_mb or DEFAULT_BUCKET_MB,  # never per parameter: no such path
-                             background_group() if in_background else None)
-
-
-def _save_job(path: Path, state_dict: Optional[dict], finish: Optional[Callable[[], Optional[GatheredOptimizer]]],
-              deferred_over: Any, verify: bool, on_written: Optional[Callable[[], None]]) -> Callable[[], None]:
-    """Every rank: finish the optimizer state's gather (collective, over ``deferred_over`` when it runs
-    in the background). Rank 0: write the weights, then the optimizer file that belongs to them (or
-    remove an older one, which would not match)."""
-    def job() -> None:
-        gathered, failure = None, None
-        if finish is not None:
-            try:
-                gathered = finish()
-            except Exception as e:  # the weights are still written; this is raised after
-                failure = e
-        # A rank that failed sent zeros: rank 0 must know before it publishes what it received.
-        all_sent = failure is None
-        if deferred_over is not None:
-            try:
-                all_sent = all_ok(failure is None, "sending the optimizer state", deferred_over)
-            except Exception as e:  # the group is gone (destroyed early): the weights are still written
-                all_sent, failure = False, failure or e
-        if is_rank0():
-            write_state_dict(state_dict, path, verify=verify)
-            if gathered is not None and all_sent:
-                write_state_dict(to_file_dict(gathered.state, gathered.meta), optimizer_path(path), verify=verify)
-            else:
-                _remove_stale(optimizer_path(path))
-            _remove_stale(legacy_optimizer_path(path))
-            if on_written is not None and all_sent:
-                on_written()
-        if failure is not None:
-            raise failure
-
-    return job
-
-
-def _remove_stale(optim: Path) -> None:
-    """An older save's optimizer file of this tag: it does not belong to the weights just written,
-    and a resume would pair them."""
-    if optim.is_file():
-        optim.unlink()
-        logger.info("wenet_hooks: removed %s, which belonged to an earlier save of the same tag", optim)
+    return prepare_optimizer(layout, bucket_mb or DEFAULT_BUCKET_MB, group)  # never per parameter: no such path
 
 
 def _run_phase(work: Callable[[], Any], tag: str) -> tuple[Any, Optional[Failure]]:
@@ -194,13 +143,15 @@ def _run_phase(work: Callable[[], Any], tag: str) -> tuple[Any, Optional[Failure
         return work(), None
     except Exception as e:  # shared with the other ranks, then re-raised there
         logger.exception("wenet_hooks: save '%s' failed here", tag)
+        if isinstance(e, PhaseError):  # the phase it happened in travels with it
+            return None, Failure.from_exception(e.cause, phase=e.phase)
         return None, Failure.from_exception(e)
 
 
 def _raise_if_any_failed(mine: Optional[Failure], tag: str, phase: str) -> None:
     failure = first_failure(mine)
     if failure is not None:
-        raise _save_error(tag, phase, failure)
+        raise _save_error(tag, failure.phase or phase, failure)
 
 
 def _save_error(tag: str, phase: str, failure: Failure) -> SaveError:

@@ -51,6 +51,14 @@ if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
 fi
 
 if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
+  # Both ways WeNet's recipes average: by validation loss (<tag>.yaml -> <tag>.pt), and the newest
+  # model_dir/[!init]*.pt by mtime, which takes anything ending in .pt for a model.
   python "$WENET_ROOT/wenet/bin/average_model.py" --dst_model "$dir/avg_2.pt" \
     --src_path "$dir" --num 2 --val_best --mode epoch
+  python "$WENET_ROOT/wenet/bin/average_model.py" --dst_model "$dir/avg_newest.model" \
+    --src_path "$dir" --num 2
+  python "$WENET_ROOT/wenet/bin/recognize.py" --device cpu --gpu -1 \
+    --config "$dir/train.yaml" --data_type raw --test_data "$data/data.list" \
+    --checkpoint "$dir/avg_newest.model" --beam_size 2 --batch_size 1 \
+    --modes ctc_greedy_search --result_dir "$dir/decode_avg"
 fi

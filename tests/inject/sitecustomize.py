@@ -3,6 +3,8 @@
 - ``WENET_HOOKS_TEST_ENOSPC=step_3[,...]``: the disk "fills up" while rank 0
   writes those tags' single files (a few bytes land in ``<tag>.pt.tmp``, then
   ``OSError(ENOSPC)``), as a full disk would; nothing else is changed.
+- ``WENET_HOOKS_TEST_KILL_WRITING=<tag>``: rank 0 kills itself (SIGKILL: no clean-up
+  runs) while it writes that tag's ``<tag>.pt``, a few bytes in ``<tag>.pt.tmp``.
 - ``WENET_HOOKS_TEST_WRITERS=<folder>``: each rank appends ``RANK LOCAL_RANK GROUP_RANK
   file`` to ``<folder>/writes<rank>.txt`` for every file it publishes.
 - ``WENET_HOOKS_TEST_PROBE=<folder>``: after each save, every rank records its
@@ -20,15 +22,31 @@ if os.environ.get("WENET_HOOKS_TEST_ENOSPC"):
     import wenet_hooks.file.publish as _publish
 
     _full_tags = os.environ["WENET_HOOKS_TEST_ENOSPC"].split(",")
-    _write_file = _publish.write_file
+    _open_writer = _publish.open_writer
 
-    def _write_file_full_disk(tmp, entries, tensors, **kwargs):
+    def _open_writer_full_disk(tmp, entries, checksums):
         if any(tmp.name == f"{tag}.pt.tmp" for tag in _full_tags):
             tmp.write_bytes(b"PK\x03\x04 the first bytes")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return _write_file(tmp, entries, tensors, **kwargs)
+        return _open_writer(tmp, entries, checksums)
 
-    _publish.write_file = _write_file_full_disk
+    _publish.open_writer = _open_writer_full_disk
+
+if os.environ.get("WENET_HOOKS_TEST_KILL_WRITING"):
+    import signal
+
+    import wenet_hooks.file.publish as _publish_k
+
+    _killed_tag = os.environ["WENET_HOOKS_TEST_KILL_WRITING"]
+    _open_writer_k = _publish_k.open_writer
+
+    def _open_writer_then_die(tmp, entries, checksums):
+        if tmp.name == f"{_killed_tag}.pt.tmp":
+            tmp.write_bytes(b"PK\x03\x04 the first bytes")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _open_writer_k(tmp, entries, checksums)
+
+    _publish_k.open_writer = _open_writer_then_die
 
 if os.environ.get("WENET_HOOKS_TEST_PROBE"):
     import atexit

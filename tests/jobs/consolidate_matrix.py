@@ -25,6 +25,7 @@ import torch.distributed as dist
 from support.tiny_model import NEGATIVE_ZERO, build_model, make_batch
 from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks import Manifest, consolidate, write_state_dict
+from wenet_hooks.gather import agreement, prepare_consolidate
 from wenet_hooks.gather.bucketed import prepare_gather
 from wenet_hooks.gather.masters import inspect_engine
 
@@ -90,11 +91,18 @@ def run_case(case: str, out_dir: Path) -> None:
     except Exception as e:
         raise DeepSpeedCannotTrain(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     engine.save_checkpoint(str(case_dir), tag=TAG)
+    agreements = agreement.agreements_made
     fp32 = consolidate(engine)
     bf16 = consolidate(engine, dtype="bf16")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     bucketed = prepare_gather(inspect_engine(engine), torch.float32, 2**20, record_failure=_raise).run().indices
     variants = {"per_param": consolidate(engine, bucket_mb=0), "small_buckets": consolidate(engine, bucket_mb=1 / 1024)}
+    agreements = agreement.agreements_made - agreements  # 5 bucketed gathers of one engine
+    # Rank 0's memory in a streamed gather (each tensor handed to the file as it completes), counted
+    # by the receiver itself: what it held at most at once, against the model's size.
+    streamed = prepare_consolidate(engine, bucket_mb=1 / 1024)
+    streamed.finish(lambda key, tensor: None)
+    sizes = [p.numel() * 4 for p in trainable] if stage < 3 else [p.ds_numel * 4 for p in trainable]
     out = engine_output(engine)
     # One step more, saved too: tests of mixed-up shards take a file from here.
     train_steps(engine, 1, first_step=STEPS)
@@ -110,6 +118,8 @@ def run_case(case: str, out_dir: Path) -> None:
             write_state_dict(negative_zero, case_dir / f"{NEXT_TAG}.negative_zero.pt")
         (case_dir / "result.json").write_text(json.dumps({
             "ok": True, "losses": losses, "bucketed": len(bucketed), "trainable": len(trainable),
+            "agreements": agreements, "peak_bytes": streamed.peak_bytes, "model_bytes": sum(sizes),
+            "largest_bytes": max(sizes),
             "optimizer": type(engine.optimizer).__name__}))
     else:
         assert fp32 is None and bf16 is None and not any(variants.values()), "ranks other than 0 must receive None"

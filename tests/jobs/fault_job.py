@@ -12,9 +12,12 @@ by a save that must work (the collectives stayed matched):
 - ``verify@0``: the file rank 0 wrote is corrupted before it is verified;
 - ``background@0``: the same ENOSPC in a background write (model+optimizer
   saves), reported to every rank when the next save settles it.
-- ``background-gather@1``: rank 1 cannot read its copy of the optimizer state
-  while the gather runs in the background: reported the same way; the
-  weights are still written, without an optimizer file.
+- ``background-gather@1``: rank 1 cannot read its copy of the masters while the
+  weights' gather runs in the background: reported the same way; nothing is
+  written (DeepSpeed's sharded save holds that step);
+- ``background-optimizer@1``: rank 1 cannot read its copy of the optimizer
+  state in the background: reported the same way; the weights are still
+  written, without an optimizer file.
 
 Writing and verifying happen on rank 0 only; rank 1's part of those phases is
 its vote. Writes ``OUT_DIR/rank<r>.json``: per scenario, the message each rank
@@ -42,6 +45,7 @@ from wenet_hooks.errors import SaveError
 from wenet_hooks.save import SaveOptions, save_consolidated, settle_background
 
 bucketed = importlib.import_module("wenet_hooks.gather.bucketed")
+optimizer_gather = importlib.import_module("wenet_hooks.gather.optimizer")
 publish = importlib.import_module("wenet_hooks.file.publish")
 
 
@@ -73,15 +77,28 @@ def fail_on(rank: int, call: int, error: Exception, background_only: bool = Fals
     return make
 
 
+def reads_failing_in(real_finish):
+    """The optimizer state's gather (in the background): there rank 1's 3rd read of its copy raises."""
+    def finish(self):
+        real_read = bucketed._read_chunk
+        bucketed._read_chunk = fail_on(1, 3, RuntimeError("injected: cannot read the copy"))(real_read)
+        try:
+            return real_finish(self)
+        finally:
+            bucketed._read_chunk = real_read
+
+    return finish
+
+
 def disk_full_mid_write(real):
     """The disk fills up while rank 0 writes: some bytes land in the .tmp, then ENOSPC (either writer)."""
-    def write_file(tmp, *args, **kwargs):
+    def open_writer(tmp, entries, checksums):
         if dist.get_rank() == 0:
             tmp.write_bytes(b"PK\x03\x04 the first bytes of a zip")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tmp, *args, **kwargs)
+        return real(tmp, entries, checksums)
 
-    return write_file
+    return open_writer
 
 
 def corrupt_before_verify(real):
@@ -108,11 +125,12 @@ SCENARIOS = {
     "gather@0": (bucketed, "_read_chunk", fail_on(0, 3, RuntimeError("injected: cannot read partition"))),
     "alloc@0": (bucketed._Receiver, "__init__", fail_on(0, 1, MemoryError("injected: cannot allocate 6.4 GB"))),
     "host-copy@0": (bucketed._Receiver, "_place_rank", fail_on(0, 2, MemoryError("injected: host out of memory"))),
-    "write@0": (publish, "write_file", disk_full_mid_write),
+    "write@0": (publish, "open_writer", disk_full_mid_write),
     "verify@0": (publish, "_verify_as", corrupt_before_verify),
-    "background@0": (publish, "write_file", disk_full_mid_write),
+    "background@0": (publish, "open_writer", disk_full_mid_write),
     "background-gather@1": (bucketed, "_read_chunk",
                             fail_on(1, 3, RuntimeError("injected: cannot read the copy"), background_only=True)),
+    "background-optimizer@1": (optimizer_gather.PendingOptimizer, "finish", reads_failing_in),
 }
 
 
@@ -124,7 +142,7 @@ def run_scenario(engine, out: Path, name: str) -> dict:
         with patched(owner, attr, make):
             if name.startswith("background"):
                 writer = BackgroundWriter()
-                options = SaveOptions(bucket_mb=BUCKET_MB, optimizer=name.startswith("background-gather"))
+                options = SaveOptions(bucket_mb=BUCKET_MB, optimizer=name != "background@0")
                 save_consolidated(engine, out, tag, options, writer=writer)
                 settle_background(writer)
             else:

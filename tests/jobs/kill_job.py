@@ -24,7 +24,7 @@ publish = importlib.import_module("wenet_hooks.file.publish")
 
 
 def stalled_write(marker: Path):
-    def write_file(tmp, entries, tensors, **kwargs):
+    def open_writer(tmp, entries, checksums):
         with open(tmp, "wb") as f:
             f.write(b"PK\x03\x04 the first bytes of a zip")
             f.flush()
@@ -32,7 +32,7 @@ def stalled_write(marker: Path):
         marker.touch()
         time.sleep(600)  # the test kills us here
 
-    return write_file
+    return open_writer
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     train_steps(engine, 2)
     engine.save_checkpoint(str(out), tag="step_2")
     if dist.get_rank() == 0:
-        publish.write_file = stalled_write(out / "writing")
+        publish.open_writer = stalled_write(out / "writing")
     save_consolidated(engine, out, "step_2")
 
 

@@ -64,8 +64,13 @@ def test_zero2_model_and_optimizer_recognize_and_average(tmp_path):
     for tag in ("init", "epoch_0", "epoch_1"):
         assert_loads_strict(model, exp / f"{tag}.pt")
     assert_loads_strict(model, exp / "avg_2.pt")
+    # average_model.py by mtime (no --val_best) over model_dir/[!init]*.pt: only models are there, so
+    # the average loads strictly (no exp_avg/... keys, no halved weights) and decodes.
+    assert sorted(p.name for p in exp.glob("[!init]*.pt")) == ["avg_2.pt", "epoch_0.pt", "epoch_1.pt", "final.pt"]
+    assert_loads_strict(model, exp / "avg_newest.model")
+    assert len((exp / "decode_avg" / "ctc_greedy_search" / "text").read_text().splitlines()) == 16
     assert os.readlink(exp / "final.pt") == "epoch_1.pt"
-    assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["decode", "epoch_1", "tensorboard"]
+    assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["decode", "decode_avg", "epoch_1", "tensorboard"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -84,7 +89,7 @@ def test_zero3_model_only_writes_no_sharded_folder(tmp_path):
     model = wenet_model(exp / "train.yaml")
     for tag in ("init", "epoch_0", "epoch_1"):
         assert_loads_strict(model, exp / f"{tag}.pt")
-    assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["decode", "tensorboard"]
+    assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["decode", "decode_avg", "tensorboard"]
     assert not (exp / "latest").exists()
     assert "missing tensor" not in log and "unexpected tensor" not in log
 

@@ -1,14 +1,15 @@
-"""Putting a state dict's bytes into a file, one tensor at a time.
+"""Putting a state dict's bytes into a file, one tensor at a time, in any order.
 
 A file is described by :class:`Entry` s (key, shape, dtype, or the key whose
 tensor it shares) before any value exists, so readers of existing checkpoints
-can describe one from metadata alone and the values can be produced lazily.
+can describe one from metadata alone, the values can be produced lazily, and
+a gather can hand each tensor over as it completes (:class:`FileWriter`).
 
 ``torch.save`` needs the whole state dict in memory. With torch >= 2.6 the file
 is laid out first from shapes and dtypes alone (``torch.serialization.skip_data``
-reserves each storage's bytes), then each tensor is produced, written into its
-place with ``pwrite`` and dropped. The result is an ordinary ``torch.save`` file
-(tied keys share one storage). Older torch writes with ``torch.save``.
+reserves each storage's bytes), then each tensor is written into its place with
+``pwrite`` and dropped. The result is an ordinary ``torch.save`` file (tied keys
+share one storage). Older torch writes with ``torch.save``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -67,43 +70,88 @@ def entries_for(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[Entry], li
     return entries, tensors
 
 
-def write_file(tmp: Path, entries: list[Entry], tensors: Iterable[torch.Tensor], *, checksums: bool,
-               on_tensor: Optional[OnTensor] = None) -> Manifest:
-    """Write and fsync ``tmp``; what it holds (with CRC32s if ``checksums``).
+class FileWriter:
+    """The one writer of the package: a file described by its entries, whose tensors arrive in any
+    order, each written as it comes (``write``) and dropped by the caller.
 
-    ``tensors`` yields the values of the non-alias entries, in order.
-
-    Raises:
-        OSError: the file system refused (ENOSPC, EROFS, ...), whichever writer ran.
-        ValueError: a produced tensor does not have its entry's shape or dtype.
+    With torch >= 2.6 the file is laid out first from shapes and dtypes alone
+    (``torch.serialization.skip_data`` reserves each storage's bytes), then each
+    tensor is ``pwrite`` n straight from memory to its storage's offset, its CRC32
+    taken while the bytes are hot: memory holds the tensors in flight only.
+    Older torch keeps them until :meth:`close`, which writes with ``torch.save``.
+    The result is an ordinary ``torch.save`` file either way (tied keys share one storage).
     """
-    if can_stream():
-        offsets = _lay_out(entries, tmp)
-        specs = _pwrite_each(entries, tensors, tmp, offsets, on_tensor, checksums)
-    else:
-        specs = _torch_save(entries, tensors, tmp, on_tensor, checksums)
-    return Manifest(specs, tuple((e.alias_of, e.key) for e in entries if e.alias_of))
 
+    def __init__(self, tmp: Path, entries: list[Entry], *, checksums: bool) -> None:
+        self.tmp, self.entries, self.checksums = tmp, entries, checksums
+        self.expected = {e.key: e for e in entries if not e.alias_of}
+        self.written: dict[str, TensorSpec] = {}
+        self.held: dict[str, torch.Tensor] = {}  # torch < 2.6: every tensor until close
+        self.fd: Optional[int] = None
+        if can_stream():
+            records = _lay_out(entries, tmp)
+            self.records = dict(zip(self.expected, records))
+            self.crcs: dict[str, int] = {}
+            self.fd = os.open(tmp, os.O_RDWR)
 
-def _produced(entries: list[Entry], tensors: Iterable[torch.Tensor]) -> Iterator[tuple[Entry, torch.Tensor]]:
-    """Each non-alias entry with its value, checked against the entry."""
-    values = iter(tensors)
-    for e in entries:
-        if e.alias_of:
-            continue
-        tensor = next(values).contiguous()
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write the value of ``key`` (a non-alias entry).
+
+        Raises:
+            OSError: the file system refused.
+            ValueError: ``key`` is not an entry, was written already, or ``tensor`` does not fit it.
+        """
+        e = self.expected.get(key)
+        if e is None or key in self.written:
+            raise ValueError(f"'{key}': {'written twice' if e is not None else 'not an entry of the file'}")
+        tensor = tensor.contiguous()
         if tuple(tensor.shape) != tuple(e.shape) or tensor.dtype != e.dtype:
-            raise ValueError(f"'{e.key}': produced {tensor.dtype}{list(tensor.shape)}, laid out as "
+            raise ValueError(f"'{key}': produced {tensor.dtype}{list(tensor.shape)}, laid out as "
                              f"{e.dtype}{list(e.shape)}")
-        yield e, tensor
+        spec = TensorSpec.of(tensor, checksum=True)
+        if self.fd is not None:
+            # pwrite straight from the tensor: no copy through Python's buffered writer.
+            _pwrite_all(self.fd, tensor, self.records[key][1])
+            self.crcs[key] = spec.checksum or 0
+        else:
+            self.held[key] = tensor
+        self.written[key] = spec if self.checksums else TensorSpec(spec.shape, spec.dtype)
+
+    def close(self) -> Manifest:
+        """Everything written and fsynced: what the file holds.
+
+        Raises:
+            OSError: the file system refused.
+            ValueError: an entry was never written.
+        """
+        missing = [key for key in self.expected if key not in self.written]
+        if missing:
+            raise ValueError(f"{len(missing)} entries were never written (first: '{missing[0]}')")
+        if self.fd is not None:
+            _write_zip_crcs(self.fd, self.tmp, {self.records[key]: crc for key, crc in self.crcs.items()})
+            # Without fsync a power loss after the rename can publish a file of zeros.
+            os.fsync(self.fd)
+            self.abandon()
+        else:
+            _torch_save(self.entries, self.held, self.tmp)
+            self.held = {}
+        return Manifest(_specs_of(self.entries, self.written),
+                        tuple((e.alias_of, e.key) for e in self.entries if e.alias_of))
+
+    def abandon(self) -> None:
+        """Close the file (idempotent); the caller removes it."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.held = {}
 
 
 def _specs_of(entries: list[Entry], written: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
     return {e.key: written[e.alias_of] if e.alias_of else written[e.key] for e in entries}
 
 
-def _lay_out(entries: list[Entry], tmp: Path) -> list[int]:
-    """Write the skeleton file; the byte offset of each non-alias entry's storage."""
+def _lay_out(entries: list[Entry], tmp: Path) -> list[tuple[str, int]]:
+    """Write the skeleton file; the zip record of each non-alias entry's storage: (name, byte offset)."""
     # Uninitialised tensors: the allocator maps their pages but nothing touches
     # them (skip_data does not read them), so they cost no resident memory.
     # (FakeTensorMode would do too, but importing it pulls in torch._dynamo: ~2 s.)
@@ -118,26 +166,39 @@ def _lay_out(entries: list[Entry], tmp: Path) -> list[int]:
         reader = torch._C.PyTorchFileReader(f)
         prefix = next(r for r in reader.get_all_records() if r.endswith("data.pkl"))[: -len("data.pkl")]
         count = sum(1 for e in entries if not e.alias_of)
-        return [reader.get_record_offset(f"{prefix}data/{i}") for i in range(count)]
+        return [(f"{prefix}data/{i}", reader.get_record_offset(f"{prefix}data/{i}")) for i in range(count)]
 
 
-def _pwrite_each(entries: list[Entry], tensors: Iterable[torch.Tensor], tmp: Path, offsets: list[int],
-                 on_tensor: Optional[OnTensor], checksums: bool) -> dict[str, TensorSpec]:
-    written: dict[str, TensorSpec] = {}
-    fd = os.open(tmp, os.O_WRONLY)
-    try:
-        for offset, (e, tensor) in zip(offsets, _produced(entries, tensors)):
-            # pwrite straight from the tensor: no copy through Python's buffered
-            # writer, and the CRC taken while the bytes are hot in the cache.
-            _pwrite_all(fd, tensor, offset)
-            written[e.key] = TensorSpec.of(tensor, checksums)
-            if on_tensor is not None:
-                on_tensor(tensor)
-        # Without fsync a power loss after the rename can publish a file of zeros.
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return _specs_of(entries, written)
+_DATA_DESCRIPTOR = b"PK\x07\x08"
+_CENTRAL_ENTRY = b"PK\x01\x02"
+
+
+def _write_zip_crcs(fd: int, tmp: Path, crcs: dict[tuple[str, int], int]) -> None:
+    """Give each record the CRC-32 of the bytes written into it.
+
+    torch.save's zip records carry their CRC-32 in a data descriptor after the
+    data and in the central directory; ``skip_data`` left them describing no
+    data. torch.load does not read them, but any zip tool does: written here,
+    the file is torch.save's, bit for bit.
+    """
+    # Names inside the archive's top folder ("archive/data/0"), as torch's reader names records.
+    with zipfile.ZipFile(tmp) as archive:
+        sizes = {info.filename.split("/", 1)[-1]: info.file_size for info in archive.infolist()}
+        directory_at = archive.start_dir
+    directory = os.pread(fd, os.fstat(fd).st_size - directory_at, directory_at)
+    entry_of, pos = {}, 0
+    while directory[pos:pos + 4] == _CENTRAL_ENTRY:  # each entry: 46 bytes, then name, extra, comment
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", directory, pos + 28)
+        entry_of[directory[pos + 46:pos + 46 + name_len].decode("utf-8").split("/", 1)[-1]] = directory_at + pos
+        pos += 46 + name_len + extra_len + comment_len
+    for (name, offset), crc in crcs.items():
+        if not sizes[name]:  # an empty record's CRC-32 is 0 already (and torch reports no offset of its own)
+            continue
+        packed = struct.pack("<I", crc)
+        os.pwrite(fd, packed, entry_of[name] + 16)
+        end = offset + sizes[name]
+        descriptor = end + 4 if os.pread(fd, 4, end) == _DATA_DESCRIPTOR else end
+        os.pwrite(fd, packed, descriptor)
 
 
 def _pwrite_all(fd: int, tensor: torch.Tensor, offset: int) -> None:
@@ -149,20 +210,11 @@ def _pwrite_all(fd: int, tensor: torch.Tensor, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _torch_save(entries: list[Entry], tensors: Iterable[torch.Tensor], tmp: Path,
-                on_tensor: Optional[OnTensor], checksums: bool) -> dict[str, TensorSpec]:
+def _torch_save(entries: list[Entry], held: dict[str, torch.Tensor], tmp: Path) -> None:
     """torch < 2.6: the whole state dict in memory, then ``torch.save``."""
-    state_dict: dict[str, torch.Tensor] = {}
-    written: dict[str, TensorSpec] = {}
-    for e, tensor in _produced(entries, tensors):
-        state_dict[e.key] = tensor
-        written[e.key] = TensorSpec.of(tensor, checksums)
-        if on_tensor is not None:
-            on_tensor(tensor)
+    ordered = {}
     for e in entries:
-        if e.alias_of:
-            state_dict[e.key] = state_dict[e.alias_of]
-    ordered = {e.key: state_dict[e.key] for e in entries}
+        ordered[e.key] = ordered[e.alias_of] if e.alias_of else held[e.key]
     # A Python file object (not a path) makes most write failures surface as
     # OSError with errno (ENOSPC, EROFS), which the publisher turns into advice.
     with open(tmp, "wb") as f:
@@ -173,7 +225,6 @@ def _torch_save(entries: list[Entry], tensors: Iterable[torch.Tensor], tmp: Path
             raise
         f.flush()
         os.fsync(f.fileno())
-    return _specs_of(entries, written)
 
 
 def _raise_if_disk_full(error: RuntimeError, tmp: Path, needed: int) -> None:

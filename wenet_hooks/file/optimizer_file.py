@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from wenet_hooks.errors import VerificationError
+from wenet_hooks.file.layout import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +89,30 @@ def to_file_dict(state: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping[
         ValueError: ``meta`` holds something JSON cannot represent (naming it).
     """
     flat = {file_key(name, param): value for param, values in state.items() for name, value in values.items()}
+    flat[META_KEY] = meta_tensor(meta)
+    return flat
+
+
+def file_entries(shapes: Mapping[str, tuple[int, ...]], state_keys: list[str], meta: torch.Tensor) -> list[Entry]:
+    """The file's layout from shapes alone, in :func:`to_file_dict`'s order: each parameter's states
+    (full fp32), then the meta."""
+    entries = [Entry(file_key(key, param), tuple(shape), torch.float32)
+               for param, shape in shapes.items() for key in state_keys]
+    return entries + [Entry(META_KEY, tuple(meta.shape), torch.uint8)]
+
+
+def meta_tensor(meta: Mapping[str, Any]) -> torch.Tensor:
+    """The meta entry: UTF-8 JSON as a uint8 tensor.
+
+    Raises:
+        ValueError: ``meta`` holds something JSON cannot represent (naming it).
+    """
     try:
         text = json.dumps({"format": FORMAT, **meta}, sort_keys=True)
     except TypeError as e:
         raise ValueError(f"the optimizer's metadata cannot be stored as plain data ({e}); HINT: an lr scheduler "
                          "whose state_dict() holds objects cannot be saved here") from e
-    flat[META_KEY] = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
-    return flat
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
 
 
 def from_file_dict(path: Path, loaded: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Optional, Union
 import torch
 
 from wenet_hooks.errors import CheckpointWriteError, VerificationError
-from wenet_hooks.file.layout import Entry, OnTensor, entries_for, write_file
+from wenet_hooks.file.layout import Entry, FileWriter, OnTensor, entries_for
 from wenet_hooks.file.manifest import Manifest
 from wenet_hooks.file.verify import verify as verify_file
 
@@ -67,7 +67,6 @@ def write_entries(entries: list[Entry], tensors: Iterable[torch.Tensor], path: U
                   on_tensor: Optional[OnTensor] = None) -> Path:
     """Write a file described by ``entries``; ``tensors`` yields the non-alias entries' values in order.
 
-    The one publishing path of the package: tmp -> fsync -> verify -> rename.
     The values may be produced lazily (a reader of an existing checkpoint),
     so memory holds one tensor at a time where torch allows it.
 
@@ -75,24 +74,87 @@ def write_entries(entries: list[Entry], tensors: Iterable[torch.Tensor], path: U
         CheckpointWriteError, VerificationError: as :func:`write_state_dict`.
         ValueError: a produced tensor does not have its entry's shape or dtype.
     """
-    path = Path(path)
-    _check_target(path)
-    tmp = tmp_path_for(path)
-    started = time.perf_counter()
-    try:
-        written = write_file(tmp, entries, tensors, checksums=verify and expected is None, on_tensor=on_tensor)
-        if verify:
-            _verify_as(tmp, expected or written, path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as e:
-        _remove_quietly(tmp)
+    pending = PendingFile(path, entries, verify=verify, expected=expected)
+    values = iter(tensors)
+    for e in entries:
+        if not e.alias_of:
+            tensor = next(values)
+            pending.write(e.key, tensor)
+            if on_tensor is not None:
+                on_tensor(tensor)
+    return pending.publish()
+
+
+def open_writer(tmp: Path, entries: list[Entry], checksums: bool) -> FileWriter:
+    """The writer every publication writes ``tmp`` through (tests inject file-system faults here)."""
+    return FileWriter(tmp, entries, checksums=checksums)
+
+
+class PendingFile:
+    """The one publishing path of the package: ``<path>.tmp`` -> fsync -> verify -> rename.
+
+    Tensors are written as they come, in any order (:meth:`write`), so a
+    gather can hand each one over as it completes; :meth:`publish` makes the
+    file appear at ``path`` complete, on disk and verified, or :meth:`discard`
+    removes it. On any failure nothing exists at ``path`` that was not there
+    before, and no temporary file is left.
+
+    Raises (each method):
+        CheckpointWriteError: the folder is missing or unwritable, the disk is
+            full, or ``path`` is a folder.
+        VerificationError: the written file does not hold what was expected.
+        ValueError: a tensor does not fit its entry, or an entry was never written.
+    """
+
+    def __init__(self, path: Union[str, Path], entries: list[Entry], *, verify: bool = True,
+                 expected: Optional[Manifest] = None) -> None:
+        self.path, self.verify, self.expected = Path(path), verify, expected
+        self.nbytes = sum(e.nbytes for e in entries)
+        self.tmp = tmp_path_for(self.path)
+        self.started = time.perf_counter()
+        self.writer: Optional[FileWriter] = None
+        _check_target(self.path)
+        try:
+            self.writer = open_writer(self.tmp, entries, verify and expected is None)
+        except BaseException as e:
+            self._fail(e)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write the value of entry ``key``; the caller may drop the tensor afterwards."""
+        try:
+            assert self.writer is not None, "written after it was published or discarded"
+            self.writer.write(key, tensor)
+        except BaseException as e:
+            self._fail(e)
+
+    def publish(self) -> Path:
+        """fsync, verify, rename: the file at ``path``."""
+        try:
+            assert self.writer is not None, "published after it was discarded"
+            written = self.writer.close()
+            if self.verify:
+                _verify_as(self.tmp, self.expected or written, self.path)
+            os.replace(self.tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException as e:
+            self._fail(e)
+        self.writer = None
+        size, seconds = self.path.stat().st_size, time.perf_counter() - self.started
+        logger.info("wrote %s (%.1f MB, %.0f MB/s)", self.path, size / 1e6, size / 1e6 / max(seconds, 1e-9))
+        return self.path
+
+    def discard(self) -> None:
+        """Remove what was written (idempotent)."""
+        if self.writer is not None:
+            self.writer.abandon()
+            self.writer = None
+        _remove_quietly(self.tmp)
+
+    def _fail(self, e: BaseException) -> None:
+        self.discard()
         if isinstance(e, OSError):
-            raise CheckpointWriteError(path, _os_error_text(e, path, sum(entry.nbytes for entry in entries))) from e
-        raise
-    size, seconds = path.stat().st_size, time.perf_counter() - started
-    logger.info("wrote %s (%.1f MB, %.0f MB/s)", path, size / 1e6, size / 1e6 / max(seconds, 1e-9))
-    return path
+            raise CheckpointWriteError(self.path, _os_error_text(e, self.path, self.nbytes)) from e
+        raise e
 
 
 def _remove_quietly(tmp: Path) -> None:

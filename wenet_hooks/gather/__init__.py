@@ -21,14 +21,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
-from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, prepare_gather
+from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, prepare_gather
 from wenet_hooks.gather.check import check_masters, per_parameter_hint
-from wenet_hooks.gather.masters import EngineLayout, inspect_engine, unwrap_model
+from wenet_hooks.file.layout import Entry
+from wenet_hooks.gather.masters import EngineLayout, full_numel, full_shape, inspect_engine, unwrap_model
 from wenet_hooks.gather.per_param import HostCopies, PerParameterChecks, gather_entry
 
 logger = logging.getLogger(__name__)
@@ -72,29 +74,104 @@ def consolidate(
             anything else failed, after every collective of the gather has run
             on every rank.
     """
+    return prepare_consolidate(engine, dtype, bucket_mb, layout).finish()
+
+
+def prepare_consolidate(
+    engine: Any, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB,
+    layout: Optional[EngineLayout] = None, background_group: Any = None,
+) -> PendingWeights:
+    """Collective: :func:`consolidate` up to the bucketed gather, which :meth:`PendingWeights.finish` runs.
+
+    Now: the check of the masters against the training weights, the layout
+    agreed, and everything gathered parameter by parameter (frozen parameters,
+    buffers, layouts the bucketed gather does not know). With
+    ``background_group`` each rank also copies its flat partitions to host
+    memory now, so ``finish`` can run later, off the training thread, over
+    that group (see :func:`wenet_hooks.gather.bucketed.prepare_gather`).
+
+    Raises:
+        ConsolidationError: as :func:`consolidate`, for what is done now.
+    """
     layout = layout or inspect_engine(engine)
     copy = HostCopies(resolve_dtype(dtype), enabled=is_rank0())
     started = time.perf_counter()
     with torch.no_grad():
         check_masters(layout)
-        bucketed = prepare_gather(layout, copy.target, int(bucket_mb * 2**20), copy.record_failure).run()
+        bucketed = prepare_gather(layout, copy.target, int(bucket_mb * 2**20), copy.record_failure,
+                                  background_group=background_group)
+    covered = {id(layout.params[i]) for i in bucketed.indices}
     # Tied weights are one Parameter object under several keys: gather it once
     # and reuse the CPU copy, so the file stores it once, as torch.save would.
-    gathered: dict[int, Optional[torch.Tensor]] = {
-        id(layout.params[i]): bucketed.tensors.get(i) for i in bucketed.indices}
+    ready: dict[int, Optional[torch.Tensor]] = {}
     mismatches = PerParameterChecks(per_parameter_hint(engine))
-    result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     with torch.no_grad():
         for key, tensor in layout.entries.items():
-            if id(tensor) not in gathered:
-                gathered[id(tensor)] = gather_entry(key, tensor, layout.masters.get(id(tensor)), copy, mismatches)
-            result[key] = gathered[id(tensor)]
+            if id(tensor) not in covered and id(tensor) not in ready:
+                ready[id(tensor)] = gather_entry(key, tensor, layout.masters.get(id(tensor)), copy, mismatches)
     mismatches.raise_if_any()
-    copy.raise_if_failed()
-    if not copy.enabled:
-        return None
-    _log_summary(result, time.perf_counter() - started)
-    return result
+    keys = [(key, id(tensor)) for key, tensor in layout.entries.items()]
+    index_of = {id(layout.params[i]): i for i in bucketed.indices}
+    return PendingWeights(keys, index_of, ready, bucketed, copy, started, _entries(layout, copy.target))
+
+
+def _entries(layout: EngineLayout, target: torch.dtype) -> list[Entry]:
+    """The file the gathered weights make, from shapes alone: keys in state_dict order, tied keys as
+    aliases of their first (as ``torch.save`` stores a shared tensor once)."""
+    first: dict[int, str] = {}
+    entries = []
+    for key, tensor in layout.entries.items():
+        if id(tensor) in first and full_numel(tensor):
+            entries.append(Entry(key, alias_of=first[id(tensor)]))
+            continue
+        first.setdefault(id(tensor), key)
+        entries.append(Entry(key, tuple(full_shape(tensor)), target if tensor.is_floating_point() else tensor.dtype))
+    return entries
+
+
+@dataclass
+class PendingWeights:
+    """The weights as they were at :func:`prepare_consolidate`; :meth:`finish` assembles them on rank 0."""
+
+    keys: list[tuple[str, int]]  # state_dict order: (key, id of its tensor)
+    index_of: dict[int, int]  # id of a parameter gathered in buckets -> its index in the gather
+    ready: dict[int, Optional[torch.Tensor]]  # id of a tensor gathered already -> its CPU copy (rank 0)
+    bucketed: PendingGather
+    copy: HostCopies
+    started: float
+    entries: list[Entry]  # the file these weights make (what write receives)
+    peak_bytes: int = 0  # the most the bucketed gather held at once on rank 0 (after finish)
+
+    def finish(self, write: Optional[Write] = None) -> Optional["OrderedDict[str, torch.Tensor]"]:
+        """Collective over the group the gather was prepared with: the state dict on rank 0, None elsewhere.
+
+        With ``write`` (rank 0), each tensor is handed to ``write(key, tensor)`` under its entry's
+        key as it completes, and nothing is kept: rank 0 never holds the whole model.
+
+        Raises:
+            ConsolidationError: something failed on this rank (after every collective ran).
+        """
+        first_key: dict[int, str] = {}
+        for key, tensor_id in self.keys:
+            first_key.setdefault(tensor_id, key)
+        streamed = write if write is not None and self.copy.enabled else None
+        by_index = {index: first_key[tensor_id] for tensor_id, index in self.index_of.items()}
+        gathered = self.bucketed.run(
+            None if streamed is None else lambda index, tensor: streamed(by_index[index], tensor))
+        self.peak_bytes = gathered.peak_bytes
+        self.copy.raise_if_failed()
+        if not self.copy.enabled:
+            return None
+        if streamed is not None:
+            for tensor_id, value in self.ready.items():
+                streamed(first_key[tensor_id], value)
+            return None
+        result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        for key, tensor_id in self.keys:
+            index = self.index_of.get(tensor_id)
+            result[key] = gathered.tensors.get(index) if index is not None else self.ready[tensor_id]
+        _log_summary(result, time.perf_counter() - self.started)
+        return result
 
 
 def _log_summary(state_dict: "OrderedDict[str, torch.Tensor]", seconds: float) -> None:

@@ -21,8 +21,6 @@ save, :mod:`wenet_hooks.save`).
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -31,7 +29,10 @@ import torch
 import torch.distributed as dist
 
 from wenet_hooks.dist import all_ok, is_distributed
-from wenet_hooks.gather.masters import EngineLayout, Fragment, Partitions, full_numel, full_shape
+from wenet_hooks.errors import ConsolidationError
+from wenet_hooks.gather.agreement import AgreedLayout, agree
+from wenet_hooks.gather.masters import EngineLayout, Fragment, full_numel, full_shape
+from wenet_hooks.gather.snapshots import snapshot_pool
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,20 @@ _FP32_BYTES = 4
 RecordFailure = Callable[[str, Exception], None]
 
 
+# Rank 0 hands each gathered tensor over as it completes: (its index in the gather, its full value on CPU).
+OnComplete = Callable[[int, torch.Tensor], None]
+# Where rank 0 hands each finished tensor under its file's key: a PendingFile's write.
+Write = Callable[[str, torch.Tensor], None]
+
+
 @dataclass
 class Gathered:
-    """The parameters gathered from partitions: their indices (on every
-    rank) and, on rank 0, their full values on CPU."""
+    """The parameters gathered from partitions: their indices (on every rank) and, on rank 0, their
+    full values on CPU (those not handed over as they completed), and the most rank 0 held at once."""
 
     indices: set[int] = field(default_factory=set)
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
+    peak_bytes: int = 0
 
 
 def prepare_gather(
@@ -80,16 +88,19 @@ def prepare_gather(
     """
     if not is_distributed() or bucket_bytes <= 0:
         return PendingGather(set())
-    parts = layout.partitions if state_key is None else layout.state_partitions(state_key)
-    agreed = _agree_on_layout(parts, layout.params)
+    agreed = agree(layout)
     if agreed is None:
         return PendingGather(set())
-    assert parts is not None  # every rank described its partitions
+    # Every rank described its partitions. An optimizer state's flats share the masters' layout, and
+    # every rank holds the state (the caller agreed on that first, optimizer_unavailable).
+    parts = layout.partitions if state_key is None else layout.state_partitions(state_key)
     # No chunk larger than the largest flat buffer: a small model's gather then holds kilobytes,
     # not a whole bucket, while it waits in the background.
     chunk = max(1, min(bucket_bytes // (_FP32_BYTES * dist.get_world_size()), max(agreed.flat_numels, default=1)))
     moves = None
     try:
+        if parts is None:  # reported after the vote below, which every rank reaches
+            raise ConsolidationError(f"optimizer state '{state_key}' is missing on rank {dist.get_rank()}")
         flats, group = parts.flats, parts.process_group
         if background_group is not None:
             flats, group = [snapshot_pool(layout.engine).copy_of(flat) for flat in flats], background_group
@@ -110,11 +121,17 @@ class PendingGather:
     indices: set[int]
     moves: Optional[_Moves] = None  # None: nothing to move (no layout, or allocating failed somewhere)
 
-    def run(self) -> Gathered:
-        """Collective over the group it was prepared with: the full tensors, on rank 0."""
+    def run(self, on_complete: Optional[OnComplete] = None) -> Gathered:
+        """Collective over the group it was prepared with: the full tensors, on rank 0; with
+        ``on_complete``, each handed over there as it completes instead (rank 0's memory then holds
+        the tensors in flight only)."""
         if self.moves is None:
             return Gathered(self.indices)
-        return Gathered(self.indices, self.moves.run())
+        receiver = self.moves.collective.receiver
+        if receiver is not None:
+            receiver.on_complete = on_complete
+        tensors = self.moves.run()
+        return Gathered(self.indices, tensors, receiver.peak_bytes if receiver is not None else 0)
 
 
 @dataclass
@@ -122,7 +139,7 @@ class _Moves:
     """Every rank's flat buffers, sent to rank 0 chunk by chunk in one fixed sequence of collectives."""
 
     flats: list[torch.Tensor]
-    layout: _Layout
+    layout: AgreedLayout
     chunk: int
     group: Any
     collective: _Collective
@@ -166,7 +183,7 @@ class _Collective:
         self.zeros = torch.zeros(chunk, dtype=torch.float32, device=device)  # sent in place of a part that failed
 
     @classmethod
-    def for_group(cls, group: Any, layout: _Layout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
+    def for_group(cls, group: Any, layout: AgreedLayout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
                   chunk: int, record_failure: RecordFailure) -> _Collective:
         device = _comm_device(group)
         # Rank 0's host tensors and receive buffer: allocated before the first chunk, so running
@@ -187,118 +204,6 @@ class _Collective:
 def use_all_gather(group: Any) -> bool:
     """Whether chunks move with ``all_gather_into_tensor`` (accelerator backends) rather than ``gather`` (gloo)."""
     return dist.get_backend(group) != "gloo"
-
-
-class _SnapshotPool:
-    """Host buffers for the copies a background gather sends, kept from one save to the next.
-
-    A fresh buffer costs its page faults at every save, about four times the
-    copy itself (1 GB: 0.5 s against 0.13 s here); kept, each rank holds its
-    share of the optimizer state once more in host memory while the engine
-    lives (the pool is emptied when the engine is collected). Pinned when the
-    state lies on an accelerator, so the copy runs at full speed: torch's
-    caching host allocator rounds each pinned block up to a power of two, so
-    the pool asks for exactly that and counts what it really holds
-    (:attr:`nbytes`). A buffer still being sent (a save made before the
-    previous one settled) is not in the pool, so the copy gets a new one.
-    """
-
-    def __init__(self) -> None:
-        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-        self._lock = threading.Lock()  # given back by the background thread
-        self.nbytes = 0  # host memory the pool's buffers hold, lent or free
-
-    def copy_of(self, flat: torch.Tensor) -> torch.Tensor:
-        """A host copy of ``flat`` (a flat partition), taken now."""
-        with self._lock:
-            free = self._free[(flat.numel(), flat.dtype)]
-            buffer = free.pop() if free else None
-        if buffer is None:
-            buffer = self._allocate(flat.numel(), flat.dtype, pinned=flat.device.type != "cpu")
-        return buffer.copy_(flat.detach().reshape(-1))
-
-    def _allocate(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-        size = 1 << max(0, numel - 1).bit_length() if pinned else numel
-        block = torch.empty(size, dtype=dtype, pin_memory=pinned)
-        with self._lock:
-            self.nbytes += block.numel() * block.element_size()
-        return block[:numel]
-
-    def give_back(self, buffers: list[torch.Tensor]) -> None:
-        with self._lock:
-            for buffer in buffers:
-                self._free[(buffer.numel(), buffer.dtype)].append(buffer)
-
-    def clear(self) -> None:
-        """Drop every free buffer (lent ones go when their gather ends)."""
-        with self._lock:
-            self._free.clear()
-            self.nbytes = 0
-
-
-_POOLS: dict[int, _SnapshotPool] = {}  # id(engine) -> its pool, removed when the engine is collected
-
-
-def snapshot_pool(engine: Any) -> _SnapshotPool:
-    """The host buffers kept for ``engine``'s background gathers; freed when the engine is collected."""
-    key = id(engine)
-    if key not in _POOLS:
-        _POOLS[key] = _SnapshotPool()
-        try:
-            weakref.finalize(engine, _drop_pool, key)
-        except TypeError:  # an object without weak references: kept for the process's life
-            pass
-    return _POOLS[key]
-
-
-def _drop_pool(key: int) -> None:
-    pool = _POOLS.pop(key, None)
-    if pool is not None:
-        pool.clear()
-
-
-@dataclass
-class _Layout:
-    """What every rank agreed on: flat buffer sizes and who holds which fragment."""
-
-    flat_numels: list[int]
-    by_rank: list[list[Fragment]]
-    by_param: dict[int, list[Fragment]]
-
-
-def _agree_on_layout(parts: Optional[Partitions], params: Sequence[torch.nn.Parameter]) -> Optional[_Layout]:
-    """Collective: the layout if every rank's description is usable and complete, else None."""
-    mine = None if parts is None else ([f.numel() for f in parts.flats], parts.fragments)
-    reports: list = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, mine)
-    if any(r is None for r in reports):
-        return None
-    sizes = reports[0][0]
-    if any(r[0] != sizes for r in reports):
-        return _unusable("flat fp32 partitions differ in size between ranks")
-    by_param: dict[int, list[Fragment]] = defaultdict(list)
-    for _, fragments in reports:
-        for f in fragments:
-            by_param[f.param].append(f)
-    for index, fragments in by_param.items():
-        if not _covers(fragments, full_numel(params[index])):
-            return _unusable(f"fragments of parameter {index} do not cover it exactly once")
-    return _Layout(sizes, [r[1] for r in reports], dict(by_param))
-
-
-def _covers(fragments: list[Fragment], numel: int) -> bool:
-    end = 0
-    for f in sorted(fragments, key=lambda f: f.start):
-        if f.start != end:
-            return False
-        end += f.numel
-    return end == numel
-
-
-def _unusable(why: str) -> None:
-    if dist.get_rank() == 0:
-        logger.warning("wenet_hooks: gathering parameter by parameter: %s", why)
-    return None
 
 
 def _comm_device(group: object) -> torch.device:
@@ -327,21 +232,30 @@ def _read_chunk(flat: torch.Tensor, lo: int, numel: int, device: torch.device) -
 
 
 class _Receiver:
-    """Rank 0: the full tensors each received fragment is copied into.
+    """Rank 0: the full tensors each received fragment is copied into, each handed over as it completes.
+
+    A tensor is allocated at its first fragment and, with ``on_complete``,
+    handed over (to a file writer) and dropped at its last: rank 0 then holds
+    the parameters in flight, not the model. Most complete within a chunk or
+    two; one that straddles two ranks' partitions (ZeRO-1/2: at most one per
+    rank boundary and group) waits until the later rank's chunk arrives.
+    :attr:`peak_bytes` counts the most it held at once.
 
     (Receiving straight into views of one big host buffer was tried: gloo
     copies through a temporary of its own, so it saved nothing, and
     consolidate's tensors would then all share one storage.)
     """
 
-    def __init__(self, layout: _Layout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
+    def __init__(self, layout: AgreedLayout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
                  record_failure: RecordFailure) -> None:
         self.record_failure = record_failure
         self.failed = False
-        self.tensors = {
-            index: torch.empty(full_shape(params[index]), dtype=target)
-            for index in layout.by_param
-        }
+        self.target = target
+        self.shapes = {index: full_shape(params[index]) for index in layout.by_param}
+        self.remaining = {index: full_numel(params[index]) for index in layout.by_param}
+        self.tensors: dict[int, torch.Tensor] = {}  # in flight; without on_complete, every one
+        self.on_complete: Optional[OnComplete] = None
+        self.held_bytes = self.peak_bytes = 0
         # Per group and rank, fragments in flat order with a cursor: each chunk
         # only looks at the fragments it overlaps.
         self.queues: dict[tuple[int, int], list[Fragment]] = defaultdict(list)
@@ -370,7 +284,23 @@ class _Receiver:
             start, end = max(f.offset, lo), min(f.offset + f.numel, hi)
             if start < end:
                 into = f.start + (start - f.offset)
-                self.tensors[f.param].view(-1).narrow(0, into, end - start).copy_(chunk[start - lo:end - lo])
+                self._tensor(f.param).view(-1).narrow(0, into, end - start).copy_(chunk[start - lo:end - lo])
+                self._count(f.param, end - start)
             if f.offset + f.numel > hi:
                 return  # continues in the next chunk
             self.cursors[key] += 1
+
+    def _tensor(self, index: int) -> torch.Tensor:
+        if index not in self.tensors:
+            tensor = torch.empty(self.shapes[index], dtype=self.target)
+            self.tensors[index] = tensor
+            self.held_bytes += tensor.numel() * tensor.element_size()
+            self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        return self.tensors[index]
+
+    def _count(self, index: int, numel: int) -> None:
+        self.remaining[index] -= numel
+        if self.remaining[index] == 0 and self.on_complete is not None:
+            tensor = self.tensors.pop(index)
+            self.held_bytes -= tensor.numel() * tensor.element_size()
+            self.on_complete(index, tensor)

@@ -18,9 +18,18 @@ import torch
 
 from wenet_hooks.dist import all_reports, get_rank, get_world_size, is_rank0
 from wenet_hooks.errors import ConsolidationError
-from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, LOSS_SCALER_FIELDS, plain
-from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, prepare_gather
-from wenet_hooks.gather.masters import EngineLayout, inspect_engine
+from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.optimizer_file import (
+    ENGINE_COUNTERS,
+    LOSS_SCALER_FIELDS,
+    META_KEY,
+    file_entries,
+    file_key,
+    meta_tensor,
+    plain,
+)
+from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, prepare_gather
+from wenet_hooks.gather.masters import EngineLayout, full_shape, inspect_engine
 from wenet_hooks.gather.per_param import HostCopies
 
 # Optimizers whose state has the same meaning (Adam's two moments and a step):
@@ -62,13 +71,27 @@ class PendingOptimizer:
     gathers: dict[str, PendingGather]  # state key -> its prepared gather
     copy: HostCopies
     meta: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]  # each trainable parameter's full shape, by key
 
-    def finish(self) -> Optional[GatheredOptimizer]:
+    def entries(self) -> list[Entry]:
+        """The optimizer file these states make (rank 0: the meta is known there)."""
+        return file_entries(self.shapes, list(self.gathers), meta_tensor(self.meta))
+
+    def finish(self, write: Optional[Write] = None) -> Optional[GatheredOptimizer]:
         """Collective over the group it was prepared with: the state on rank 0, ``None`` elsewhere.
+
+        With ``write`` (rank 0), each state tensor goes to ``write(file key, tensor)`` as it
+        completes, then the meta; nothing is kept and ``None`` is returned.
 
         Raises:
             ConsolidationError: something failed on this rank (after every collective ran).
         """
+        if write is not None and self.copy.enabled:
+            for state_key, pending in self.gathers.items():  # every gather's collectives run, whatever failed
+                pending.run(lambda index, tensor: write(file_key(state_key, self.names[index]), tensor))
+            self.copy.raise_if_failed()
+            write(META_KEY, meta_tensor(self.meta))
+            return None
         state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.names.values()}
         for state_key, pending in self.gathers.items():
             gathered = pending.run()
@@ -106,7 +129,9 @@ def prepare_optimizer(layout: EngineLayout, bucket_mb: float = DEFAULT_BUCKET_MB
                     "ZeRO-1/2/3 or bf16 optimizer for every trainable parameter (NVMe-swapped states, ZeRO-0?); "
                     "HINT: its sharded checkpoint holds it; set save_states: model+optimizer with keep_sharded: all")
             gathers[state_key] = pending
-    return PendingOptimizer(names, gathers, copy, _meta(layout, list(names.values()), keys) if copy.enabled else {})
+    shapes = {name: tuple(full_shape(layout.params[i])) for i, name in names.items()}
+    return PendingOptimizer(names, gathers, copy, _meta(layout, list(names.values()), keys) if copy.enabled else {},
+                            shapes)
 
 
 def optimizer_unavailable(layout: EngineLayout) -> Optional[str]:

@@ -49,6 +49,9 @@ class ConsolidateConfig:
     keep_sharded: str = "all"  # "all", "none" or K (the K most recent)
     tags: List[TagKind] = field(default_factory=lambda: list(TagKind))
     bucket_mb: float = DEFAULT_BUCKET_MB  # received by rank 0 per collective; 0: DeepSpeed's per-parameter gather
+    # False: DeepSpeed's sharded save is not made; <tag>.pt (+ <tag>.optim) are the checkpoint, written in
+    # the background (the previous save stays valid until the new one is published).
+    sharded: bool = True
 
     def save_options(self, optimizer: bool, background_gather: bool = True) -> SaveOptions:
         """The options of each save this section asks for (``optimizer``: also ``<tag>.optim``;

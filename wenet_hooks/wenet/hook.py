@@ -173,11 +173,11 @@ def _save(original: Callable, model: Any, info_dict: dict, config: ConsolidateCo
     model_dir, tag = Path(info_dict["model_dir"]), info_dict["tag"]
     model_only = info_dict.get("save_states") == MODEL_ONLY
     _settle_previous_write(config)
-    if not model_only:
+    if not model_only and config.sharded:
         original(model, info_dict)  # sharded checkpoint + <tag>.yaml, as WeNet does
     _consolidate(model, model_dir, tag, config, info_dict, model_only)
     if is_rank0():
-        if model_only:
+        if model_only and config.sharded:
             write_info_yaml(model_dir, tag, info_dict)
         if tag.startswith("epoch_"):
             _session.final_link.remember(model_dir, tag)
@@ -190,8 +190,8 @@ def _settle_previous_write(config: ConsolidateConfig) -> None:
     except SaveError as e:
         if config.on_error is OnError.stop:
             raise
-        log_rank0(logger, logging.WARNING, "wenet_hooks: on_error is warn: training goes on, the sharded folder "
-                  "is kept. %s", e)
+        log_rank0(logger, logging.WARNING, "wenet_hooks: on_error is warn: training goes on, %s. %s",
+                  "the sharded folder is kept" if config.sharded else "the earlier saves are kept", e)
 
 
 def _is_last_save(info_dict: dict) -> bool:
@@ -205,33 +205,40 @@ def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfi
                  info_dict: dict, model_only: bool) -> None:
     """Collective: gather, then write ``<tag>.pt``.
 
-    With model+optimizer the sharded folder already holds the save, so rank 0
-    writes in the background (training goes on; the next save, or the end of
-    the process, waits for it) and retention runs once the file verified. With
+    With model+optimizer the sharded folder already holds the save, so the
+    gathers (from host copies taken now) and rank 0's writing go on in the
+    background (training goes on; the next save, or the end of the process,
+    waits for them) and retention runs once the files verified. With
     model_only the file is the only copy: it is written before returning.
+    With ``sharded: false`` the files are the save, written in the background
+    (model_only too), and ``<tag>.yaml`` follows once they are published.
     """
     def written() -> None:
-        _session.retention.after_verified(model_dir, tag, config.keep_last())
+        if config.sharded:
+            _session.retention.after_verified(model_dir, tag, config.keep_last())
+        else:  # the files are the save: its <tag>.yaml (epoch, step, loss) once they are published
+            write_info_yaml(model_dir, tag, info_dict)
 
-    # After its last save WeNet destroys the process group, and with it the group the optimizer
-    # state's background gather would use: that save gathers it before training ends.
+    # After its last save WeNet destroys the process group, and with it the group the background
+    # gathers would use: that save gathers before training ends.
     last = _is_last_save(info_dict)
-    if last and not model_only:
-        log_rank0(logger, logging.INFO, "wenet_hooks: %s is WeNet's last save: its optimizer state is gathered "
-                  "before training ends", tag)
+    in_background = not model_only or not config.sharded  # model_only's file is the only copy
+    if last and in_background:
+        log_rank0(logger, logging.INFO, "wenet_hooks: %s is WeNet's last save: it is gathered before training "
+                  "ends", tag)
     options = config.save_options(optimizer=not model_only, background_gather=not last)
     try:
         save_consolidated(model, model_dir, tag, options,
-                          writer=None if model_only else _session.writer,
-                          on_written=None if model_only else written)
+                          writer=_session.writer if in_background else None,
+                          on_written=written if in_background else None)
         return
     except SaveError as e:
         if config.on_error is OnError.stop:
             raise
         log_rank0(logger, logging.WARNING, "wenet_hooks: on_error is warn: training goes on. %s", e)
-    if model_only:
-        # model_only wrote nothing else: keep DeepSpeed's sharded checkpoint
-        # so the save is not lost (wenet-hooks-convert turns it into a .pt).
+    if model_only or not config.sharded:
+        # Nothing else holds this save: keep DeepSpeed's sharded checkpoint
+        # so it is not lost (wenet-hooks-convert turns it into a .pt).
         model.save_checkpoint(save_dir=str(model_dir), tag=tag, client_state=info_dict)
         log_rank0(logger, logging.WARNING, "wenet_hooks: kept DeepSpeed's sharded %s instead; convert it "
                   "later with `wenet-hooks-convert model_dir=%s tag=%s`", model_dir / tag, model_dir, tag)

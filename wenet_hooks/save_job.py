@@ -1,0 +1,145 @@
+"""What remains of one save once every rank has prepared it: the gathers, then rank 0's files.
+
+It runs in the calling thread (``model_only``, WeNet's last save, no writer)
+or in the background while training goes on (:mod:`wenet_hooks.background`):
+then each rank sends from the host copies it took at the save, over the
+package's own gloo group. Rank 0 lays each file out beforehand from shapes
+alone and writes every tensor to its place as it completes
+(:class:`wenet_hooks.file.publish.PendingFile`): it holds the tensors in
+flight, never the whole model. The files are published only once every rank
+said its part arrived; a rank that failed sent zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from wenet_hooks.dist import all_ok, is_rank0
+from wenet_hooks.errors import PhaseError
+from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.optimizer_file import legacy_optimizer_path, optimizer_path
+from wenet_hooks.file.publish import PendingFile
+from wenet_hooks.gather import PendingWeights
+from wenet_hooks.gather.optimizer import PendingOptimizer
+
+logger = logging.getLogger(__name__)
+
+GATHERING_WEIGHTS = "gathering the weights"
+GATHERING_OPTIMIZER = "gathering the optimizer state"
+
+
+@dataclass
+class SaveJob:
+    """Collective (over ``group``, the default group if None): finish one save's gathers; rank 0 writes.
+
+    Raises (on the rank where it happened):
+        PhaseError: naming the phase, with the original error as ``cause``.
+    """
+
+    path: Path
+    weights: PendingWeights
+    optimizer: Optional[PendingOptimizer]
+    group: Any
+    verify: bool
+    on_written: Optional[Callable[[], None]]
+
+    def __call__(self) -> None:
+        weights_file, failure = self._gather(self.path, lambda: self.weights.entries, self.weights.finish,
+                                             GATHERING_WEIGHTS)
+        optimizer_file, optimizer_failure = None, None
+        if self.optimizer is not None:
+            optimizer_file, optimizer_failure = self._gather(
+                optimizer_path(self.path), self.optimizer.entries, self.optimizer.finish, GATHERING_OPTIMIZER)
+        # A rank that failed sent zeros: every rank says whether its part arrived before anything is published.
+        try:
+            weights_sent = all_ok(failure is None, "sending the weights", self.group)
+            optimizer_sent = self.optimizer is not None and all_ok(
+                optimizer_failure is None, "sending the optimizer state", self.group)
+        except Exception as e:  # the group is gone (destroyed before the job ran): nothing is published
+            weights_sent = optimizer_sent = False
+            failure = failure or PhaseError(GATHERING_WEIGHTS, e)
+        published = self._publish_all(weights_file, weights_sent, optimizer_file, optimizer_sent) \
+            if is_rank0() else None
+        first = failure or optimizer_failure or published
+        if first is not None:
+            raise first
+
+    def _publish_all(self, weights_file: Optional[PendingFile], weights_sent: bool,
+                     optimizer_file: Optional[PendingFile], optimizer_sent: bool) -> Optional[PhaseError]:
+        """Rank 0: publish what every rank sent (the optimizer file only beside its weights), discard the
+        rest; the first failure to publish, if any."""
+        failure = None
+        try:
+            written = self._publish(weights_file, weights_sent)
+        except PhaseError as e:
+            written, failure = False, e
+        try:
+            optimizer_written = self._publish(optimizer_file, written and optimizer_sent)
+        except PhaseError as e:
+            optimizer_written, failure = False, failure or e
+        if written:
+            if not optimizer_written:
+                _remove_stale(optimizer_path(self.path))  # the optimizer file of an earlier save of this tag
+            _remove_stale(legacy_optimizer_path(self.path))
+            if (self.optimizer is None or optimizer_written) and self.on_written is not None:
+                self.on_written()
+        return failure
+
+    def _gather(self, path: Path, entries: Callable[[], list[Entry]], finish: Callable[..., Any],
+                phase: str) -> tuple[Optional[PendingFile], Optional[PhaseError]]:
+        """Collective: one gather; on rank 0 into ``path.tmp`` as the tensors complete."""
+        file, failure = None, None
+        if is_rank0():
+            try:
+                file = PendingFile(path, entries(), verify=self.verify)
+            except Exception as e:  # rank 0 still takes its part in the gather below
+                failure = PhaseError(f"writing {path}", e)
+        sink = _Sink(file) if is_rank0() else None
+        try:
+            finish(sink.write if sink is not None else None)
+        except Exception as e:
+            failure = failure or PhaseError(phase, e)
+        if sink is not None and sink.error is not None:
+            failure = failure or PhaseError(f"writing {path}", sink.error)
+        return file, failure
+
+    def _publish(self, file: Optional[PendingFile], publish: bool) -> bool:
+        if file is None:
+            return False
+        if not publish:
+            file.discard()
+            return False
+        try:
+            file.publish()
+        except Exception as e:
+            raise PhaseError(f"writing {file.path}", e) from e
+        return True
+
+
+class _Sink:
+    """Rank 0's end of a gather: each tensor into the file. A write that fails is kept, and the
+    tensors that follow are dropped: the gather's collectives go on to their end on every rank."""
+
+    def __init__(self, file: Optional[PendingFile]) -> None:
+        self.file, self.error = file, None
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if self.file is None or self.error is not None:
+            return
+        try:
+            self.file.write(key, tensor)
+        except Exception as e:  # the file removed its .tmp; reported after the gather
+            self.error = e
+
+
+def _remove_stale(optim: Path) -> None:
+    """An older save's optimizer file of this tag: it does not belong to the weights just written,
+    and a resume would pair them."""
+    if optim.is_file():
+        optim.unlink()
+        logger.info("wenet_hooks: removed %s, which belonged to an earlier save of the same tag", optim)
