@@ -100,14 +100,14 @@ if os.environ.get("WENET_HOOKS_TEST_WRITERS"):
 
     import wenet_hooks.file.publish as _publish_w
 
-    _write_entries = _publish_w.write_entries
+    _publish_real = _publish_w.PendingFile.publish
 
-    def _recorded_write_entries(entries, tensors, path, **kwargs):
-        written = _write_entries(entries, tensors, path, **kwargs)
+    def _recorded_publish(self):
+        written = _publish_real(self)
         record = _Path(os.environ["WENET_HOOKS_TEST_WRITERS"], f"writes{os.environ.get('RANK', '-')}.txt")
         with open(record, "a") as f:
             f.write(f"{os.environ.get('RANK')} {os.environ.get('LOCAL_RANK')} {os.environ.get('GROUP_RANK')} "
-                    f"{_Path(path).name}\n")
+                    f"{_Path(written).name}\n")
         return written
 
-    _publish_w.write_entries = _recorded_write_entries
+    _publish_w.PendingFile.publish = _recorded_publish

@@ -79,11 +79,11 @@ def fail_on(rank: int, call: int, error: Exception, background_only: bool = Fals
 
 def reads_failing_in(real_finish):
     """The optimizer state's gather (in the background): there rank 1's 3rd read of its copy raises."""
-    def finish(self):
+    def finish(self, *args, **kwargs):
         real_read = bucketed._read_chunk
         bucketed._read_chunk = fail_on(1, 3, RuntimeError("injected: cannot read the copy"))(real_read)
         try:
-            return real_finish(self)
+            return real_finish(self, *args, **kwargs)
         finally:
             bucketed._read_chunk = real_read
 

@@ -127,10 +127,17 @@ class PendingGather:
         the tensors in flight only)."""
         if self.moves is None:
             return Gathered(self.indices)
-        receiver = self.moves.collective.receiver
+        # Run once, then let go: the receive buffers (and, through on_complete, whatever its closure
+        # holds) are freed now, not whenever a reference cycle through a caller is collected.
+        moves, self.moves = self.moves, None
+        receiver = moves.collective.receiver
         if receiver is not None:
             receiver.on_complete = on_complete
-        tensors = self.moves.run()
+        try:
+            tensors = moves.run()
+        finally:
+            if receiver is not None:
+                receiver.on_complete = None
         return Gathered(self.indices, tensors, receiver.peak_bytes if receiver is not None else 0)
 
 

@@ -6,15 +6,17 @@ section once, so a bad section stops the run before any step. Then, at each
 ``save_model(model, info_dict)`` with the hook active:
 
 - ``save_states: model+optimizer``: WeNet's own save runs (DeepSpeed's sharded
-  ``<tag>/`` and ``<tag>.yaml``), then every rank joins the weights' gather and
-  copies its part of the optimizer state; that state's gather and rank 0's
-  writing of the verified ``<tag>.pt`` and ``<tag>.optim`` go on in the
-  background (except at WeNet's last save, after which it destroys the process
-  groups); once they verified, retention may remove older folders. The next
-  save first settles that work.
+  ``<tag>/`` and ``<tag>.yaml``), then every rank checks its masters against its
+  training weights and copies its partitions of the masters and of the optimizer
+  state to host memory; the gathers and rank 0's writing of the verified
+  ``<tag>.pt`` and ``<tag>.optim`` go on in the background (except at WeNet's
+  last save, after which it destroys the process groups); once they verified,
+  retention may remove older folders. The next save first settles that work.
 - ``save_states: model_only``: nothing sharded is written, read or deleted;
   the ``.pt`` comes straight from memory and ``<tag>.yaml`` is written as WeNet
   writes it.
+- ``sharded: false``: WeNet's own save is not called; the files are the save,
+  written in the background (``model_only`` too), ``<tag>.yaml`` after them.
 
 At the ``init`` save, right after ``deepspeed.initialize``, a run started with
 ``--checkpoint X.pt`` that has ``X.optim`` beside it is first restored
