@@ -83,6 +83,7 @@ def test_bucketed_gather_equals_per_parameter_path(matrix, case):
     ours = load(folder / f"{TAG}.pt")
     assert_state_dicts_equal(load(folder / f"{TAG}.per_param.pt"), ours)
     assert_state_dicts_equal(load(folder / f"{TAG}.small_buckets.pt"), ours)
+    assert_state_dicts_equal(load(folder / f"{TAG}.all_gather.pt"), ours)  # NCCL's collective, run on gloo
 
 
 @pytest.mark.parametrize("case", CASES)

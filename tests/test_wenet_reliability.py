@@ -79,17 +79,19 @@ def test_200_saves_in_one_run_do_not_leak(tmp_path):
         held_early = min(s["tensor_mb"] for s in samples[20:50])
         held_late = min(s["tensor_mb"] for s in samples[-30:])
         assert held_late - held_early < copy_mb, samples[::20]
-        # Resident memory wanders with the allocator (2-3 MB over these saves): bounded by half of what
-        # leaking every save's copies (weights and optimizer state, 3 copies' worth) would add.
+        # Resident memory wanders with the allocator (3-6 MB over these saves: each background job's
+        # thread can take a malloc arena of its own until glibc's cap): bounded below what leaking every
+        # save's copies (weights and optimizer state, 3 copies' worth) would add.
         leak_mb = (len(samples) - 21) * 3 * copy_mb
-        assert late["rss_mb"] - early["rss_mb"] < leak_mb / 2, (leak_mb, samples[::20])
+        assert late["rss_mb"] - early["rss_mb"] < 0.8 * leak_mb, (leak_mb, samples[::20])
         # +3: the background save in flight when a sample is taken holds its two files open (rank 0
         # writes the weights and the optimizer state as they arrive) and maps one it verifies; a leak
         # would grow with every one of the 180 saves.
         assert max(s["fds"] for s in samples[20:]) <= early["fds"] + 3, samples[::20]
         assert late["threads"] <= early["threads"], samples[::20]
-        # At most the write in flight has a .tmp (it is published before the next save returns).
-        assert max(s["tmp_files"] for s in samples) <= 1
+        # At most the save in flight has its .tmp files, the weights' and the optimizer state's (both are
+        # written as the gathers deliver; published before the next save returns).
+        assert max(s["tmp_files"] for s in samples) <= 2
     assert not list(exp.glob("*.tmp"))
     files = sorted(p for p in exp.glob("*.pt") if not p.is_symlink())
     assert len(files) == saves + 2  # + init and epoch_0 (final.pt is WeNet's link to epoch_0.pt)

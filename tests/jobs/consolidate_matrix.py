@@ -4,8 +4,9 @@ Usage: consolidate_matrix.py OUT_DIR CASE [CASE ...], a CASE being
 ``z<stage>-<fp32|bf16>-<offload|nooffload>``. For each case it writes, under
 ``OUT_DIR/<case>/``: DeepSpeed's sharded checkpoint (tag ``step_3``), our
 ``step_3.pt`` (fp32) and ``step_3.bf16.pt`` (dtype="bf16"), the same weights
-gathered parameter by parameter (``step_3.per_param.pt``, bucket_mb=0) and in
-buckets of 1 KiB that split parameters (``step_3.small_buckets.pt``), a second sharded
+gathered parameter by parameter (``step_3.per_param.pt``, bucket_mb=0), in
+buckets of 1 KiB that split parameters (``step_3.small_buckets.pt``), with the
+collective NCCL runs (``step_3.all_gather.pt``), a second sharded
 save ``step_4/`` one step later, the weights gathered after one element was set to -0.0
 (``step_4.negative_zero.pt``, ZeRO-1/2/3), the engine's module output on a fixed batch
 (``engine_out.pt``) and ``result.json``.
@@ -26,6 +27,7 @@ from support.tiny_model import NEGATIVE_ZERO, build_model, make_batch
 from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks import Manifest, consolidate, write_state_dict
 from wenet_hooks.gather import agreement, prepare_consolidate
+from wenet_hooks.gather import bucketed
 from wenet_hooks.gather.bucketed import prepare_gather
 from wenet_hooks.gather.masters import inspect_engine
 
@@ -56,6 +58,17 @@ def engine_output(engine) -> torch.Tensor:
         out = engine.module(feats.to(dtype), tokens)
     engine.module.train()
     return out
+
+
+def with_all_gather(gather):
+    """The collective NCCL runs (all_gather_into_tensor over the partitions' group, every rank receiving),
+    here on gloo, which runs both: the same bytes must arrive."""
+    real = bucketed.use_all_gather
+    bucketed.use_all_gather = lambda group: True
+    try:
+        return gather()
+    finally:
+        bucketed.use_all_gather = real
 
 
 def with_negative_zero(engine):
@@ -96,7 +109,8 @@ def run_case(case: str, out_dir: Path) -> None:
     bf16 = consolidate(engine, dtype="bf16")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     bucketed = prepare_gather(inspect_engine(engine), torch.float32, 2**20, record_failure=_raise).run().indices
-    variants = {"per_param": consolidate(engine, bucket_mb=0), "small_buckets": consolidate(engine, bucket_mb=1 / 1024)}
+    variants = {"per_param": consolidate(engine, bucket_mb=0), "small_buckets": consolidate(engine, bucket_mb=1 / 1024),
+                "all_gather": with_all_gather(lambda: consolidate(engine, bucket_mb=1 / 1024))}
     agreements = agreement.agreements_made - agreements  # 5 bucketed gathers of one engine
     # Rank 0's memory in a streamed gather (each tensor handed to the file as it completes), counted
     # by the receiver itself: what it held at most at once, against the model's size.
