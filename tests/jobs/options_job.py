@@ -33,6 +33,7 @@ from support.options import AFTER, BY_NAME, D_MODEL, STEPS, Case
 from support.tiny_model import build_model
 from support.tiny_training import train_steps
 from wenet_hooks import SaveOptions, save_consolidated
+from wenet_hooks.dist import all_reports
 from wenet_hooks.errors import WenetHooksError
 from wenet_hooks.resume import restore
 
@@ -115,8 +116,9 @@ def run_case(name: str, out: Path) -> dict:
     restored = str(restore(resumed_engine, folder / f"{TAG}.pt", folder / f"{TAG}.optim"))
     resumed = train(resumed_engine, case, AFTER, STEPS)
     del resumed_engine
-    # DeepSpeed's own resume is the bar only where ours departs from the uninterrupted run.
-    bar = deepspeed_resume(case, folder) if resumed != straight else None
+    # DeepSpeed's own resume is the bar only where ours departs from the uninterrupted run (on any
+    # rank: each rank logs its own batches' losses, and every rank must take the same way).
+    bar = deepspeed_resume(case, folder) if any(all_reports(resumed != straight)) else None
     return {"losses": losses, "straight": straight, "resumed": resumed, "restored": restored,
             "deepspeed_resumed": bar}
 

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from support.tiny_model import build_model
 from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks import BackgroundWriter, SaveOptions, consolidate, save_consolidated, write_state_dict
+from wenet_hooks.dist import all_reports
 from wenet_hooks.errors import RestoreError
 from wenet_hooks.file.optimizer_file import to_file_dict
 from wenet_hooks.gather.masters import inspect_engine
@@ -104,8 +105,9 @@ def exact(out: Path, cases: list[str]) -> dict:
             del resumed_engine
             # WeNet's resume without the optimizer file: weights only, Adam restarts.
             weights_only = train_steps(fresh_engine(case, folder / f"{TAG}.pt"), 3, first_step=3)
-            # DeepSpeed's own resume is the bar only where ours departs from the uninterrupted run.
-            bar = deepspeed_resume(case, folder) if resumed != straight else None
+            # DeepSpeed's own resume is the bar only where ours departs from the uninterrupted run (on
+            # any rank: each logs its own batches' losses, and every rank must take the same way).
+            bar = deepspeed_resume(case, folder) if any(all_reports(resumed != straight)) else None
             seen[case] = {"straight": straight, "resumed": resumed, "weights_only": weights_only,
                           "lr": [straight_lr, resumed_lr], "restored": str(restored), "snapshot": snapshot_kept,
                           "deepspeed_resumed": bar}
