@@ -101,14 +101,13 @@ def test_200_saves_in_one_run_do_not_leak(tmp_path):
     assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["epoch_0"]
 
 
-def resume_from_step_2(tmp_path, name, *, keep_optimizer=True, nproc=2, optimizer_as=".optim"):
-    """Move step_2's files to their own folder (the optimizer file under the name ``optimizer_as``: 0.2.0
-    wrote ``.optim.pt``) and resume from them with WeNet's ``--checkpoint``."""
+def resume_from_step_2(tmp_path, name, *, keep_optimizer=True, nproc=2):
+    """Move step_2's files to their own folder and resume from them with WeNet's ``--checkpoint``."""
     exp, moved = tmp_path / "exp", tmp_path / name
     moved.mkdir()
     for suffix in (".pt", ".yaml", ".optim"):
         if suffix != ".optim" or keep_optimizer:
-            shutil.copy(exp / f"step_2{suffix}", moved / f"step_2{optimizer_as if suffix == '.optim' else suffix}")
+            shutil.copy(exp / f"step_2{suffix}", moved / f"step_2{suffix}")
     losses = tmp_path / f"{name}.txt"
     proc = train(tmp_path, "model+optimizer", "--checkpoint", str(moved / "step_2.pt"), "--model_dir",
                  str(tmp_path / f"{name}_exp"), nproc=nproc, env={"STANDIN_STEPS": "3", "STANDIN_LOSSES": str(losses)})
@@ -133,10 +132,6 @@ def test_resume_from_a_step_file_gives_the_uninterrupted_losses(tmp_path):
                              "step_2.optim: fp32 masters and optimizer state (exp_avg, exp_avg_sq) of 16 "
                              "parameters at optimizer step 3, saved by ZeRO-2 on 2 ranks, restored onto ZeRO-2 on "
                              "2 ranks") == 1
-    legacy, proc = resume_from_step_2(tmp_path, "legacy", optimizer_as=".optim.pt")
-    assert legacy == expected
-    assert proc.stderr.count(f"wenet_hooks: reading {tmp_path / 'legacy' / 'step_2.optim.pt'}, the name wenet_hooks "
-                             "0.2.0 gave the optimizer file; new saves write step_2.optim") == 2  # once per rank
     weights_only, proc = resume_from_step_2(tmp_path, "weights_only", keep_optimizer=False)
     assert weights_only[0] == expected[0] and weights_only[1] != expected[1]
     assert "step_2.optim beside it (on every rank): weights-only resume, the optimizer starts afresh" in proc.stderr
@@ -154,7 +149,8 @@ def test_resume_on_another_number_of_ranks_trains_to_the_end(tmp_path):
 def test_files_only_killed_mid_write_resumes_exactly_from_the_save_before(tmp_path):
     """``sharded: false``: no sharded folder is written; <tag>.pt and <tag>.optim are the checkpoint,
     gathered and written in the background. Rank 0 killed while writing step_4.pt loses that save
-    only: step_3 is complete and verified, and resuming from it gives the uninterrupted losses."""
+    only: step_3 is complete and verified, and resuming from it gives the uninterrupted losses (its
+    optimizer file renamed as wenet_hooks 0.2.0 named it, which a resume still reads)."""
     section = {"consolidate": {"enabled": True, "sharded": False}}
     write_configs(tmp_path, stage=2, section=section, save_interval=1)
     straight = tmp_path / "straight.txt"
@@ -173,10 +169,14 @@ def test_files_only_killed_mid_write_resumes_exactly_from_the_save_before(tmp_pa
     assert not [p.name for p in exp.iterdir() if p.is_dir()]  # nothing sharded, ever
     assert_recognize_ready(exp / "step_3.pt")
     assert_state_dicts_equal(load(exp / "step_3.pt"), load(done / "step_3.pt"))
+    # The optimizer file under wenet_hooks 0.2.0's name (<tag>.optim.pt) is still read, and it says so.
+    (exp / "step_3.optim").rename(exp / "step_3.optim.pt")
     resumed = tmp_path / "resumed.txt"
     proc = train(tmp_path, "model+optimizer", "--checkpoint", str(exp / "step_3.pt"), "--model_dir",
                  str(tmp_path / "resumed_exp"), env={"STANDIN_STEPS": "2", "STANDIN_LOSSES": str(resumed)})
     expected = [line.split() for line in straight.read_text().splitlines()][4:]  # steps 4 and 5
     assert [line.split() for line in resumed.read_text().splitlines()] == expected  # every bit
-    assert "wenet_hooks: resumed exactly from " in proc.stderr
+    assert proc.stderr.count(f"wenet_hooks: reading {exp / 'step_3.optim.pt'}, the name wenet_hooks 0.2.0 gave the "
+                             "optimizer file; new saves write step_3.optim") == 2  # once per rank
+    assert f"wenet_hooks: resumed exactly from {exp / 'step_3.pt'} + step_3.optim.pt: " in proc.stderr
 
