@@ -27,7 +27,7 @@ Each fragment also carries the training weight's elements it must equal
 lie in flat tensors of the masters' own layout, keyed by the flat master in
 the base optimizer's ``state`` (:meth:`EngineLayout.state_partitions`).
 
-Unpartitioned (bf16/fp16 without ZeRO): :func:`unpartitioned_masters`.
+Unpartitioned (bf16/fp16 without ZeRO): :mod:`wenet_hooks.gather.fp16_masters`.
 Anything not recognised (NVMe-swapped optimizer states, a process group that
 is not the whole world) has no partitions, and the gather falls back to
 DeepSpeed's per-parameter ``safe_get_full_fp32_param``.
@@ -45,6 +45,7 @@ from torch import nn
 
 from wenet_hooks.dist import is_distributed
 from wenet_hooks.errors import ConsolidationError
+from wenet_hooks.gather.fp16_masters import unpartitioned_masters
 
 logger = logging.getLogger(__name__)
 _said: set[str] = set()  # warnings already logged in this process
@@ -311,34 +312,3 @@ def _ranks(group: Any) -> list[int]:
     if group is None or group is dist.group.WORLD:
         return list(range(dist.get_world_size()))
     return dist.get_process_group_ranks(group)
-
-
-def unpartitioned_masters(engine: Any) -> dict[int, torch.Tensor]:
-    """``id(param) -> fp32 master`` for DeepSpeed's FP16_Optimizer family.
-
-    Without ZeRO, bf16/fp16 training wraps the optimizer in ``FP16_Optimizer``
-    (flat fp32 groups) or ``FP16_UnfusedOptimizer`` (one fp32 copy per
-    parameter). Neither links its parameters for ``safe_get_full_fp32_param``,
-    which would then return ``None`` and leave only the 16-bit weights.
-    """
-    optimizer = getattr(engine, "optimizer", None)
-    groups = getattr(optimizer, "fp16_groups", None)
-    if groups is None or hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3 names its groups so too
-        return {}
-    if hasattr(optimizer, "fp32_groups_flat"):
-        return _split_flat_groups(groups, optimizer.fp32_groups_flat)
-    if hasattr(optimizer, "fp32_groups"):
-        return {id(p): m for params, fp32 in zip(groups, optimizer.fp32_groups) for p, m in zip(params, fp32)}
-    return {}
-
-
-def _split_flat_groups(groups: list[list[torch.Tensor]], flats: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-    # The flat buffer is torch's _flatten_dense_tensors of the group: the
-    # parameters back to back, in order, without padding.
-    masters = {}
-    for params, flat in zip(groups, flats):
-        offset = 0
-        for p in params:
-            masters[id(p)] = flat.narrow(0, offset, p.numel()).view(p.shape)
-            offset += p.numel()
-    return masters
