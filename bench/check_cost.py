@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         check.append(time.perf_counter() - started)
     if dist.get_rank() == 0:
-        params = sum(p.numel() for p in model.parameters())
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         g, c = median(gather), median(check)
         print(f"| {params / 1e6:.0f}M | ZeRO-{args.stage} {args.precision} | {g:.3f} | {c:.3f} | {c / g:.3f} |",
               flush=True)
