@@ -176,6 +176,10 @@ def test_offline_optimizer_file_equals_the_in_training_one(jobs, tmp_path, writt
     meta, in_training = optimizer_file(source / "step_3.optim")
     assert list(offline) == list(in_training)
     assert_state_dicts_equal(offline, in_training)
+    for key in meta["state_keys"]:  # and both against DeepSpeed's own reassembly of the same shards
+        moments = deepspeed_optimizer_reference(source, "step_3", key, tmp_path / "reference" / key)
+        assert_state_dicts_equal({p: offline[f"{key}/{p}"] for p in meta["params"]},
+                                 {p: moments[p] for p in meta["params"]})
     # DeepSpeed's shards do not name the optimizer class; everything else is the same.
     assert offline_meta.pop("optimizer") == "Adam" and meta.pop("optimizer").endswith("Adam")
     assert offline_meta == meta
