@@ -8,12 +8,18 @@ One DeepSpeed job per size, stage and world size (CPU ranks, gloo), one optimize
 ``--repeats`` times each:
 - ``save_checkpoint``: DeepSpeed's sharded save alone (what WeNet blocks for today);
 - the hook's part of a model+optimizer save (``save_consolidated(..., SaveOptions(optimizer=True),
-  writer=...)``): the check, the votes and each rank's copy of its partitions to host memory; with
-  ``sharded: false`` this is the whole save;
-- the background work after it (gathers, rank 0's streamed writes, verification): what the next save
-  waits for when saves follow each other at once.
+  writer=...)``): the inspection, the layout's agreement and the votes; each rank's copy of its
+  partitions to host memory, and the check with it, are taken by the save's background job while
+  training goes on, and the next optimizer step waits for them; with ``sharded: false`` this is the
+  whole save;
+- the background work after it (the copies and the check, the gathers, rank 0's streamed writes,
+  verification): what the next save waits for when saves follow each other at once;
+- then, in a second round of saves, one training step right after each (forward, backward, step),
+  next to one without a save in flight, and how long its optimizer step waited for the copies (on 2
+  cores the background work also slows the step down: it shares the cores).
 Rank 0's memory: the most its receiver held at once during the streamed gathers (counted allocation by
-allocation), and its peak resident memory over the steady state after training (``ru_maxrss``).
+allocation), and its peak resident memory over the steady state after training (``ru_maxrss``, over the
+first round of saves).
 Medians of ``--repeats``; bytes per parameter of the files written.
 """
 
@@ -43,6 +49,7 @@ def worker(args: argparse.Namespace) -> None:
     from support.tiny_training import ds_config, init_engine
     from wenet_hooks import BackgroundWriter, SaveOptions, save_consolidated, settle_background
     from wenet_hooks.gather import bucketed
+    from wenet_hooks.gather.staging import step_wait_seconds
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = ds_config(args.stage)
@@ -50,8 +57,12 @@ def worker(args: argparse.Namespace) -> None:
     model = sized_model(args.params)
     engine = init_engine(model, config)
     x = torch.randn(2, model[0].in_features)
-    engine.backward(F.mse_loss(engine(x), torch.zeros_like(x)))
-    engine.step()
+
+    def train_step() -> None:
+        engine.backward(F.mse_loss(engine(x), torch.zeros_like(x)))
+        engine.step()
+
+    train_step()
     params = sum(p.numel() for p in model.parameters()) if args.stage < 3 else sum(
         p.ds_numel for p in engine.module.parameters())
     peaks = []
@@ -64,7 +75,7 @@ def worker(args: argparse.Namespace) -> None:
 
     bucketed.PendingGather.run = counted_run
     out, writer = args.out, BackgroundWriter()
-    sharded, hook, background, written = [], [], [], []
+    sharded, hook, background, written, step_alone, step_after, held = [], [], [], [], [], [], []
     steady = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def clock(into, work) -> None:
@@ -74,27 +85,41 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         into.append(time.perf_counter() - started)
 
-    for i in range(args.repeats):
-        plain = lambda: clock(sharded, lambda: engine.save_checkpoint(str(out), tag=f"a{i}"))  # noqa: E731
+    def round_of_saves(name: str, with_step: bool) -> None:
+        """Both sides once, in ``name``'s order; with ``with_step``, one training step after each save."""
+        plain = lambda: clock(sharded, lambda: engine.save_checkpoint(str(out), tag=f"a{name}"))  # noqa: E731
         ours = lambda: clock(hook, lambda: save_consolidated(  # noqa: E731
-            engine, out, f"b{i}", SaveOptions(optimizer=True), writer=writer))
-        for run in (plain, ours) if i % 2 == 0 else (ours, plain):
+            engine, out, f"b{name}", SaveOptions(optimizer=True), writer=writer))
+        for run in (plain, ours) if int(name[-1]) % 2 == 0 else (ours, plain):
             os.sync()
             run()
-            if run is ours:
+            if run is ours and with_step:
+                waited = step_wait_seconds(engine)
+                clock(step_after, train_step)
+                held.append(step_wait_seconds(engine) - waited)
+                settle_background(writer)
+            elif run is ours:
                 clock(background, lambda: settle_background(writer))
+            elif with_step:
+                clock(step_alone, train_step)
         if dist.get_rank() == 0:
-            written.append((out / f"b{i}.pt").stat().st_size + (out / f"b{i}.optim").stat().st_size)
-            for name in (f"a{i}", f"b{i}.pt", f"b{i}.optim"):
-                path = out / name
+            written.append((out / f"b{name}.pt").stat().st_size + (out / f"b{name}.optim").stat().st_size)
+            for file in (f"a{name}", f"b{name}.pt", f"b{name}.optim"):
+                path = out / file
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         dist.barrier()
+
+    # First the saves alone (rank 0's memory, the background's length), then each followed by a step.
+    for i in range(args.repeats):
+        round_of_saves(f"s{i}", with_step=False)
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - steady) / 2**10  # kB -> MB
+    for i in range(args.repeats):
+        round_of_saves(f"t{i}", with_step=True)
     if dist.get_rank() == 0:
         s, h, b = median(sharded), median(hook), median(background)
         print(f"| {params / 1e6:.0f}M | ZeRO-{args.stage} | {dist.get_world_size()} | {s:.2f} | {h:.3f} | "
-              f"{h / s:.3f} | {b:.2f} | {max(peaks) / 2**20:.1f} | {grown:.0f} | "
-              f"{median(written) / params:.1f} |", flush=True)
+              f"{h / s:.3f} | {median(step_alone):.2f} | {median(step_after):.2f} | {median(held):.2f} | "
+              f"{b:.2f} | {max(peaks) / 2**20:.1f} | {grown:.0f} | {median(written) / params:.1f} |", flush=True)
     dist.destroy_process_group()
 
 
@@ -113,8 +138,9 @@ def main() -> None:
         return worker(args)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     print("| model | stage | ranks | save_checkpoint (s) | hook blocking (s) | hook / save_checkpoint | "
-          "background after (s) | rank 0 receiver peak (MB) | rank 0 peak RSS growth (MB) | file bytes / param |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "step alone (s) | step right after (s) | of which held for the copies (s) | background after (s) | "
+          "rank 0 receiver peak (MB) | rank 0 peak RSS growth (MB) | file bytes / param |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for params in args.params:
         for stage in args.stages:
             for ranks in args.ranks:

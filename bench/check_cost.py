@@ -3,9 +3,14 @@
     python bench/check_cost.py [--params 53e6 258e6] [--stages 2 3] [--precisions fp32 bf16] [--repeats 3]
 
 One 2-rank DeepSpeed job (CPU, gloo) per size, stage and precision, one optimizer step, then alternately:
-the whole gather of the weights as a save makes it (``consolidate``: the check, then the bucketed gather)
-and the check alone (``check_masters``: each rank casts its fragments of the masters and compares them with
-its training weights, then the ranks vote). Medians of ``--repeats``; the ratio is check / gather.
+- the whole gather of the weights as a save without a writer makes it (``consolidate``: the check, then the
+  bucketed gather onto rank 0);
+- the check in a pass of its own (``check_masters``: each rank casts its fragments of the masters and
+  compares them with its training weights, then the ranks vote): how a save without a writer checks;
+- a background save's copy of each rank's masters to host memory, alone and with the check in the same
+  pass (``Staging`` with a ``ChunkCheck``: each chunk compared right after it is copied): how a save with
+  a writer (every save of the WeNet hook) checks. The check's cost there is the difference.
+Medians of ``--repeats``; the ratios are the check's cost over the gather.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ def worker(args: argparse.Namespace) -> None:
     from common import median, sized_model
     from support.tiny_training import ds_config, init_engine
     from wenet_hooks import consolidate
-    from wenet_hooks.gather.check import check_masters
+    from wenet_hooks.gather.check import ChunkCheck, check_masters
     from wenet_hooks.gather.masters import inspect_engine
+    from wenet_hooks.gather.snapshots import SnapshotPool
+    from wenet_hooks.gather.staging import Staging
 
     import deepspeed
 
@@ -42,23 +49,35 @@ def worker(args: argparse.Namespace) -> None:
     loss = F.mse_loss(engine(x).float(), torch.zeros(2, model[0].in_features))
     engine.backward(loss)
     engine.step()
-    gather, check = [], []
-    for _ in range(args.repeats):
-        dist.barrier()
-        started = time.perf_counter()
-        state = consolidate(engine)
-        dist.barrier()
-        gather.append(time.perf_counter() - started)
-        del state
-        started = time.perf_counter()
-        check_masters(inspect_engine(engine))
-        dist.barrier()
-        check.append(time.perf_counter() - started)
+    pool = SnapshotPool()  # kept from one repeat to the next, as a run keeps it from save to save
+
+    def staged(check: bool) -> None:
+        layout = inspect_engine(engine)
+        staging = Staging(pool, deferred=True)
+        for flat in layout.partitions.flats:
+            staging.copy_of(flat)
+        if check:
+            staging.add_check(ChunkCheck(layout))
+        staging.run()
+        assert staging.error is None and staging.problem() is None, (staging.error, staging.problem())
+        staging.release()
+
+    timings = {name: [] for name in ("gather", "check", "copy", "copy+check")}
+    work = {"gather": lambda: consolidate(engine), "check": lambda: check_masters(inspect_engine(engine)),
+            "copy": lambda: staged(False), "copy+check": lambda: staged(True)}
+    for i in range(args.repeats + 1):  # the first round allocates the pool's buffers: not counted
+        for name in (list(work) if i % 2 == 0 else list(reversed(work))):
+            dist.barrier()
+            started = time.perf_counter()
+            work[name]()
+            dist.barrier()
+            if i > 0:
+                timings[name].append(time.perf_counter() - started)
     if dist.get_rank() == 0:
         params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-        g, c = median(gather), median(check)
-        print(f"| {params / 1e6:.0f}M | ZeRO-{args.stage} {args.precision} | {g:.3f} | {c:.3f} | {c / g:.3f} |",
-              flush=True)
+        g, c, copy, fused = (median(timings[n]) for n in ("gather", "check", "copy", "copy+check"))
+        print(f"| {params / 1e6:.0f}M | ZeRO-{args.stage} {args.precision} | {g:.3f} | {c:.3f} | {c / g:.3f} | "
+              f"{copy:.3f} | {fused:.3f} | {max(0.0, fused - copy) / g:.3f} |", flush=True)
     dist.destroy_process_group()
 
 
@@ -76,7 +95,8 @@ def main() -> None:
         args.params = args.params[0]
         return worker(args)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    print("| model | stage | gather incl. check (s) | check alone (s) | check / gather |\n| --- | --- | --- | --- | --- |")
+    print("| model | stage | gather incl. check (s) | check, own pass (s) | own pass / gather | copy to host (s) | "
+          "copy + check, one pass (s) | (one pass - copy) / gather |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for params in args.params:
         for stage in args.stages:
             for precision in args.precisions:

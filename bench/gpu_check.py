@@ -12,7 +12,10 @@ its figures, then bench/gpu.py (a Whisper-large-shaped model, ZeRO-3 bf16):
    the resumed run's losses are the uninterrupted run's (torch wants ``step`` on the GPU there);
 3. partial-offload: ZeRO-3 with offload_optimizer ratio 0.5 (sub-groups kept on the GPU step with
    DeepSpeed's backup optimizer): the weights exact, no optimizer file, one warning;
-4. pinned: host buffers of 5 background saves: the pool's bytes do not grow, equal what torch's caching
+4. offload-background: ZeRO-2 bf16 with the optimizer offloaded (masters in host memory, weights on the
+   GPU): a background save, whose copies and check are taken by its job (the check reads the GPU weights
+   from that thread) while the next steps run, resumes exactly;
+5. pinned: host buffers of 5 background saves: the pool's bytes do not grow, equal what torch's caching
    host allocator holds for them, and are freed with the engine.
 """
 
@@ -40,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     deepspeed.init_distributed(dist_backend="gloo" if args.cpu_smoke else "nccl")
     checks = [("nccl-gather", nccl_gather), ("fused", lambda o, s: resume_with(o, s, "fused")),
               ("capturable", lambda o, s: resume_with(o, s, "capturable")), ("partial-offload", partial_offload),
-              ("pinned", pinned)]
+              ("offload-background", offload_background), ("pinned", pinned)]
     results = []
     for name, check in checks:
         gc.collect()
@@ -159,6 +162,29 @@ def partial_offload(out: Path, smoke: bool) -> str:
         raise AssertionError(f"wrong {wrong[:3]}, optimizer files {optimizer_files}, warnings {said}")
     return (f"weights exact; backup optimizer in use: {backup}; optimizer files: {optimizer_files or 'none'}; "
             f"warning: {said[0][:90] if said else 'none'}")
+
+
+def offload_background(out: Path, smoke: bool) -> str:
+    from support.tiny_training import train_steps
+    from wenet_hooks import BackgroundWriter, SaveOptions, restore, save_consolidated, settle_background
+    from wenet_hooks.gather.staging import step_wait_seconds
+
+    zero = {"offload_optimizer": {"device": "cpu"}}
+    out.mkdir(parents=True, exist_ok=True)
+    engine = engine_for(2, smoke, zero=zero)
+    train_steps(engine, 3)
+    writer = BackgroundWriter()
+    save_consolidated(engine, out, "step_3", SaveOptions(optimizer=True), writer=writer)
+    straight = train_steps(engine, 2, first_step=3)  # the first step waits for the save's copies
+    settle_background(writer)
+    held = step_wait_seconds(engine)
+    del engine
+    resumed_engine = engine_for(2, smoke, zero=zero, weights=out / "step_3.pt")
+    restore(resumed_engine, out / "step_3.pt", out / "step_3.optim")
+    resumed = train_steps(resumed_engine, 2, first_step=3)
+    if resumed != straight:
+        raise AssertionError(f"resumed {resumed} != uninterrupted {straight}")
+    return f"losses {resumed} equal; the next step waited {held:.3f} s for the copies"
 
 
 def pinned(out: Path, smoke: bool) -> str:

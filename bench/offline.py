@@ -4,8 +4,14 @@ and the write throughput against the disk's floor (question 4).
     python bench/offline.py [--params 53e6 258e6] [--stages 2 3] [--repeats 3] [--workdir /tmp/wh-bench]
 
 Each checkpoint is made by real DeepSpeed training (2 CPU ranks, one AdamW
-step); both converters then run on it as fresh processes under
-``/usr/bin/time -v``, alternating, ``--repeats`` times each; medians.
+step). Then, as fresh processes under ``/usr/bin/time -v``, in a rotating
+order, ``--repeats`` times each (medians):
+- ``wenet-hooks-convert`` (read the shards, write ``<tag>.pt.tmp`` with its
+  CRC-32s, fsync, read it back and check every tensor's CRC-32, rename);
+- the physical floor: ``import torch``, then the same number of bytes written
+  in 64 MiB chunks and ``fdatasync``;
+- ``zero_to_fp32.py`` followed by ``sync`` (it does not flush what it wrote);
+- what bounds the first two: ``import torch`` alone, and the converter's dry run.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,6 +31,8 @@ from common import median, table  # noqa: E402
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 TAG = "step_1"
+# The console script installed beside this interpreter (the venv need not be on PATH).
+CONVERT = str(Path(sys.executable).parent / "wenet-hooks-convert")
 
 
 def make_checkpoint(model_dir: Path, params: float, stage: int) -> None:
@@ -45,16 +54,41 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 
 
 def ours(model_dir: Path) -> tuple[float, float]:
-    convert = shutil.which("wenet-hooks-convert") or "wenet-hooks-convert"
-    return timed([convert, f"model_dir={model_dir}", f"tag={TAG}", "overwrite=true"])
+    return timed([CONVERT, f"model_dir={model_dir}", f"tag={TAG}", "overwrite=true"])
 
 
 def deepspeeds(model_dir: Path) -> tuple[float, float]:
     out = model_dir / "ds_out"
     shutil.rmtree(out, ignore_errors=True)
-    result = timed([sys.executable, str(model_dir / "zero_to_fp32.py"), str(model_dir), str(out), "-t", TAG])
+    script = f"{shlex.quote(sys.executable)} {shlex.quote(str(model_dir / 'zero_to_fp32.py'))} " \
+             f"{shlex.quote(str(model_dir))} {shlex.quote(str(out))} -t {TAG} && sync"
+    result = timed(["sh", "-c", script])
     shutil.rmtree(out)
     return result
+
+
+FLOOR = """
+import os, sys, torch
+path, nbytes, chunk = sys.argv[1], int(sys.argv[2]), os.urandom(64 * 2**20)
+with open(path, "wb") as f:
+    for lo in range(0, nbytes, len(chunk)):
+        f.write(chunk[:min(len(chunk), nbytes - lo)])
+    f.flush()
+    os.fdatasync(f.fileno())
+os.unlink(path)
+"""
+
+
+def physical_floor(model_dir: Path, nbytes: int) -> tuple[float, float]:
+    return timed([sys.executable, "-c", FLOOR, str(model_dir / "floor.bin"), str(nbytes)])
+
+
+def import_torch() -> tuple[float, float]:
+    return timed([sys.executable, "-c", "import torch"])
+
+
+def dry_run(model_dir: Path) -> tuple[float, float]:
+    return timed([CONVERT, f"model_dir={model_dir}", f"tag={TAG}", "overwrite=true", "dry_run=true"])
 
 
 def disk_floor(folder: Path, nbytes: int) -> float:
@@ -101,22 +135,30 @@ def main() -> None:
             model_dir = args.workdir / f"p{params:.0f}_z{stage}"
             shutil.rmtree(model_dir, ignore_errors=True)
             make_checkpoint(model_dir, params, stage)
-            our_runs, ds_runs = [], []
-            for _ in range(args.repeats):
-                our_runs.append(ours(model_dir))
-                ds_runs.append(deepspeeds(model_dir))
-            o_wall, o_rss = median([r[0] for r in our_runs]), median([r[1] for r in our_runs])
-            d_wall, d_rss = median([r[0] for r in ds_runs]), median([r[1] for r in ds_runs])
-            size = f"{params / 1e6:.0f}M, ZeRO-{stage}"
-            rows.append([size, f"{o_wall:.1f}", f"{d_wall:.1f}", f"{o_wall / d_wall:.2f}",
-                         f"{o_rss:.2f}", f"{d_rss:.2f}", f"{o_rss / d_rss:.2f}"])
+            ours(model_dir)  # the file whose size the floor writes; the shards now in the page cache
             nbytes = (model_dir / f"{TAG}.pt").stat().st_size
+            sides = {"ours": lambda: ours(model_dir), "floor": lambda: physical_floor(model_dir, nbytes),
+                     "zero_to_fp32": lambda: deepspeeds(model_dir), "import": import_torch,
+                     "dry": lambda: dry_run(model_dir)}
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+            order = list(sides)
+            for i in range(args.repeats):
+                for name in order[i % len(order):] + order[:i % len(order)]:
+                    runs[name].append(sides[name]())
+            wall = {name: median([r[0] for r in rs]) for name, rs in runs.items()}
+            rss = {name: median([r[1] for r in rs]) for name, rs in runs.items()}
+            size = f"{params / 1e6:.0f}M, ZeRO-{stage}"
+            rows.append([size, f"{nbytes / 1e9:.2f} GB", f"{wall['ours']:.2f}", f"{wall['floor']:.2f}",
+                         f"{wall['ours'] / wall['floor']:.2f}", f"{wall['zero_to_fp32']:.2f}",
+                         f"{wall['ours'] / wall['zero_to_fp32']:.2f}", f"{wall['import']:.2f}", f"{wall['dry']:.2f}",
+                         f"{rss['ours']:.2f}", f"{rss['zero_to_fp32']:.2f}"])
             floor, ours_mb = disk_floor(model_dir, nbytes), write_throughput(model_dir)
             floor_rows.append([size, f"{nbytes / 1e9:.2f} GB", f"{floor:.0f}", f"{ours_mb:.0f}",
                                f"{ours_mb / floor:.2f}"])
             shutil.rmtree(model_dir)
-    print(table(["checkpoint", "wenet-hooks-convert (s)", "zero_to_fp32.py (s)", "wall ratio",
-                 "our peak RSS (GiB)", "its peak RSS (GiB)", "RSS ratio"], rows))
+    print(table(["checkpoint", "file", "wenet-hooks-convert (s)", "floor: import torch + write + fdatasync (s)",
+                 "/ floor", "zero_to_fp32.py + sync (s)", "/ zero_to_fp32", "import torch (s)", "dry run (s)",
+                 "our peak RSS (GiB)", "its peak RSS (GiB)"], rows))
     print()
     print(table(["checkpoint", "file", "disk floor (MB/s)", "write_state_dict (MB/s)", "fraction of floor"],
                 floor_rows))

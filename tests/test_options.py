@@ -117,6 +117,11 @@ def test_a_shifted_fragment_is_refused_and_fails_every_oracle(job, tmp_path):
     assert "rank 0: the fp32 masters read for 1 parameter(s) do not equal the module's own training weights" in message
     assert all(json.loads((out / f"refused-rank{r}.json").read_text())[f"shifted:{SHIFTED}"] == message
                for r in range(world))  # the same error on every rank
+    # Saved in the background (the copies and the check taken by the save's job): the same refusal, at
+    # the next settle, on every rank; no file published, no temporary left.
+    background = result["refused_background"] or ""
+    assert background.split(" in the background: ", 1)[1] == message.split(": ", 1)[1], (background, message)
+    assert result["published"] == []
     folder = out / f"shifted-{SHIFTED}"
     ours = load(folder / f"{TAG}.pt")
     named = message.split("cast to their dtype: '")[1].split("'")[0]

@@ -57,6 +57,9 @@ def test_resumed_run_logs_the_uninterrupted_losses_bit_for_bit(jobs, case):
     # Gathered in the background while steps 4-6 ran: from the copy taken at the save. A gather
     # prepared at the save and finished only after step 4 still holds the file's state exactly.
     assert result["snapshot"] is True
+    # The save's copies were taken by its background job, late (slowed down on purpose): the next step
+    # waited for them, and only that made the file hold the state of the save's step (asserted above).
+    assert result["step_held_s"] > 0.25, result["step_held_s"]
     assert result["lr"][0] == result["lr"][1]
     # Without the optimizer file (WeNet's weights-only resume) the path changes at the second step.
     assert result["weights_only"][0] == result["straight"][0]

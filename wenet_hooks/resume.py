@@ -26,6 +26,7 @@ from wenet_hooks.file.verify import load_state_dict_file
 from wenet_hooks.gather.check import check_masters, mismatched
 from wenet_hooks.gather.masters import EngineLayout, full_shape, inspect_engine
 from wenet_hooks.gather.optimizer import optimizer_family
+from wenet_hooks.gather.staging import wait_for_copies
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def restore(engine: Any, weights: Union[str, Path], optimizer_file: Union[str, P
     problems = first_failure(problems or None)
     if problems:
         raise RestoreError(optimizer_file, problems)
+    wait_for_copies(engine)  # a background save still copying these partitions reads them first
     with torch.no_grad():
         _ensure_state(layout, meta["state_keys"], meta["step"])
         _write_partitions(layout, values, state, meta["state_keys"])

@@ -21,6 +21,7 @@ from wenet_hooks.errors import PhaseError, SaveError
 from wenet_hooks.gather import DEFAULT_BUCKET_MB, prepare_consolidate
 from wenet_hooks.gather.masters import EngineLayout, inspect_engine
 from wenet_hooks.gather.optimizer import PendingOptimizer, optimizer_unavailable, prepare_optimizer
+from wenet_hooks.gather.staging import Staging, new_staging, torch_optimizers
 from wenet_hooks.save_job import GATHERING_OPTIMIZER, GATHERING_WEIGHTS, SaveJob
 
 logger = logging.getLogger(__name__)
@@ -91,26 +92,47 @@ def save_consolidated(
     """
     path = Path(model_dir) / f"{tag}.pt"
     layout = inspect_engine(engine)  # once per save: the weights' gather and the optimizer's read it
-    # With a writer, the gathers run in the background, from host copies each rank takes now, over
+    # With a writer, the gathers run in the background, from host copies of each rank's partitions, over
     # the package's own gloo group (made collectively here the first time).
     deferred = writer is not None and options.background_gather
     group = background_group() if deferred else None
-    weights, failure = _run_phase(
-        lambda: prepare_consolidate(engine, options.dtype, options.bucket_mb, layout, group), tag)
-    _raise_if_any_failed(failure, tag, GATHERING_WEIGHTS)
-    pending: Optional[PendingOptimizer] = None
-    if options.optimizer:
-        pending, failure = _run_phase(lambda: _prepare_optimizer(layout, options.bucket_mb, group), tag)
-        _raise_if_any_failed(failure, tag, GATHERING_OPTIMIZER)
-    job = SaveJob(path, weights, pending, group, options.verify, on_written)
-    what = "the weights and the optimizer state" if pending is not None else "the weights"
-    del weights, pending
-    if deferred:
-        writer.submit(job, tag, f"gathering {what} and writing {path}")
-    else:  # gathered and written before training goes on
+    # The host copies (and the check that reads them) are taken by the background job, the next optimizer
+    # step waiting for them, where the partitions lie in host memory (else now, before returning).
+    staging = new_staging(engine, _on_host(layout), torch_optimizers(engine)) if deferred else None
+    try:
+        job = _prepare(engine, path, tag, options, layout, group, staging, on_written)
+        if staging is not None and not staging.deferred:
+            staging.run()
+        if deferred:
+            writer.submit(job, tag, f"gathering {job.what} and writing {path}")
+    except BaseException:
+        if staging is not None:  # never taken: the next step must not wait for it
+            staging.cancel()
+            staging.release()
+        raise
+    if not deferred:  # gathered and written before training goes on
         _, failure = _run_phase(job, tag)
         _raise_if_any_failed(failure, tag, f"writing {path}")
     return path
+
+
+def _prepare(engine: Any, path: Path, tag: str, options: SaveOptions, layout: EngineLayout, group: Any,
+             staging: Optional[Staging], on_written: Optional[Callable[[], None]]) -> SaveJob:
+    """Collective: every gather of the save prepared; what remains of it, as a job."""
+    weights, failure = _run_phase(
+        lambda: prepare_consolidate(engine, options.dtype, options.bucket_mb, layout, group, staging), tag)
+    _raise_if_any_failed(failure, tag, GATHERING_WEIGHTS)
+    pending: Optional[PendingOptimizer] = None
+    if options.optimizer:
+        pending, failure = _run_phase(lambda: _prepare_optimizer(layout, options.bucket_mb, group, staging), tag)
+        _raise_if_any_failed(failure, tag, GATHERING_OPTIMIZER)
+    return SaveJob(path, weights, pending, group, options.verify, on_written, staging)
+
+
+def _on_host(layout: EngineLayout) -> bool:
+    """Whether every flat partition (and so its optimizer state) lies in host memory."""
+    parts = layout.partitions
+    return parts is not None and all(flat.device.type == "cpu" for flat in parts.flats)
 
 
 def settle_background(writer: BackgroundWriter) -> None:
@@ -124,7 +146,8 @@ def settle_background(writer: BackgroundWriter) -> None:
         raise _save_error(failed.tag, f"{failed.what} in the background", failed.failure)
 
 
-def _prepare_optimizer(layout: EngineLayout, bucket_mb: float, group: Any) -> Optional[PendingOptimizer]:
+def _prepare_optimizer(layout: EngineLayout, bucket_mb: float, group: Any,
+                       staging: Optional[Staging]) -> Optional[PendingOptimizer]:
     """Collective: the optimizer state, ready to gather; None where it cannot be gathered (ZeRO-0,
     NVMe-swapped states, state kept outside the base optimizer): the save goes on without it, as
     WeNet's own would."""
@@ -135,7 +158,8 @@ def _prepare_optimizer(layout: EngineLayout, bucket_mb: float, group: Any) -> Op
             log_rank0(logger, logging.WARNING, "wenet_hooks: no <tag>.optim is written: %s; a resume from "
                       "these saves restarts the optimizer", reason)
         return None
-    return prepare_optimizer(layout, bucket_mb or DEFAULT_BUCKET_MB, group)  # never per parameter: no such path
+    # never per parameter: no such path
+    return prepare_optimizer(layout, bucket_mb or DEFAULT_BUCKET_MB, group, staging)
 
 
 def _run_phase(work: Callable[[], Any], tag: str) -> tuple[Any, Optional[Failure]]:

@@ -2,9 +2,11 @@
 
 It runs in the calling thread (``model_only``, WeNet's last save, no writer)
 or in the background while training goes on (:mod:`wenet_hooks.background`):
-then each rank sends from the host copies it took at the save, over the
-package's own gloo group. Rank 0 lays each file out beforehand from shapes
-alone and writes every tensor to its place as it completes
+then each rank first copies its partitions to host memory and checks them
+(:mod:`wenet_hooks.gather.staging`; the next optimizer step waits for that
+copy), and sends from the copies, over the package's own gloo group. Rank 0
+lays each file out beforehand from shapes alone and writes every tensor to
+its place as it completes
 (:class:`wenet_hooks.file.publish.PendingFile`): it holds the tensors in
 flight, never the whole model. The files are published only once every rank
 said its part arrived; a rank that failed sent zeros.
@@ -19,18 +21,20 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from wenet_hooks.dist import all_ok, is_rank0
-from wenet_hooks.errors import PhaseError
+from wenet_hooks.dist import Failure, all_ok, first_failure, get_rank, is_rank0
+from wenet_hooks.errors import ConsolidationError, PhaseError
 from wenet_hooks.file.layout import Entry
 from wenet_hooks.file.optimizer_file import legacy_optimizer_path, optimizer_path
 from wenet_hooks.file.publish import PendingFile
 from wenet_hooks.gather import PendingWeights
 from wenet_hooks.gather.optimizer import PendingOptimizer
+from wenet_hooks.gather.staging import Staging
 
 logger = logging.getLogger(__name__)
 
 GATHERING_WEIGHTS = "gathering the weights"
 GATHERING_OPTIMIZER = "gathering the optimizer state"
+STAGING = "copying and checking the masters"
 
 
 @dataclass
@@ -47,8 +51,38 @@ class SaveJob:
     group: Any
     verify: bool
     on_written: Optional[Callable[[], None]]
+    staging: Optional[Staging] = None  # the host copies the gathers send, and the check that reads them
+
+    @property
+    def what(self) -> str:
+        """What the job gathers, for messages."""
+        return "the weights and the optimizer state" if self.optimizer is not None else "the weights"
 
     def __call__(self) -> None:
+        try:
+            self._stage()
+            self._gather_and_publish()
+        finally:
+            if self.staging is not None:
+                self.staging.release()
+
+    def _stage(self) -> None:
+        """Collective: the host copies taken here if the save left them to this job (the next step waits
+        for them), then every rank's check of its masters, voted on: nothing is gathered from a wrong read."""
+        if self.staging is None:
+            return
+        if not self.staging.done.is_set():
+            self.staging.run()
+        mine = None
+        if self.staging.error is not None:
+            mine = Failure.from_exception(self.staging.error)
+        elif self.staging.problem() is not None:
+            mine = Failure(get_rank(), self.staging.problem())
+        failure = first_failure(mine, self.group)
+        if failure is not None:
+            raise PhaseError(STAGING, ConsolidationError(failure.message))
+
+    def _gather_and_publish(self) -> None:
         weights_file, failure = self._gather(self.path, lambda: self.weights.entries, self.weights.finish,
                                              GATHERING_WEIGHTS)
         optimizer_file, optimizer_failure = None, None

@@ -55,10 +55,12 @@ if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
   # model_dir/[!init]*.pt by mtime, which takes anything ending in .pt for a model.
   python "$WENET_ROOT/wenet/bin/average_model.py" --dst_model "$dir/avg_2.pt" \
     --src_path "$dir" --num 2 --val_best --mode epoch
-  python "$WENET_ROOT/wenet/bin/average_model.py" --dst_model "$dir/avg_newest.model" \
+  # The average is named .pt too: recognize.py's load_checkpoint reads re.sub('.pt$', '.yaml', path)
+  # as the info yaml, which for any other name is the (binary) model file itself.
+  python "$WENET_ROOT/wenet/bin/average_model.py" --dst_model "$dir/avg_newest.pt" \
     --src_path "$dir" --num 2
   python "$WENET_ROOT/wenet/bin/recognize.py" --device cpu --gpu -1 \
     --config "$dir/train.yaml" --data_type raw --test_data "$data/data.list" \
-    --checkpoint "$dir/avg_newest.model" --beam_size 2 --batch_size 1 \
+    --checkpoint "$dir/avg_newest.pt" --beam_size 2 --batch_size 1 \
     --modes ctc_greedy_search --result_dir "$dir/decode_avg"
 fi

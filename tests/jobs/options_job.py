@@ -32,7 +32,7 @@ import torch.distributed as dist
 from support.options import AFTER, BY_NAME, D_MODEL, STEPS, Case
 from support.tiny_model import build_model
 from support.tiny_training import train_steps
-from wenet_hooks import SaveOptions, save_consolidated
+from wenet_hooks import BackgroundWriter, SaveOptions, save_consolidated, settle_background
 from wenet_hooks.dist import all_reports
 from wenet_hooks.errors import WenetHooksError
 from wenet_hooks.resume import restore
@@ -155,6 +155,15 @@ def run_shifted(engine, folder: Path) -> dict:
             refused = None
         except WenetHooksError as e:
             refused = str(e).splitlines()[0]
+        # A background save copies and checks in its job: refused there on every rank, nothing published.
+        writer = BackgroundWriter()
+        save_consolidated(engine, folder, "refused_background", SaveOptions(optimizer=True), writer=writer)
+        try:
+            settle_background(writer)
+            refused_background = None
+        except WenetHooksError as e:
+            refused_background = str(e).splitlines()[0]
+        published = sorted(p.name for p in folder.glob("refused*"))
         check.check_masters, original = (lambda layout, what="": None), check.check_masters
         import wenet_hooks.gather as gather
 
@@ -163,7 +172,7 @@ def run_shifted(engine, folder: Path) -> dict:
         gather.check_masters = original
     finally:
         masters.find_partitions = found
-    return {"refused": refused, "shifted": True}
+    return {"refused": refused, "shifted": True, "refused_background": refused_background, "published": published}
 
 
 def main() -> None:

@@ -26,9 +26,11 @@ mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -43,10 +45,12 @@ from wenet_hooks.errors import RestoreError
 from wenet_hooks.file.optimizer_file import to_file_dict
 from wenet_hooks.gather.masters import inspect_engine
 from wenet_hooks.gather.optimizer import consolidate_optimizer, prepare_optimizer
+from wenet_hooks.gather.staging import Staging, step_wait_seconds
 from wenet_hooks.save import settle_background
 from wenet_hooks.resume import restore
 
 TAG = "step_3"
+SLOW_COPIES_S = 0.5
 
 
 def engine_for(case: str, weights: Path | None = None):
@@ -88,10 +92,12 @@ def exact(out: Path, cases: list[str]) -> dict:
             # As the WeNet hook saves: the optimizer state is gathered in the background while
             # training goes on, from the copy each rank took at the save.
             writer = BackgroundWriter()
-            save_consolidated(engine, folder, TAG, SaveOptions(optimizer=True), writer=writer)
-            # (its own group: the save's background gather is using the package's)
-            late = prepare_optimizer(inspect_engine(engine), background_group=dist.new_group(backend="gloo"))
-            straight = train_steps(engine, 1, first_step=3)
+            with slow_copies():
+                save_consolidated(engine, folder, TAG, SaveOptions(optimizer=True), writer=writer)
+                # (its own group: the save's background gather is using the package's)
+                late = prepare_optimizer(inspect_engine(engine), background_group=dist.new_group(backend="gloo"))
+                straight = train_steps(engine, 1, first_step=3)  # its step waits for the save's slow copies
+            held = step_wait_seconds(engine)
             late_state = late.finish()
             straight += train_steps(engine, 2, first_step=4)
             settle_background(writer)
@@ -110,12 +116,29 @@ def exact(out: Path, cases: list[str]) -> dict:
             bar = deepspeed_resume(case, folder) if any(all_reports(resumed != straight)) else None
             seen[case] = {"straight": straight, "resumed": resumed, "weights_only": weights_only,
                           "lr": [straight_lr, resumed_lr], "restored": str(restored), "snapshot": snapshot_kept,
-                          "deepspeed_resumed": bar}
+                          "deepspeed_resumed": bar, "step_held_s": held}
         except Exception:
             traceback.print_exc()
             seen[case] = {"error": traceback.format_exc()}
         dist.barrier()
     return seen
+
+
+@contextlib.contextmanager
+def slow_copies():
+    """Each save's host copies start late (taken by its background job): a step that did not wait for
+    them would change the masters and moments first, and the file would hold the next step's state."""
+    real = Staging.run
+
+    def late(self):
+        time.sleep(SLOW_COPIES_S)
+        real(self)
+
+    Staging.run = late
+    try:
+        yield
+    finally:
+        Staging.run = real
 
 
 def same_as_file(gathered, path: Path) -> bool:

@@ -65,9 +65,13 @@ def test_zero2_model_and_optimizer_recognize_and_average(tmp_path):
         assert_loads_strict(model, exp / f"{tag}.pt")
     assert_loads_strict(model, exp / "avg_2.pt")
     # average_model.py by mtime (no --val_best) over model_dir/[!init]*.pt: only models are there, so
-    # the average loads strictly (no exp_avg/... keys, no halved weights) and decodes.
-    assert sorted(p.name for p in exp.glob("[!init]*.pt")) == ["avg_2.pt", "epoch_0.pt", "epoch_1.pt", "final.pt"]
-    assert_loads_strict(model, exp / "avg_newest.model")
+    # the average loads strictly (no exp_avg/... keys, no halved weights) and decodes. It ran before
+    # avg_newest.pt was written, so it saw the others only.
+    assert sorted(p.name for p in exp.glob("[!init]*.pt")) == [
+        "avg_2.pt", "avg_newest.pt", "epoch_0.pt", "epoch_1.pt", "final.pt"]
+    averaged = re.findall(r"^Processing (.*)$", log, flags=re.M)[-2:]
+    assert averaged and all(Path(p).name in ("avg_2.pt", "epoch_0.pt", "epoch_1.pt", "final.pt") for p in averaged)
+    assert_loads_strict(model, exp / "avg_newest.pt")
     assert len((exp / "decode_avg" / "ctc_greedy_search" / "text").read_text().splitlines()) == 16
     assert os.readlink(exp / "final.pt") == "epoch_1.pt"
     assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["decode", "decode_avg", "epoch_1", "tensorboard"]

@@ -7,7 +7,6 @@ CRC32 of the bytes, plus which keys must share one tensor (tied weights).
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -15,6 +14,7 @@ from typing import Any, Mapping, Union
 import torch
 
 from wenet_hooks.dtypes import dtype_from_name, dtype_name
+from wenet_hooks.file.crc import crc32
 
 TensorIdentity = tuple
 
@@ -105,4 +105,4 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     """CRC32 of a tensor's bytes in C order (any dtype, bf16 included)."""
     flat = tensor.detach().reshape(-1).contiguous()
     raw = flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
-    return zlib.crc32(raw.cpu().numpy().data)
+    return crc32(raw.cpu().numpy().data)

@@ -28,10 +28,11 @@ import torch
 from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, prepare_gather
-from wenet_hooks.gather.check import check_masters, per_parameter_hint
+from wenet_hooks.gather.check import ChunkCheck, check_masters, per_parameter_hint
 from wenet_hooks.file.layout import Entry
 from wenet_hooks.gather.masters import EngineLayout, full_numel, full_shape, inspect_engine, unwrap_model
 from wenet_hooks.gather.per_param import HostCopies, PerParameterChecks, gather_entry
+from wenet_hooks.gather.staging import Staging
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def consolidate(
 
 def prepare_consolidate(
     engine: Any, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB,
-    layout: Optional[EngineLayout] = None, background_group: Any = None,
+    layout: Optional[EngineLayout] = None, background_group: Any = None, staging: Optional[Staging] = None,
 ) -> PendingWeights:
     """Collective: :func:`consolidate` up to the bucketed gather, which :meth:`PendingWeights.finish` runs.
 
@@ -88,7 +89,10 @@ def prepare_consolidate(
     buffers, layouts the bucketed gather does not know). With
     ``background_group`` each rank also copies its flat partitions to host
     memory now, so ``finish`` can run later, off the training thread, over
-    that group (see :func:`wenet_hooks.gather.bucketed.prepare_gather`).
+    that group (see :func:`wenet_hooks.gather.bucketed.prepare_gather`). With
+    ``staging`` as well, those copies, and the check with them, are taken when
+    the staging runs (:mod:`wenet_hooks.gather.staging`): its caller votes on
+    the check's finding before ``finish``.
 
     Raises:
         ConsolidationError: as :func:`consolidate`, for what is done now.
@@ -97,9 +101,12 @@ def prepare_consolidate(
     copy = HostCopies(resolve_dtype(dtype), enabled=is_rank0())
     started = time.perf_counter()
     with torch.no_grad():
-        check_masters(layout)
+        if staging is not None:
+            staging.add_check(ChunkCheck(layout))
+        else:
+            check_masters(layout)
         bucketed = prepare_gather(layout, copy.target, int(bucket_mb * 2**20), copy.record_failure,
-                                  background_group=background_group)
+                                  background_group=background_group, staging=staging)
     covered = {id(layout.params[i]) for i in bucketed.indices}
     # Tied weights are one Parameter object under several keys: gather it once
     # and reuse the CPU copy, so the file stores it once, as torch.save would.

@@ -33,6 +33,7 @@ from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.gather.agreement import AgreedLayout, agree
 from wenet_hooks.gather.masters import EngineLayout, Fragment, full_numel, full_shape
 from wenet_hooks.gather.snapshots import snapshot_pool
+from wenet_hooks.gather.staging import Staging
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def prepare_gather(
     record_failure: RecordFailure,
     state_key: Optional[str] = None,
     background_group: Any = None,
+    staging: Optional[Staging] = None,
 ) -> PendingGather:
     """Collective: the gather of the fp32 masters that DeepSpeed partitions, agreed on by every rank
     and allocated; :meth:`PendingGather.run` moves them to rank 0.
@@ -82,8 +84,9 @@ def prepare_gather(
     and the collectives continue.
 
     With ``background_group`` (a gloo group of every rank), each rank copies its
-    flat partitions to host memory now, and ``run`` may be called later, off
-    the training thread, while training changes the originals: its
+    flat partitions to host memory now (with ``staging``, when the staging
+    runs: :mod:`wenet_hooks.gather.staging`), and ``run`` may be called later,
+    off the training thread, while training changes the originals: its
     collectives go over that group, never interleaving with training's.
     """
     if not is_distributed() or bucket_bytes <= 0:
@@ -102,11 +105,13 @@ def prepare_gather(
         if parts is None:  # reported after the vote below, which every rank reaches
             raise ConsolidationError(f"optimizer state '{state_key}' is missing on rank {dist.get_rank()}")
         flats, group = parts.flats, parts.process_group
+        lent = background_group is not None and staging is None  # else the staging gives its buffers back
         if background_group is not None:
-            flats, group = [snapshot_pool(layout.engine).copy_of(flat) for flat in flats], background_group
+            copy_of = staging.copy_of if staging is not None else snapshot_pool(layout.engine).copy_of
+            flats, group = [copy_of(flat) for flat in flats], background_group
         moves = _Moves(flats, agreed, chunk, group, _Collective.for_group(group, agreed, layout.params, target, chunk,
                                                                           record_failure),
-                       record_failure, snapshot=layout.engine if background_group is not None else None)
+                       record_failure, snapshot=layout.engine if lent else None)
     except Exception as e:
         record_failure("allocating memory for the gathered weights", e)
     if not all_ok(moves is not None, "allocating memory for the gathered weights"):

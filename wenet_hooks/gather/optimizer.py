@@ -31,6 +31,7 @@ from wenet_hooks.file.optimizer_file import (
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, prepare_gather
 from wenet_hooks.gather.masters import EngineLayout, full_shape, inspect_engine
 from wenet_hooks.gather.per_param import HostCopies
+from wenet_hooks.gather.staging import Staging
 
 # Optimizers whose state has the same meaning (Adam's two moments and a step):
 # a file written under one resumes under another.
@@ -103,13 +104,13 @@ class PendingOptimizer:
 
 
 def prepare_optimizer(layout: EngineLayout, bucket_mb: float = DEFAULT_BUCKET_MB,
-                      background_group: Any = None) -> PendingOptimizer:
+                      background_group: Any = None, staging: Optional[Staging] = None) -> PendingOptimizer:
     """Collective: agree on the layout, take the meta (step, scheduler...) now, allocate.
 
     With ``background_group``, every rank also copies its partitions of the
     state to host memory now, so :meth:`PendingOptimizer.finish` can run in
     the background while training steps on (see
-    :func:`wenet_hooks.gather.bucketed.prepare_gather`).
+    :func:`wenet_hooks.gather.bucketed.prepare_gather`); with ``staging``, when it runs.
 
     Raises:
         ConsolidationError: the state is not in DeepSpeed's flat layout (on every rank alike).
@@ -122,7 +123,7 @@ def prepare_optimizer(layout: EngineLayout, bucket_mb: float = DEFAULT_BUCKET_MB
     with torch.no_grad():
         for state_key in keys:
             pending = prepare_gather(layout, torch.float32, int(bucket_mb * 2**20), copy.record_failure,
-                                     state_key=state_key, background_group=background_group)
+                                     state_key=state_key, background_group=background_group, staging=staging)
             if pending.indices != set(names):  # the layout every rank agreed on
                 raise ConsolidationError(
                     f"rank {get_rank()}: optimizer state '{state_key}' is not in the flat layout of DeepSpeed's "

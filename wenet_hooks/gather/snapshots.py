@@ -37,12 +37,16 @@ class SnapshotPool:
 
     def copy_of(self, flat: torch.Tensor) -> torch.Tensor:
         """A host copy of ``flat`` (a flat partition), taken now."""
+        return self.take(flat).copy_(flat.detach().reshape(-1))
+
+    def take(self, flat: torch.Tensor) -> torch.Tensor:
+        """A host buffer of ``flat``'s size and dtype (its contents undefined), lent until :meth:`give_back`."""
         with self._lock:
             free = self._free[(flat.numel(), flat.dtype)]
             buffer = free.pop() if free else None
         if buffer is None:
             buffer = self._allocate(flat.numel(), flat.dtype, pinned=flat.device.type != "cpu")
-        return buffer.copy_(flat.detach().reshape(-1))
+        return buffer
 
     def _allocate(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
         size = 1 << max(0, numel - 1).bit_length() if pinned else numel

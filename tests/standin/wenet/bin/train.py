@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -47,9 +48,13 @@ def load_checkpoint(model, path):
         print("missing tensor: {}".format(key))
     for key in unexpected:
         print("unexpected tensor: {}".format(key))
-    info_path = path[: -len(".pt")] + ".yaml"
-    with open(info_path) as fin:
-        return yaml.load(fin, Loader=yaml.FullLoader)
+    # As WeNet's own (wenet/utils/checkpoint.py): for a name not ending in .pt this is the model file itself.
+    info_path = re.sub(".pt$", ".yaml", path)
+    configs = {}
+    if os.path.exists(info_path):
+        with open(info_path) as fin:
+            configs = yaml.load(fin, Loader=yaml.FullLoader)
+    return configs
 
 
 def main():

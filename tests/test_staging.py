@@ -1,0 +1,115 @@
+"""A background save's host copies: taken in chunks with the check in the same pass, and the next
+optimizer step held until they are taken (wenet_hooks/gather/staging.py)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import wenet_hooks.gather.staging as staging_module
+from wenet_hooks.gather.check import ChunkCheck
+from wenet_hooks.gather.masters import Fragment, Partitions
+from wenet_hooks.gather.snapshots import SnapshotPool
+from wenet_hooks.gather.staging import Staging, new_staging, step_wait_seconds, torch_optimizers, wait_for_copies
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(staging_module, "_CHUNK", 3)  # every fragment below straddles chunks
+
+
+def layout_of(flat: torch.Tensor, weights: list[torch.Tensor]) -> SimpleNamespace:
+    # Two parameters in one flat, listed out of offset order, with 2 elements of padding between them.
+    fragments = [Fragment(group=0, param=1, start=4, offset=9, numel=5),
+                 Fragment(group=0, param=0, start=0, offset=0, numel=7)]
+    parts = Partitions([flat], fragments, process_group=None, weights=weights)
+    return SimpleNamespace(partitions=parts, names=["encoder.w", "decoder.b"])
+
+
+def test_copies_every_chunk_and_finds_a_wrong_element_in_a_later_chunk(small_chunks):
+    flat = torch.arange(14, dtype=torch.float32)
+    good = [flat[9:14].clone(), flat[0:7].clone()]
+    staging = Staging(SnapshotPool(), deferred=True)
+    copy = staging.copy_of(flat)
+    staging.add_check(ChunkCheck(layout_of(flat, good)))
+    staging.run()
+    assert staging.done.is_set() and staging.error is None and staging.problem() is None
+    assert torch.equal(copy, flat)
+
+    bad = [good[0].clone(), good[1].clone()]
+    bad[0][-1] += 1  # decoder.b's last element, in the flat's last chunk
+    staging = Staging(SnapshotPool(), deferred=True)
+    staging.copy_of(flat)
+    staging.add_check(ChunkCheck(layout_of(flat, bad)))
+    staging.run()
+    assert staging.problem().startswith("rank 0: the fp32 masters read for 1 parameter(s) do not equal the "
+                                        "module's own training weights once cast to their dtype: 'decoder.b' "
+                                        "(elements 4..9); nothing was written or restored.")
+
+
+def test_checks_bf16_weights_against_the_masters_rounded(small_chunks):
+    flat = torch.randn(14)
+    weights = [flat[9:14].to(torch.bfloat16), flat[0:7].to(torch.bfloat16)]
+    staging = Staging(SnapshotPool(), deferred=True)
+    staging.add_check(ChunkCheck(layout_of(flat, weights)))  # read only: nothing copied
+    staging.run()
+    assert staging.problem() is None
+
+
+def test_an_error_while_copying_is_kept_and_still_releases_the_steps():
+    staging = Staging(SnapshotPool(), deferred=True)
+    staging.copy_of(torch.zeros(4))
+    staging._flats[next(iter(staging._flats))].buffer = torch.zeros(3)  # a buffer too small: copy_ raises
+    staging.run()
+    assert isinstance(staging.error, RuntimeError) and staging.done.is_set()
+
+
+class Engine:
+    """What new_staging needs of a DeepSpeed engine: its optimizer, wrapping torch's (as ZeRO's does)."""
+
+    def __init__(self) -> None:
+        self.param = torch.nn.Parameter(torch.ones(3))
+        self.optimizer = SimpleNamespace(optimizer=torch.optim.SGD([self.param], lr=0.5))
+
+
+def test_the_next_step_waits_until_the_copies_are_taken():
+    engine = Engine()
+    base = engine.optimizer.optimizer
+    assert torch_optimizers(engine) == [base]
+    staging = new_staging(engine, True, torch_optimizers(engine))
+    assert staging.deferred
+    copy = staging.copy_of(engine.param.data)
+    late = threading.Thread(target=lambda: (time.sleep(0.3), staging.run()))
+    late.start()
+    engine.param.grad = torch.ones(3)
+    base.step()  # would change the parameter before the copy was taken
+    late.join()
+    assert torch.equal(copy, torch.ones(3)) and torch.equal(engine.param.data, torch.full((3,), 0.5))
+    assert step_wait_seconds(engine) >= 0.25
+    base.step()  # nothing in flight: no wait
+    assert step_wait_seconds(engine) < 0.6
+
+
+def test_a_cancelled_staging_releases_the_steps_and_the_hook_goes_with_the_engine():
+    engine = Engine()
+    base = engine.optimizer.optimizer
+    staging = new_staging(engine, True, torch_optimizers(engine))
+    staging.cancel()
+    started = time.perf_counter()
+    wait_for_copies(engine)
+    base.step()
+    assert time.perf_counter() - started < 0.2
+    assert len(base._optimizer_step_pre_hooks) == 1
+    del engine, staging
+    gc.collect()
+    assert len(base._optimizer_step_pre_hooks) == 0
+
+
+def test_taken_at_the_save_when_the_flats_are_not_in_host_memory_or_no_step_can_be_held():
+    assert not new_staging(Engine(), False, [torch.optim.SGD([torch.nn.Parameter(torch.ones(1))])]).deferred
+    assert not new_staging(Engine(), True, []).deferred

@@ -1,0 +1,204 @@
+"""A background save's host copies, taken off the training thread: the next optimizer step waits for them.
+
+A background gather sends host copies of each rank's flat partitions (the
+fp32 masters, and each optimizer state), because training changes the
+originals. Only the optimizer's step changes them: forward and backward read
+the weights and write gradients, and DeepSpeed copies the masters into the
+weights after the base optimizer's step. So the copies need not be taken
+while training waits. They are taken at the start of the save's background
+job, and a step pre-hook on each torch optimizer of the engine (registered
+once per engine) holds the next step until this rank's copies are complete.
+
+The check of the masters against the training weights
+(:class:`wenet_hooks.gather.check.ChunkCheck`) reads each chunk of the
+masters in the same pass, right after copying it, so it compares what is
+sent while the chunk is still in cache.
+
+The copies are taken at the save itself instead (:attr:`Staging.deferred` is
+False) when a flat lies on an accelerator, where the device-to-host copy into
+pinned memory is fast and a second thread would need streams of its own, or
+when the engine has no torch optimizer whose steps could be held.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+
+from wenet_hooks.gather.snapshots import SnapshotPool, snapshot_pool
+
+# Elements copied (and checked) at a time: 1 MB of fp32, so a chunk copied is still in cache when it is checked.
+_CHUNK = 1 << 18
+# (offset of the chunk in its flat, the chunk in DeepSpeed's buffer, the chunk as copied, or the same when not copied)
+Inspect = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class Check(Protocol):
+    """What reads the chunks as they are copied, and what it found."""
+
+    def inspectors(self) -> dict[int, tuple[torch.Tensor, Inspect]]:
+        """id(flat) -> (the flat, what reads each of its chunks)."""
+
+    def problem(self) -> Optional[str]:
+        """One line naming what was wrong, or None."""
+
+
+@dataclass
+class _Flat:
+    source: torch.Tensor
+    buffer: Optional[torch.Tensor] = None  # the host copy (None: read, not copied)
+    inspect: list[Inspect] = field(default_factory=list)
+
+
+class Staging:
+    """One save's host copies of flat partitions, and the checks that read them, taken in one pass."""
+
+    def __init__(self, pool: SnapshotPool, deferred: bool) -> None:
+        self._pool = pool
+        self._flats: dict[int, _Flat] = {}
+        self._checks: list[Check] = []
+        self.deferred = deferred
+        self.done = threading.Event()  # set once :meth:`run` has ended, however it ended
+        self.error: Optional[BaseException] = None
+
+    def copy_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """A host buffer that holds ``flat``'s values once :meth:`run` has run."""
+        entry = self._entry(flat)
+        if entry.buffer is None:
+            entry.buffer = self._pool.take(flat)
+        return entry.buffer
+
+    def add_check(self, check: Check) -> None:
+        """Let ``check`` read the chunks of its flats in the copying pass."""
+        self._checks.append(check)
+        for flat, inspect in check.inspectors().values():
+            self._entry(flat).inspect.append(inspect)
+
+    def run(self) -> None:
+        """Copy every flat and run the checks on the copied chunks (local: no collective). An error is
+        kept in :attr:`error`; :attr:`done` is set in every case, releasing the held steps."""
+        try:
+            with torch.no_grad():
+                for entry in self._flats.values():
+                    _copy_and_inspect(entry)
+        except Exception as e:  # reported by the caller's vote, on every rank
+            self.error = e
+        finally:
+            self.done.set()
+
+    def cancel(self) -> None:
+        """The copies will never be taken (the job could not start): release the held steps."""
+        self.done.set()
+
+    def problem(self) -> Optional[str]:
+        """After :meth:`run`: the first check's finding, or None (an error is :attr:`error`)."""
+        return next((p for p in (c.problem() for c in self._checks) if p is not None), None)
+
+    def release(self) -> None:
+        """The copies were sent (or never will be): back to the pool for the next save."""
+        self._pool.give_back([e.buffer for e in self._flats.values() if e.buffer is not None])
+        self._flats.clear()
+        self._checks = []  # (their findings were voted on before)
+
+    def _entry(self, flat: torch.Tensor) -> _Flat:
+        # Keyed by identity: the masters' check and their copy name the same tensor object.
+        if id(flat) not in self._flats:
+            self._flats[id(flat)] = _Flat(flat)
+        return self._flats[id(flat)]
+
+
+def _copy_and_inspect(entry: _Flat) -> None:
+    source = entry.source.detach().reshape(-1)
+    for lo in range(0, source.numel(), _CHUNK):
+        piece = source[lo:lo + _CHUNK]
+        copied = piece
+        if entry.buffer is not None:
+            copied = entry.buffer[lo:lo + piece.numel()]
+            copied.copy_(piece)
+        for inspect in entry.inspect:
+            inspect(lo, piece, copied)
+
+
+def new_staging(engine: Any, flats_on_host: bool, optimizers: list[torch.optim.Optimizer]) -> Staging:
+    """The staging of one background save of ``engine``: deferred to the background job (the next step of
+    ``optimizers`` held until it has run) when the flats lie in host memory and there are steps to hold."""
+    deferred = flats_on_host and bool(optimizers)
+    staging = Staging(snapshot_pool(engine), deferred)
+    if deferred:
+        _guard(engine, optimizers).hold(staging)
+    return staging
+
+
+def step_wait_seconds(engine: Any) -> float:
+    """How long ``engine``'s optimizer steps have waited for copies still being taken (in total)."""
+    guard = _GUARDS.get(id(engine))
+    return guard.waited if guard is not None else 0.0
+
+
+def wait_for_copies(engine: Any) -> None:
+    """Block until every copy of ``engine``'s partitions a save asked for is taken (before changing them
+    other than by a step: a restore)."""
+    guard = _GUARDS.get(id(engine))
+    if guard is not None:
+        guard(None, (), {})
+
+
+class _StepGuard:
+    """A step pre-hook: the step waits for the stagings in flight."""
+
+    def __init__(self) -> None:
+        self._held: list[Staging] = []
+        self._lock = threading.Lock()
+        self.waited = 0.0
+
+    def hold(self, staging: Staging) -> None:
+        with self._lock:
+            self._held = [s for s in self._held if not s.done.is_set()] + [staging]
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+        pending = [s for s in held if not s.done.is_set()]
+        if pending:
+            started = time.perf_counter()
+            for staging in pending:
+                staging.done.wait()
+            self.waited += time.perf_counter() - started
+
+
+_GUARDS: dict[int, _StepGuard] = {}  # id(engine) -> its guard, removed when the engine is collected
+
+
+def _guard(engine: Any, optimizers: list[torch.optim.Optimizer]) -> _StepGuard:
+    key = id(engine)
+    if key not in _GUARDS:
+        guard = _GUARDS[key] = _StepGuard()
+        handles = [optimizer.register_step_pre_hook(guard) for optimizer in optimizers]
+        try:
+            weakref.finalize(engine, _forget_guard, key, handles)
+        except TypeError:  # an object without weak references: kept for the process's life
+            pass
+    return _GUARDS[key]
+
+
+def _forget_guard(key: int, handles: list[Any]) -> None:
+    _GUARDS.pop(key, None)
+    for handle in handles:
+        handle.remove()
+
+
+def torch_optimizers(engine: Any) -> list[torch.optim.Optimizer]:
+    """Every torch optimizer whose step changes ``engine``'s masters or optimizer state: the engine's
+    optimizer, DeepSpeed's base optimizer under it, and ZeRO-3's optimizer for the sub-groups it keeps
+    on the accelerator (``offload_optimizer.ratio`` < 1)."""
+    found: list[torch.optim.Optimizer] = []
+    top = getattr(engine, "optimizer", None)
+    for candidate in (top, getattr(top, "optimizer", None), getattr(top, "backup_optimizer", None)):
+        if isinstance(candidate, torch.optim.Optimizer) and not any(candidate is f for f in found):
+            found.append(candidate)
+    return found
