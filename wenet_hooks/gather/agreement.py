@@ -45,8 +45,17 @@ def agree(layout: EngineLayout) -> Optional[AgreedLayout]:
     """Collective: the layout if every rank's description is usable and complete, else None.
 
     Reused from the engine's last agreement while every rank's partitions are
-    still described the same; agreed anew (and remembered) otherwise.
+    still described the same; agreed anew (and remembered) otherwise. Within one
+    save (one ``layout``) the ranks vote once: every rank calls this for the
+    same gathers in the same order, so every rank reuses alike.
     """
+    if layout.agreed:
+        return layout.agreed[0]
+    layout.agreed.append(_agree(layout))
+    return layout.agreed[0]
+
+
+def _agree(layout: EngineLayout) -> Optional[AgreedLayout]:
     mine = describe(layout.partitions)
     known = _AGREED.get(id(layout.engine))
     unchanged = mine is not None and known is not None and known[0] == mine

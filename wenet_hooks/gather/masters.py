@@ -36,7 +36,7 @@ DeepSpeed's per-parameter ``safe_get_full_fp32_param``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -91,6 +91,9 @@ class EngineLayout:
     partitions: Optional[Partitions]  # None: not partitioned, or a layout this module does not know
     stage: int
     optimizer: Any  # the base optimizer holding the state (torch's, DeepSpeed's CPU or fused Adam)
+    # What the ranks agreed on for this save (gather.agreement.agree, once per save: the weights'
+    # gather and each optimizer state's share the layout); a one-element list once agreed.
+    agreed: list[Any] = field(default_factory=list)
 
     def trainable(self) -> list[int]:
         """Indices of the parameters the optimizer trains (``requires_grad``)."""
