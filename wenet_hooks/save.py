@@ -45,10 +45,13 @@ class SaveOptions:
         optimizer: also write ``<tag>.optim``, the optimizer state under
             the model's key names, for an exact resume at any world size and
             ZeRO stage (:func:`wenet_hooks.resume.restore`). Default ``False``.
-        background_gather: with a ``writer``, each rank copies its partitions
-            of the masters (and of the optimizer state) to host memory, and
-            the gathers to rank 0 and its writing run in the background, over
-            a gloo group of the package's own (default ``True``). Call
+        background_gather: with a ``writer``, each rank's copy of its
+            partitions of the masters (and of the optimizer state) to host
+            memory, with the check of the masters, is taken by the save's
+            background job, and the next optimizer step waits for it
+            (:mod:`wenet_hooks.gather.staging`); the gathers to rank 0 and its
+            writing follow there, over a gloo group of the package's own
+            (default ``True``). Call
             :func:`settle_background` before ``destroy_process_group``, which
             takes that group with it. ``False``: gathered and written before
             returning, as without a writer.
@@ -78,10 +81,10 @@ def save_consolidated(
     model), and, with ``options.verify``, reopens the file and checks every
     tensor before publishing it; then rank 0 calls ``on_written``. After each
     phase the ranks share their outcome, so a failure anywhere raises on every
-    rank. With a ``writer`` (and ``options.background_gather``), each rank
-    copies its partitions to host memory now and the gathers and the writing
-    go on in the background; this returns at once and
-    :func:`settle_background` reports the outcome.
+    rank. With a ``writer`` (and ``options.background_gather``), the copies of
+    each rank's partitions, the check, the gathers and the writing go on in
+    the background (the next optimizer step waits for this rank's copies);
+    this returns at once and :func:`settle_background` reports the outcome.
 
     Returns:
         The path of the file (on every rank).

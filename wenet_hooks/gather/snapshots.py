@@ -1,9 +1,10 @@
-"""Host copies of each rank's flat partitions, taken at a save and sent in the background.
+"""Host buffers for the copies of each rank's flat partitions that a background gather sends.
 
 A background gather cannot send DeepSpeed's own buffers: training changes
-them at the next step. So at the save each rank copies its partitions (the
-fp32 masters, and each optimizer state) into host buffers that it keeps from
-one save to the next, and the gather sends those.
+them at the next step. So each rank copies its partitions (the fp32 masters,
+and each optimizer state) before that step (:mod:`wenet_hooks.gather.staging`)
+into host buffers that it keeps from one save to the next, and the gather
+sends those.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ section once, so a bad section stops the run before any step. Then, at each
 ``save_model(model, info_dict)`` with the hook active:
 
 - ``save_states: model+optimizer``: WeNet's own save runs (DeepSpeed's sharded
-  ``<tag>/`` and ``<tag>.yaml``), then every rank checks its masters against its
-  training weights and copies its partitions of the masters and of the optimizer
-  state to host memory; the gathers and rank 0's writing of the verified
-  ``<tag>.pt`` and ``<tag>.optim`` go on in the background (except at WeNet's
+  ``<tag>/`` and ``<tag>.yaml``), then every rank's copy of its partitions of
+  the masters and of the optimizer state to host memory, with the check of its
+  masters against its training weights, is taken in the background before the
+  next optimizer step (which waits for it); the gathers and rank 0's writing of
+  the verified ``<tag>.pt`` and ``<tag>.optim`` follow there (except at WeNet's
   last save, after which it destroys the process groups); once they verified,
   retention may remove older folders. The next save first settles that work.
 - ``save_states: model_only``: nothing sharded is written, read or deleted;
