@@ -38,7 +38,7 @@ def same_after_cast(master: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``master`` cast to ``weight``'s dtype is ``weight``, bit for bit (any NaN equals any NaN)."""
     if master.numel() != weight.numel():
         return False
-    if master.data_ptr() == weight.data_ptr() and master.dtype == weight.dtype and master.device == weight.device:
+    if _aliases(master, weight):
         return True  # the masters are the weights themselves (ZeRO-3 in fp32 keeps one buffer)
     master, weight = master.reshape(-1), weight.reshape(-1)
     bits = _BITS[weight.element_size()]
@@ -48,6 +48,10 @@ def same_after_cast(master: torch.Tensor, weight: torch.Tensor) -> bool:
         if not _same_bytes(m, w) and not _equal_but_nan(m, w, bits):
             return False
     return True
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -152,11 +156,10 @@ class ChunkCheck:
                 a, b = max(lo, fragment.offset), min(hi, _end(fragment))
                 if b <= a or i in self._wrong:
                     continue
-                rows = slice(a - fragment.offset, b - fragment.offset)
-                if weight.data_ptr() == source.data_ptr() + (fragment.offset - lo) * source.element_size() \
-                        and weight.dtype == source.dtype and weight.device == source.device:
+                trained = weight.reshape(-1)[a - fragment.offset:b - fragment.offset]
+                if _aliases(source[a - lo:b - lo], trained):
                     continue  # the masters are the weights themselves (ZeRO-3 in fp32 keeps one buffer)
-                if not same_after_cast(copied[a - lo:b - lo], weight.reshape(-1)[rows]):
+                if not same_after_cast(copied[a - lo:b - lo], trained):
                     self._wrong[i] = _line(self._names, fragment)
 
         return inspect

@@ -145,7 +145,7 @@ def wait_for_copies(engine: Any) -> None:
     other than by a step: a restore)."""
     guard = _GUARDS.get(id(engine))
     if guard is not None:
-        guard(None, (), {})
+        guard.wait()
 
 
 class _StepGuard:
@@ -161,6 +161,11 @@ class _StepGuard:
             self._held = [s for s in self._held if not s.done.is_set()] + [staging]
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """torch's step pre-hook signature; returns None (the step's arguments unchanged)."""
+        self.wait()
+
+    def wait(self) -> None:
+        """Until every staging held so far has run (or was cancelled)."""
         with self._lock:
             held, self._held = self._held, []
         pending = [s for s in held if not s.done.is_set()]
