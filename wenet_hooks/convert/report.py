@@ -7,11 +7,11 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
 from tqdm import tqdm
 
 if TYPE_CHECKING:
     from wenet_hooks.convert.plan import Source
+    from wenet_hooks.file.layout import Value
 
 
 @dataclass
@@ -38,10 +38,10 @@ class Progress:
                          disable=None, leave=False, file=sys.stderr)
         self._tensors = 0
 
-    def update(self, tensor: torch.Tensor) -> None:
+    def update(self, value: Value) -> None:
         self._tensors += 1
         self._bar.set_postfix(tensors=self._tensors, refresh=False)
-        self._bar.update(tensor.numel() * tensor.element_size())
+        self._bar.update(value.nbytes)
 
     def __enter__(self) -> Progress:
         return self

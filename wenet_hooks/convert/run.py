@@ -15,7 +15,7 @@ import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -26,7 +26,7 @@ from wenet_hooks.convert.plan import ASIDE_SUFFIX, SHARDED, Source, has_valid_si
 from wenet_hooks.convert.report import Outcome, Progress, print_plan, print_summary
 from wenet_hooks.dtypes import dtype_name, resolve_dtype
 from wenet_hooks.errors import VerificationError, WenetHooksError, first_line
-from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.layout import Entry, OnTensor, Value
 from wenet_hooks.file.manifest import Manifest, TensorSpec, spec_differences
 from wenet_hooks.file.optimizer_file import META_KEY, file_key, optimizer_path, to_file_dict
 from wenet_hooks.file.publish import tmp_path_for, write_entries, write_state_dict
@@ -61,7 +61,7 @@ def run(options: ConvertConfig) -> int:
 
 
 def convert_tag(source: Source, model_dir: Path, *, dtype: str, overwrite: bool, remove_sharded: bool,
-                expected: Optional[Manifest], progress: Callable[[torch.Tensor], None],
+                expected: Optional[Manifest], progress: OnTensor,
                 optimizer: bool = False) -> Outcome:
     """Write ``<model_dir>/<tag>.pt`` from ``source``; raises on any failure, leaving the source intact."""
     started = time.perf_counter()
@@ -81,7 +81,7 @@ def convert_tag(source: Source, model_dir: Path, *, dtype: str, overwrite: bool,
 
 
 def _convert_sharded(source: Source, target: Path, dtype: torch.dtype, expected: Optional[Manifest],
-                     progress: Callable[[torch.Tensor], None], optimizer: bool) -> Outcome:
+                     progress: OnTensor, optimizer: bool) -> Outcome:
     """Sharded -> single file (and the optimizer file), one tensor in memory at a time where torch allows it."""
     checkpoint = ShardedCheckpoint(source.path)
     if optimizer:  # read and checked before anything is written
@@ -99,19 +99,20 @@ def _convert_sharded(source: Source, target: Path, dtype: torch.dtype, expected:
                    target.stat().st_size, dtype_name(dtype), verified="yes")
 
 
-def _optimizer_layout(checkpoint: ShardedCheckpoint) -> tuple[list[Entry], Iterator[torch.Tensor]]:
+def _optimizer_layout(checkpoint: ShardedCheckpoint) -> tuple[list[Entry], Iterator[Value]]:
     """``<tag>.optim`` as the hook writes it: each parameter's state tensors, then the meta."""
     keys, names, shapes = checkpoint.optimizer_state_keys(), checkpoint.trainable_names(), checkpoint.full_shapes()
-    readers = {key: checkpoint.optimizer_state(key) for key in keys}
     meta = to_file_dict({}, checkpoint.optimizer_meta())[META_KEY]
     entries = [Entry(file_key(key, name), tuple(shapes[name]), torch.float32) for name in names for key in keys]
     entries.append(Entry(META_KEY, tuple(meta.shape), meta.dtype))
-    values = itertools.chain((readers[key][name]() for name in names for key in keys), [meta])
+    per_key = [checkpoint.optimizer_values(key, names) for key in keys]
+    # The file's order is parameter by parameter, each key's state in turn.
+    values = itertools.chain((next(values) for _ in names for values in per_key), [meta])
     return entries, values
 
 
 def _convert_folder(source: Source, target: Path, dtype: torch.dtype, expected: Optional[Manifest],
-                    progress: Callable[[torch.Tensor], None]) -> Outcome:
+                    progress: OnTensor) -> Outcome:
     state_dict: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     for key, tensor in FolderCheckpoint(source.path).tensors(dtype):
         state_dict[key] = tensor

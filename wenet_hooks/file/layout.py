@@ -15,20 +15,51 @@ share one storage). Older torch writes with ``torch.save``.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
 from wenet_hooks.compat import can_stream
+from wenet_hooks.file.crc import crc32
 from wenet_hooks.file.manifest import Manifest, TensorIdentity, TensorSpec, tensor_identity
+from wenet_hooks.file.writeback import start_writeback
 
-OnTensor = Callable[[torch.Tensor], None]
+
+@dataclass(frozen=True)
+class Pieces:
+    """A tensor's value not copied together: its elements in C order are ``parts``, one after another.
+
+    The readers of sharded checkpoints describe each parameter this way (1-D
+    views into the ranks' memory-mapped partitions), and the writer ``pwrite`` s
+    each part straight to its place in the file and continues the CRC-32 over
+    it: a parameter is never assembled in memory, and no copy is made at all.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: tuple[torch.Tensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() for p in self.parts) * torch.empty((), dtype=self.dtype).element_size()
+
+    def tensor(self) -> torch.Tensor:
+        """The value as one new tensor (for a cast, or for torch < 2.6's ``torch.save``)."""
+        if not self.parts:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.cat([p.reshape(-1) for p in self.parts]).view(self.shape)
+
+
+# What a file's entry is written from: a tensor, or the pieces of one.
+Value = Union[torch.Tensor, Pieces]
+OnTensor = Callable[[Value], None]
 
 
 @dataclass(frozen=True)
@@ -77,7 +108,9 @@ class FileWriter:
     With torch >= 2.6 the file is laid out first from shapes and dtypes alone
     (``torch.serialization.skip_data`` reserves each storage's bytes), then each
     tensor is ``pwrite`` n straight from memory to its storage's offset, its CRC32
-    taken while the bytes are hot: memory holds the tensors in flight only.
+    taken while the bytes are hot, and the disk's writing of it started at once
+    (:func:`~wenet_hooks.file.writeback.start_writeback`): memory holds the
+    tensors in flight only, and the final fsync finds most of the file on disk.
     Older torch keeps them until :meth:`close`, which writes with ``torch.save``.
     The result is an ordinary ``torch.save`` file either way (tied keys share one storage).
     """
@@ -94,27 +127,34 @@ class FileWriter:
             self.crcs: dict[str, int] = {}
             self.fd = os.open(tmp, os.O_RDWR)
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        """Write the value of ``key`` (a non-alias entry).
+    def write(self, key: str, value: Value) -> None:
+        """Write the value of ``key`` (a non-alias entry): a tensor, or its :class:`Pieces`.
 
         Raises:
             OSError: the file system refused.
-            ValueError: ``key`` is not an entry, was written already, or ``tensor`` does not fit it.
+            ValueError: ``key`` is not an entry, was written already, or ``value`` does not fit it.
         """
         e = self.expected.get(key)
         if e is None or key in self.written:
             raise ValueError(f"'{key}': {'written twice' if e is not None else 'not an entry of the file'}")
-        tensor = tensor.contiguous()
-        if tuple(tensor.shape) != tuple(e.shape) or tensor.dtype != e.dtype:
-            raise ValueError(f"'{key}': produced {tensor.dtype}{list(tensor.shape)}, laid out as "
-                             f"{e.dtype}{list(e.shape)}")
-        spec = TensorSpec.of(tensor, checksum=True)
+        _check_fits(key, value, e)
         if self.fd is not None:
-            # pwrite straight from the tensor: no copy through Python's buffered writer.
-            _pwrite_all(self.fd, tensor, self.records[key][1])
-            self.crcs[key] = spec.checksum or 0
+            # pwrite straight from the tensor or its parts: no copy through Python's buffered writer.
+            parts = value.parts if isinstance(value, Pieces) else (value.contiguous(),)
+            start = offset = self.records[key][1]
+            crc = 0
+            for part in parts:
+                raw = _raw(part)
+                crc = crc32(raw, crc)
+                _pwrite_all(self.fd, raw, offset)
+                offset += len(raw)
+            start_writeback(self.fd, start, offset - start)
+            self.crcs[key] = crc
+            spec = TensorSpec(tuple(e.shape), e.dtype, crc)
         else:
+            tensor = value.tensor() if isinstance(value, Pieces) else value.contiguous()
             self.held[key] = tensor
+            spec = TensorSpec.of(tensor, checksum=True)
         self.written[key] = spec if self.checksums else TensorSpec(spec.shape, spec.dtype)
 
     def close(self) -> Manifest:
@@ -201,10 +241,28 @@ def _write_zip_crcs(fd: int, tmp: Path, crcs: dict[tuple[str, int], int]) -> Non
         os.pwrite(fd, packed, descriptor)
 
 
-def _pwrite_all(fd: int, tensor: torch.Tensor, offset: int) -> None:
+def _check_fits(key: str, value: Value, e: Entry) -> None:
+    if tuple(value.shape) != tuple(e.shape) or value.dtype != e.dtype:
+        raise ValueError(f"'{key}': produced {value.dtype}{list(value.shape)}, laid out as "
+                         f"{e.dtype}{list(e.shape)}")
+    if isinstance(value, Pieces):
+        numel = sum(p.numel() for p in value.parts)
+        bad = next((p for p in value.parts if p.dtype != e.dtype), None)
+        if numel != math.prod(e.shape) or bad is not None:
+            raise ValueError(f"'{key}': its parts hold {numel} values" + (f", one of them {bad.dtype}" if bad is not None else "")
+                             + f"; laid out as {e.dtype}{list(e.shape)} ({math.prod(e.shape)} values)")
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (any dtype, bf16 included)."""
     if not tensor.numel():
-        return
-    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        return memoryview(b"")
+    if not tensor.is_contiguous():
+        raise ValueError("a part of a value must be contiguous")
+    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:  # one pwrite moves at most about 2 GiB on Linux
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written

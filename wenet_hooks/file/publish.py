@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Optional, Union
 import torch
 
 from wenet_hooks.errors import CheckpointWriteError, VerificationError
-from wenet_hooks.file.layout import Entry, FileWriter, OnTensor, entries_for
+from wenet_hooks.file.layout import Entry, FileWriter, OnTensor, Value, entries_for
 from wenet_hooks.file.manifest import Manifest
 from wenet_hooks.file.verify import verify as verify_file
 
@@ -62,13 +62,14 @@ def write_state_dict(
     return write_entries(entries, tensors, path, verify=verify, expected=expected)
 
 
-def write_entries(entries: list[Entry], tensors: Iterable[torch.Tensor], path: Union[str, Path], *,
+def write_entries(entries: list[Entry], tensors: Iterable[Value], path: Union[str, Path], *,
                   verify: bool = True, expected: Optional[Manifest] = None,
                   on_tensor: Optional[OnTensor] = None) -> Path:
     """Write a file described by ``entries``; ``tensors`` yields the non-alias entries' values in order.
 
     The values may be produced lazily (a reader of an existing checkpoint),
-    so memory holds one tensor at a time where torch allows it.
+    so memory holds one tensor at a time where torch allows it, and may be
+    :class:`~wenet_hooks.file.layout.Pieces` (written part by part, never assembled).
 
     Raises:
         CheckpointWriteError, VerificationError: as :func:`write_state_dict`.
@@ -119,11 +120,11 @@ class PendingFile:
         except BaseException as e:
             self._fail(e)
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        """Write the value of entry ``key``; the caller may drop the tensor afterwards."""
+    def write(self, key: str, value: Value) -> None:
+        """Write the value of entry ``key``; the caller may drop it afterwards."""
         try:
             assert self.writer is not None, "written after it was published or discarded"
-            self.writer.write(key, tensor)
+            self.writer.write(key, value)
         except BaseException as e:
             self._fail(e)
 

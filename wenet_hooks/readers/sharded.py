@@ -1,9 +1,10 @@
 """Reading a DeepSpeed ZeRO-1/2/3 sharded checkpoint ``<model_dir>/<tag>/`` tensor by tensor.
 
-Shards are memory-mapped and each parameter is assembled on its own from the
-slices of the ranks' flat fp32 partitions that hold it, so memory holds one
-parameter at a time instead of every rank's optimizer state at once (which
-DeepSpeed's ``zero_to_fp32`` concatenates). The layout follows DeepSpeed's own
+Shards are memory-mapped and each parameter is described by the slices of the
+ranks' flat fp32 partitions that hold it (:class:`~wenet_hooks.file.layout.Pieces`):
+the writer writes those slices straight from the mappings to their places in
+the file, so no parameter is assembled in memory (DeepSpeed's ``zero_to_fp32``
+concatenates every rank's optimizer state at once). The layout follows DeepSpeed's own
 reconstruction (``deepspeed/utils/zero_to_fp32.py``):
 
 - ZeRO-1/2: ``mp_rank_00_model_states.pt`` holds the module state in training
@@ -31,7 +32,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from wenet_hooks.errors import CheckpointReadError
-from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.layout import Entry, Pieces, Value
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, LOSS_SCALER_FIELDS, plain
 from wenet_hooks.file.pages import release_pages
 from wenet_hooks.readers.safe_load import load_shard
@@ -92,8 +93,13 @@ class ShardedCheckpoint:
                                 dtype if value.is_floating_point() else value.dtype))
         return layout
 
-    def values(self, entries: list[Entry], dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """The tensors of the non-alias ``entries``, one at a time, read from the shards."""
+    def values(self, entries: list[Entry], dtype: torch.dtype) -> Iterator[Value]:
+        """The values of the non-alias ``entries``, one at a time, read from the shards.
+
+        Parameters kept in ``dtype`` come as :class:`Pieces` (views into the
+        mappings, whose pages are released once the consumer asks for the next
+        value); the others as tensors.
+        """
         readers = {**self._frozen_fragments(), **self._trainable_slices()}
         source_of = self._sources()
         for e in entries:
@@ -101,7 +107,7 @@ class ShardedCheckpoint:
                 continue
             source = source_of.get(e.key, e.key)
             if source in readers:
-                yield _cast(readers[source](), dtype)
+                yield from _released(_cast(readers[source](), dtype))
             else:  # a buffer, or (ZeRO-1/2) a frozen parameter kept whole in the module state
                 yield _cast(self.module[source].clone(), dtype)
 
@@ -111,8 +117,14 @@ class ShardedCheckpoint:
         values = self.values(entries, dtype)
         done: dict[str, torch.Tensor] = {}
         for e in entries:
-            done[e.key] = done[e.alias_of] if e.alias_of else next(values)
+            done[e.key] = done[e.alias_of] if e.alias_of else _tensor(next(values))
             yield e.key, done[e.key]
+
+    def optimizer_values(self, key: str, names: list[str]) -> Iterator[Value]:
+        """Optimizer state ``key`` of each parameter of ``names`` (full fp32), one at a time, in that order."""
+        readers = self._trainable_slices(key)
+        for name in names:
+            yield from _released(readers[name]())
 
     def _sources(self) -> dict[str, str]:
         return dict(self.model_states[0].get("shared_params") or {})
@@ -163,10 +175,6 @@ class ShardedCheckpoint:
         """The parameters the optimizer holds, in ``state_dict()`` order (tied ones under their first key)."""
         names = {name for group in self.model_states[0]["param_shapes"] for name in group}
         return [key for key in self.module if key in names]
-
-    def optimizer_state(self, key: str) -> dict[str, Any]:
-        """``name -> reader`` of optimizer state ``key`` of each trainable parameter (full fp32)."""
-        return self._trainable_slices(key)
 
     def _flats(self, rank: int) -> list[torch.Tensor]:
         osd = self.optim[rank]
@@ -233,34 +241,50 @@ class ShardedCheckpoint:
                 for name, shape in shapes.items()}
 
 
-def _read_span(parts: list[torch.Tensor], offset: int, shape: torch.Size) -> torch.Tensor:
-    """Copy ``numel(shape)`` values starting at ``offset`` of the ranks' concatenated parts."""
-    out = torch.empty(math.prod(shape), dtype=torch.float32)
-    filled, start = 0, 0
+def _span(parts: list[torch.Tensor], offset: int, numel: int) -> list[torch.Tensor]:
+    """Views of the ``numel`` values starting at ``offset`` of the ranks' concatenated ``parts``."""
+    views, start = [], 0
     for part in parts:
         end = start + part.numel()
-        lo, hi = max(offset, start), min(offset + out.numel(), end)
+        lo, hi = max(offset, start), min(offset + numel, end)
         if lo < hi:
-            span = part[lo - start:hi - start]
-            out[filled:filled + hi - lo] = span
-            release_pages(span)
-            filled += hi - lo
+            views.append(part[lo - start:hi - start])
         start = end
-    return out.view(shape)
+    return views
 
 
-def _read_zero3(flats: list[list[torch.Tensor]], offset: int, part: int, shape: torch.Size) -> torch.Tensor:
+def _read_span(parts: list[torch.Tensor], offset: int, shape: torch.Size) -> Pieces:
+    """The parameter of ``shape`` at ``offset`` of the ranks' concatenated parts (ZeRO-1/2)."""
+    return Pieces(tuple(shape), torch.float32, tuple(_span(parts, offset, math.prod(shape))))
+
+
+def _read_zero3(flats: list[list[torch.Tensor]], offset: int, part: int, shape: torch.Size) -> Pieces:
     """Rank r holds values [r * part, (r + 1) * part) of the parameter at ``offset`` of its groups."""
-    pieces = [_read_span(groups, offset, torch.Size([part])) for groups in flats]
-    return torch.cat(pieces)[: math.prod(shape)].view(shape)
+    views = [view for groups in flats for view in _span(groups, offset, part)]
+    return Pieces(tuple(shape), torch.float32, tuple(_span(views, 0, math.prod(shape))))
 
 
-def _read_frozen(fragments: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    return torch.cat([f.reshape(-1) for f in fragments])[: math.prod(shape)].view(shape)
+def _read_frozen(fragments: list[torch.Tensor], shape: torch.Size) -> Pieces:
+    flat = [f.reshape(-1) for f in fragments]
+    return Pieces(tuple(shape), flat[0].dtype, tuple(_span(flat, 0, math.prod(shape))))
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+def _released(value: Value) -> Iterator[Value]:
+    """Yield ``value``; once the consumer is done with it, let the kernel drop its mapped pages."""
+    yield value
+    if isinstance(value, Pieces):
+        for part in value.parts:
+            release_pages(part)
+
+
+def _tensor(value: Value) -> torch.Tensor:
+    return value.tensor() if isinstance(value, Pieces) else value
+
+
+def _cast(value: Value, dtype: torch.dtype) -> Value:
+    if value.dtype == dtype or not value.dtype.is_floating_point:
+        return value
+    return _tensor(value).to(dtype)
 
 
 def _rank_files(folder: Path, kind: str) -> list[Path]:
