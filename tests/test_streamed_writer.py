@@ -145,23 +145,36 @@ def test_pieces_that_do_not_fit_publish_nothing(tmp_path, parts, problem):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_disks_writes_start_for_every_value_as_it_is_written(tmp_path, monkeypatch):
-    """Each value's bytes are handed to the disk as soon as they are in the page cache (not all at the
-    final fsync), whichever order the values come in; the file is the same."""
+def test_the_disks_writes_start_as_the_values_land_in_batches(tmp_path, monkeypatch):
+    """The disk is asked to start writing each value's bytes once enough of them wait in the page
+    cache (not all at the final fsync): values in file order are handed over as one range (the
+    records' headers between them included), a value out of order hands over what waits first;
+    the file is the same either way."""
     import wenet_hooks.file.layout as layout
+    import wenet_hooks.file.writeback as writeback
     from wenet_hooks.file.layout import Pieces
     from wenet_hooks.file.publish import PendingFile
 
     started = []
-    real = layout.start_writeback
-    monkeypatch.setattr(layout, "start_writeback", lambda fd, offset, n: (started.append((offset, n)),
-                                                                          real(fd, offset, n)))
-    a, b = torch.randn(1000), torch.randn(30, 7)
-    pending = PendingFile(tmp_path / "x.pt", [Entry("a", (1000,)), Entry("b", (30, 7))])
-    pending.write("b", Pieces((30, 7), torch.float32, (b.reshape(-1)[:100], b.reshape(-1)[100:])))
-    pending.write("a", a)
-    records = pending.writer.records
-    pending.publish()
-    assert started == [(records["b"][1], b.nbytes), (records["a"][1], a.nbytes)]
-    loaded = torch.load(tmp_path / "x.pt", weights_only=True)
-    assert torch.equal(loaded["a"], a) and torch.equal(loaded["b"], b)
+    real = writeback.start_writeback
+    monkeypatch.setattr(writeback, "start_writeback", lambda fd, offset, n: (started.append((offset, n)),
+                                                                             real(fd, offset, n)))
+    monkeypatch.setattr(writeback, "BATCH_BYTES", 6000)
+    values = {"a": torch.randn(1000), "b": torch.randn(30, 7), "c": torch.randn(300)}  # 4000, 840, 1200 bytes
+    entries = [Entry(k, tuple(v.shape)) for k, v in values.items()]
+    for order in ("abc", "cab"):
+        started.clear()
+        pending = PendingFile(tmp_path / f"{order}.pt", entries)
+        for key in order:
+            b = values[key].reshape(-1)
+            pending.write(key, Pieces(tuple(values[key].shape), torch.float32, (b[:100], b[100:])) if key == "b"
+                          else values[key])
+        at = {key: offset for key, (_, offset) in pending.writer.records.items()}
+        pending.publish()
+        if order == "abc":
+            assert started == [(at["a"], at["c"] + 1200 - at["a"])]
+        else:  # c waits; a does not continue it, so c goes; a and b (4000 + 840 bytes) wait for the fsync
+            assert started == [(at["c"], 1200)]
+        loaded = torch.load(tmp_path / f"{order}.pt", weights_only=True)
+        assert all(torch.equal(loaded[k], v) for k, v in values.items())
+    assert layout.Writeback is writeback.Writeback

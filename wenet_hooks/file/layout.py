@@ -29,7 +29,7 @@ import torch
 from wenet_hooks.compat import can_stream
 from wenet_hooks.file.crc import crc32
 from wenet_hooks.file.manifest import Manifest, TensorIdentity, TensorSpec, tensor_identity
-from wenet_hooks.file.writeback import start_writeback
+from wenet_hooks.file.writeback import Writeback
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,8 @@ class FileWriter:
     With torch >= 2.6 the file is laid out first from shapes and dtypes alone
     (``torch.serialization.skip_data`` reserves each storage's bytes), then each
     tensor is ``pwrite`` n straight from memory to its storage's offset, its CRC32
-    taken while the bytes are hot, and the disk's writing of it started at once
-    (:func:`~wenet_hooks.file.writeback.start_writeback`): memory holds the
+    taken while the bytes are hot, and the disk's writing of it started as soon
+    as 8 MiB are waiting (:class:`~wenet_hooks.file.writeback.Writeback`): memory holds the
     tensors in flight only, and the final fsync finds most of the file on disk.
     Older torch keeps them until :meth:`close`, which writes with ``torch.save``.
     The result is an ordinary ``torch.save`` file either way (tied keys share one storage).
@@ -126,6 +126,7 @@ class FileWriter:
             self.records = dict(zip(self.expected, records))
             self.crcs: dict[str, int] = {}
             self.fd = os.open(tmp, os.O_RDWR)
+            self.writeback = Writeback(self.fd)
 
     def write(self, key: str, value: Value) -> None:
         """Write the value of ``key`` (a non-alias entry): a tensor, or its :class:`Pieces`.
@@ -148,7 +149,7 @@ class FileWriter:
                 crc = crc32(raw, crc)
                 _pwrite_all(self.fd, raw, offset)
                 offset += len(raw)
-            start_writeback(self.fd, start, offset - start)
+            self.writeback.written(start, offset - start)
             self.crcs[key] = crc
             spec = TensorSpec(tuple(e.shape), e.dtype, crc)
         else:

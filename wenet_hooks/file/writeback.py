@@ -42,3 +42,39 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """
     if _CALL is not None and nbytes > 0:
         _CALL(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+# Ranges are handed over once this many bytes are waiting, so that the disk gets
+# large writes even from a file of many small tensors.
+BATCH_BYTES = 8 << 20
+# Between two records of a torch.save file lie a zip header and alignment
+# (about a hundred bytes, written with the layout): a range that starts this
+# close after the waiting one continues it.
+_GAP = 4096
+
+
+class Writeback:
+    """The ranges of one file written so far, handed to :func:`start_writeback` in batches.
+
+    Consecutive ranges (values written in file order, as readers and gathers
+    mostly produce them, with only a record's header between them) are merged;
+    a range that does not continue the waiting one hands that one over first.
+    What is still waiting at the end is left to the final fsync.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lo = self.hi = 0
+
+    def written(self, offset: int, nbytes: int) -> None:
+        if self.hi == self.lo or not 0 <= offset - self.hi <= _GAP:  # nothing waits, or this does not continue it
+            self.flush()
+            self.lo = offset
+        self.hi = offset + nbytes
+        if self.hi - self.lo >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.hi > self.lo:
+            start_writeback(self.fd, self.lo, self.hi - self.lo)
+        self.lo = self.hi
