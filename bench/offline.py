@@ -12,6 +12,9 @@ order, ``--repeats`` times each (medians):
   in 64 MiB chunks and ``fdatasync``;
 - ``zero_to_fp32.py`` followed by ``sync`` (it does not flush what it wrote);
 - what bounds the first two: ``import torch`` alone, and the converter's dry run.
+Outputs are removed between runs, outside the clock (no command pays for deleting or replacing a
+file), and before each command the disk is left to settle (``sync``, then 2 s; ``BENCH_SETTLE_S``),
+so none pays for the previous one's writes or freed blocks.
 """
 
 from __future__ import annotations
@@ -54,7 +57,10 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 
 
 def ours(model_dir: Path) -> tuple[float, float]:
-    return timed([CONVERT, f"model_dir={model_dir}", f"tag={TAG}", "overwrite=true"])
+    # Its previous output is removed before the clock starts, as zero_to_fp32.py's is (a first
+    # conversion; replacing a 1 GB file would add the file system's 0.2-0.8 s of freeing its blocks).
+    (model_dir / f"{TAG}.pt").unlink(missing_ok=True)
+    return timed([CONVERT, f"model_dir={model_dir}", f"tag={TAG}"])
 
 
 def deepspeeds(model_dir: Path) -> tuple[float, float]:
@@ -75,12 +81,21 @@ with open(path, "wb") as f:
         f.write(chunk[:min(len(chunk), nbytes - lo)])
     f.flush()
     os.fdatasync(f.fileno())
-os.unlink(path)
 """
 
 
 def physical_floor(model_dir: Path, nbytes: int) -> tuple[float, float]:
-    return timed([sys.executable, "-c", FLOOR, str(model_dir / "floor.bin"), str(nbytes)])
+    result = timed([sys.executable, "-c", FLOOR, str(model_dir / "floor.bin"), str(nbytes)])
+    (model_dir / "floor.bin").unlink()
+    return result
+
+
+def settle() -> None:
+    """Start each command on a quiet disk: what the last one wrote is flushed, and the blocks freed by
+    removing its output (a file of the checkpoint's size, outside the clock; with ``discard`` the file
+    system trims them at its next commit) are given back before the clock starts."""
+    os.sync()
+    time.sleep(float(os.environ.get("BENCH_SETTLE_S", "2")))
 
 
 def import_torch() -> tuple[float, float]:
@@ -144,6 +159,7 @@ def main() -> None:
             order = list(sides)
             for i in range(args.repeats):
                 for name in order[i % len(order):] + order[:i % len(order)]:
+                    settle()
                     runs[name].append(sides[name]())
             wall = {name: median([r[0] for r in rs]) for name, rs in runs.items()}
             rss = {name: median([r[1] for r in rs]) for name, rs in runs.items()}

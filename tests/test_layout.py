@@ -31,6 +31,22 @@ def test_streamed_file_equals_torch_save_content(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
 
 
+def test_values_given_as_pieces_load_as_the_whole_tensors(tmp_path):
+    """How the converter hands over a parameter (its ranks' slices, never assembled): both writers
+    write the tensor the pieces make up, the verified manifest's checksums included."""
+    from wenet_hooks.file.layout import Pieces
+
+    weight, frozen = torch.randn(6, 4), torch.randn(5).to(torch.bfloat16)
+    flat = torch.cat([weight.reshape(-1), torch.zeros(2)])  # one rank's partition, padded
+    values = [Pieces((6, 4), torch.float32, (flat[:10], flat[10:24])), Pieces((5,), torch.bfloat16, (frozen,))]
+    entries = [Entry("weight", (6, 4)), Entry("frozen", (5,), torch.bfloat16)]
+    produced = []
+    path = write_entries(entries, iter(values), tmp_path / "x.pt", on_tensor=produced.append)
+    loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    assert_state_dicts_equal(loaded, {"weight": weight, "frozen": frozen})
+    assert [v.nbytes for v in produced] == [96, 10]
+
+
 def test_a_tensor_that_does_not_fit_its_layout_publishes_nothing(tmp_path):
     entries = [Entry("a", (2, 2)), Entry("b", (3,))]
     with pytest.raises(ValueError, match=r"^'b': produced torch.float32\[4\], laid out as torch.float32\[3\]$"):
