@@ -250,8 +250,9 @@ def _check_fits(key: str, value: Value, e: Entry) -> None:
         numel = sum(p.numel() for p in value.parts)
         bad = next((p for p in value.parts if p.dtype != e.dtype), None)
         if numel != math.prod(e.shape) or bad is not None:
-            raise ValueError(f"'{key}': its parts hold {numel} values" + (f", one of them {bad.dtype}" if bad is not None else "")
-                             + f"; laid out as {e.dtype}{list(e.shape)} ({math.prod(e.shape)} values)")
+            mixed = f", one of them {bad.dtype}" if bad is not None else ""
+            raise ValueError(f"'{key}': its parts hold {numel} values{mixed}; laid out as "
+                             f"{e.dtype}{list(e.shape)} ({math.prod(e.shape)} values)")
 
 
 def _raw(tensor: torch.Tensor) -> memoryview:
