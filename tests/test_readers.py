@@ -120,3 +120,28 @@ def test_trainable_parameters_are_handed_over_as_views_of_the_mapped_shards(name
             assert torch.equal(value.tensor().view(torch.int32), truth[e.key].view(torch.int32)), e.key
             seen += 1
     assert seen == len(trainable) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "cast to bf16"])
+def test_every_parameters_mapped_pages_are_released_once_consumed(monkeypatch, dtype):
+    """Reading a checkpoint must not keep the shards resident: each trainable parameter's slices are
+    handed back to the kernel after the writer is done with the value, also when the value is a cast
+    copy (dtype=bf16), and only then (the value written is still intact when the writer gets it)."""
+    import wenet_hooks.readers.sharded as sharded
+
+    released = []
+    monkeypatch.setattr(sharded, "release_pages", lambda t: released.append(t.data_ptr()))
+    checkpoint = ShardedCheckpoint(FIXTURES / "t_z3_model_optimizer" / "epoch_0")
+    entries = checkpoint.entries(dtype)
+    owners = [e for e in entries if not e.alias_of]
+    trainable = set(checkpoint.trainable_names())
+    expected = []
+    values = checkpoint.values(entries, dtype)
+    for e, value in zip(owners, values):
+        assert value.dtype == (dtype if e.dtype.is_floating_point else e.dtype)
+        if e.key in trainable:
+            parts = checkpoint._trainable_slices()[e.key]().parts
+            assert not set(p.data_ptr() for p in parts) & set(released), f"{e.key} released before it was written"
+            expected += [p.data_ptr() for p in parts]
+    assert next(values, None) is None  # the consumer is done with the last value
+    assert sorted(released) == sorted(expected) and expected

@@ -107,7 +107,8 @@ class ShardedCheckpoint:
                 continue
             source = source_of.get(e.key, e.key)
             if source in readers:
-                yield from _released(_cast(readers[source](), dtype))
+                read = readers[source]()
+                yield from _released(read, _cast(read, dtype))
             else:  # a buffer, or (ZeRO-1/2) a frozen parameter kept whole in the module state
                 yield _cast(self.module[source].clone(), dtype)
 
@@ -124,7 +125,8 @@ class ShardedCheckpoint:
         """Optimizer state ``key`` of each parameter of ``names`` (full fp32), one at a time, in that order."""
         readers = self._trainable_slices(key)
         for name in names:
-            yield from _released(readers[name]())
+            read = readers[name]()
+            yield from _released(read, read)
 
     def _sources(self) -> dict[str, str]:
         return dict(self.model_states[0].get("shared_params") or {})
@@ -269,11 +271,12 @@ def _read_frozen(fragments: list[torch.Tensor], shape: torch.Size) -> Pieces:
     return Pieces(tuple(shape), flat[0].dtype, tuple(_span(flat, 0, math.prod(shape))))
 
 
-def _released(value: Value) -> Iterator[Value]:
-    """Yield ``value``; once the consumer is done with it, let the kernel drop its mapped pages."""
+def _released(read: Value, value: Value) -> Iterator[Value]:
+    """Yield ``value`` (``read``, or a cast copy of it); once the consumer is done with it, let the
+    kernel drop the mapped pages ``read`` was taken from."""
     yield value
-    if isinstance(value, Pieces):
-        for part in value.parts:
+    if isinstance(read, Pieces):
+        for part in read.parts:
             release_pages(part)
 
 
