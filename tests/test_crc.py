@@ -9,7 +9,8 @@ import zlib
 import pytest
 import torch
 
-from wenet_hooks.file.crc import BACKEND, crc32, first_available
+from wenet_hooks.file import crc
+from wenet_hooks.file.crc import BACKEND, crc32, crc32_combine, first_available
 from wenet_hooks.file.manifest import tensor_checksum
 
 
@@ -37,3 +38,14 @@ def test_where_isal_ships_wheels_the_installed_package_uses_it():
 def test_falls_back_to_zlib_when_no_faster_library_imports():
     assert first_available((("no_such_module", "crc32"), ("zlib", "no_such_function"))) == ("zlib", zlib.crc32)
     assert first_available((("no_such_module", "crc32"), ("zlib", "crc32"))) == ("zlib", zlib.crc32)
+
+
+@pytest.mark.parametrize("len_a, len_b", [(0, 0), (0, 9), (9, 0), (1, 1), (1000, 3), (7, 1 << 20), (3 << 20, 5)])
+def test_combined_crcs_are_zlibs_crc_of_the_concatenation(len_a, len_b):
+    """The CRC-32 of two runs of bytes written apart (a parameter's fragments from two ranks) is the
+    CRC-32 of the whole: ISA-L's combine where installed and the one written here, both against
+    zlib's CRC of the bytes put together."""
+    a, b = os.urandom(len_a), os.urandom(len_b)
+    whole = zlib.crc32(a + b)
+    assert crc._combine(zlib.crc32(a), zlib.crc32(b), len_b) == whole
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len_b) == whole

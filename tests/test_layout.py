@@ -53,3 +53,40 @@ def test_a_tensor_that_does_not_fit_its_layout_publishes_nothing(tmp_path):
         write_entries(entries, iter([torch.zeros(2, 2), torch.zeros(4)]), tmp_path / "x.pt")
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_fragments_written_in_any_order_make_up_each_tensor(tmp_path):
+    """How rank 0 writes a gather (each rank's fragment of a parameter where it belongs, as it
+    arrives: the tail of one before its head, a parameter's pieces interleaved with another's):
+    both writers give the whole tensors, the verified manifest's checksums included."""
+    from wenet_hooks.file.publish import PendingFile
+
+    weight, half = torch.randn(6, 4), torch.randn(9).to(torch.bfloat16)
+    entries = [Entry("weight", (6, 4)), Entry("half", (9,), torch.bfloat16), Entry("tied", alias_of="weight")]
+    pending = PendingFile(tmp_path / "x.pt", entries)
+    flat = weight.reshape(-1)
+    for key, start, end in [("weight", 17, 24), ("half", 4, 9), ("weight", 0, 5), ("half", 0, 4),
+                            ("weight", 5, 11), ("weight", 11, 17)]:
+        pending.write_part(key, start, (flat if key == "weight" else half)[start:end])
+    path = pending.publish()
+    loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    assert_state_dicts_equal(loaded, {"weight": weight, "half": half, "tied": weight})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+
+
+@pytest.mark.parametrize("parts, problem", [
+    ([(0, 3), (2, 4)], r"its parts overlap \(more than its 16 bytes written\)"),
+    ([(0, 2), (1, 3), (3, 4)], r"its parts overlap \(bytes from 4 written twice or more\)"),
+    ([(0, 2), (0, 2)], r"its parts overlap \(bytes from 0 written twice or more\)"),
+    ([(3, 5)], r"a part of torch.float32\[2\] at element 3; laid out as torch.float32\[4\] \(4 values\)"),
+])
+def test_fragments_that_overlap_or_overflow_publish_nothing(tmp_path, parts, problem):
+    from wenet_hooks.file.publish import PendingFile
+
+    pending = PendingFile(tmp_path / "x.pt", [Entry("w", (4,))])
+    values = torch.arange(5.0)
+    with pytest.raises(ValueError, match=rf"^'w': {problem}$"):
+        for start, end in parts:
+            pending.write_part("w", start, values[start:end])
+        pending.publish()
+    assert list(tmp_path.iterdir()) == []

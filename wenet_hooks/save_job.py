@@ -5,11 +5,12 @@ or in the background while training goes on (:mod:`wenet_hooks.background`):
 then each rank first copies its partitions to host memory and checks them
 (:mod:`wenet_hooks.gather.staging`; the next optimizer step waits for that
 copy), and sends from the copies, over the package's own gloo group. Rank 0
-lays each file out beforehand from shapes alone and writes every tensor to
-its place as it completes
-(:class:`wenet_hooks.file.publish.PendingFile`): it holds the tensors in
-flight, never the whole model. The files are published only once every rank
-said its part arrived; a rank that failed sent zeros.
+lays each file out beforehand from shapes alone and writes every fragment it
+receives to its place as it arrives
+(:class:`wenet_hooks.file.publish.PendingFile`): it holds its receive buffer,
+one bucket, never the model nor even a whole parameter. The files are
+published only once every rank said its part arrived; a rank that failed sent
+zeros.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class SaveJob:
                 failure = PhaseError(f"writing {path}", e)
         sink = _Sink(file) if is_rank0() else None
         try:
-            finish(sink.write if sink is not None else None)
+            finish(sink.write if sink is not None else None, sink.write_part if sink is not None else None)
         except Exception as e:
             failure = failure or PhaseError(phase, e)
         if sink is not None and sink.error is not None:
@@ -156,8 +157,8 @@ class SaveJob:
 
 
 class _Sink:
-    """Rank 0's end of a gather: each tensor into the file. A write that fails is kept, and the
-    tensors that follow are dropped: the gather's collectives go on to their end on every rank."""
+    """Rank 0's end of a gather: each tensor, or fragment, into the file. A write that fails is kept,
+    and what follows is dropped: the gather's collectives go on to their end on every rank."""
 
     def __init__(self, file: Optional[PendingFile]) -> None:
         self.file, self.error = file, None
@@ -168,6 +169,14 @@ class _Sink:
         try:
             self.file.write(key, tensor)
         except Exception as e:  # the file removed its .tmp; reported after the gather
+            self.error = e
+
+    def write_part(self, key: str, start: int, part: torch.Tensor) -> None:
+        if self.file is None or self.error is not None:
+            return
+        try:
+            self.file.write_part(key, start, part)
+        except Exception as e:  # as write
             self.error = e
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from support.tiny_model import NEGATIVE_ZERO, build_model, make_batch
 from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks import Manifest, consolidate, write_state_dict
+from wenet_hooks.file.publish import PendingFile
 from wenet_hooks.gather import agreement, prepare_consolidate
 from wenet_hooks.gather import bucketed
 from wenet_hooks.gather.bucketed import prepare_gather
@@ -112,10 +113,17 @@ def run_case(case: str, out_dir: Path) -> None:
     variants = {"per_param": consolidate(engine, bucket_mb=0), "small_buckets": consolidate(engine, bucket_mb=1 / 1024),
                 "all_gather": with_all_gather(lambda: consolidate(engine, bucket_mb=1 / 1024))}
     agreements = agreement.agreements_made - agreements  # 5 bucketed gathers of one engine
-    # Rank 0's memory in a streamed gather (each tensor handed to the file as it completes), counted
-    # by the receiver itself: what it held at most at once, against the model's size.
-    streamed = prepare_consolidate(engine, bucket_mb=1 / 1024)
-    streamed.finish(lambda key, tensor: None)
+    # Streamed into files as the hook writes them (each fragment to its place as it arrives, 1 KiB
+    # buckets, so parameters are split across chunks and ranks), fp32 and bf16; rank 0's memory
+    # counted by the receiver itself: what it held at most at once, against the parameters' sizes.
+    peaks = []
+    for dtype, name in (("fp32", "streamed"), ("bf16", "streamed_bf16")):
+        streamed = prepare_consolidate(engine, dtype=dtype, bucket_mb=1 / 1024)
+        file = PendingFile(case_dir / f"{TAG}.{name}.pt", streamed.entries) if dist.get_rank() == 0 else None
+        streamed.finish(file.write if file else None, file.write_part if file else None)
+        if file is not None:
+            file.publish()
+        peaks.append(streamed.peak_bytes)
     sizes = [p.numel() * 4 for p in trainable] if stage < 3 else [p.ds_numel * 4 for p in trainable]
     out = engine_output(engine)
     # One step more, saved too: tests of mixed-up shards take a file from here.
@@ -132,7 +140,7 @@ def run_case(case: str, out_dir: Path) -> None:
             write_state_dict(negative_zero, case_dir / f"{NEXT_TAG}.negative_zero.pt")
         (case_dir / "result.json").write_text(json.dumps({
             "ok": True, "losses": losses, "bucketed": len(bucketed), "trainable": len(trainable),
-            "agreements": agreements, "peak_bytes": streamed.peak_bytes, "model_bytes": sum(sizes),
+            "agreements": agreements, "peak_bytes": peaks, "model_bytes": sum(sizes),
             "largest_bytes": max(sizes),
             "optimizer": type(engine.optimizer).__name__}))
     else:

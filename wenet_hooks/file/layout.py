@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 
 from wenet_hooks.compat import can_stream
-from wenet_hooks.file.crc import crc32
+from wenet_hooks.file.crc import crc32, crc32_combine
 from wenet_hooks.file.manifest import Manifest, TensorIdentity, TensorSpec, tensor_identity
 from wenet_hooks.file.writeback import Writeback
 
@@ -103,14 +103,16 @@ def entries_for(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[Entry], li
 
 class FileWriter:
     """The one writer of the package: a file described by its entries, whose tensors arrive in any
-    order, each written as it comes (``write``) and dropped by the caller.
+    order, each written as it comes (``write``) and dropped by the caller; or in parts, in any
+    order too (``write_part``: a gather's fragments, each written where it belongs as it arrives).
 
     With torch >= 2.6 the file is laid out first from shapes and dtypes alone
     (``torch.serialization.skip_data`` reserves each storage's bytes), then each
-    tensor is ``pwrite`` n straight from memory to its storage's offset, its CRC32
-    taken while the bytes are hot, and the disk's writing of it started as soon
+    tensor (or part) is ``pwrite`` n straight from memory to its offset, its CRC32
+    taken while the bytes are hot (per run of consecutive bytes, combined once a
+    tensor's parts cover it), and the disk's writing of it started as soon
     as 8 MiB are waiting (:class:`~wenet_hooks.file.writeback.Writeback`): memory holds the
-    tensors in flight only, and the final fsync finds most of the file on disk.
+    values in flight only, and the final fsync finds most of the file on disk.
     Older torch keeps them until :meth:`close`, which writes with ``torch.save``.
     The result is an ordinary ``torch.save`` file either way (tied keys share one storage).
     """
@@ -120,6 +122,7 @@ class FileWriter:
         self.expected = {e.key: e for e in entries if not e.alias_of}
         self.written: dict[str, TensorSpec] = {}
         self.held: dict[str, torch.Tensor] = {}  # torch < 2.6: every tensor until close
+        self.runs: dict[str, _Runs] = {}  # entries written part by part, not complete yet
         self.fd: Optional[int] = None
         if can_stream():
             records = _lay_out(entries, tmp)
@@ -158,6 +161,43 @@ class FileWriter:
             spec = TensorSpec.of(tensor, checksum=True)
         self.written[key] = spec if self.checksums else TensorSpec(spec.shape, spec.dtype)
 
+    def write_part(self, key: str, start: int, part: torch.Tensor) -> None:
+        """Write ``part`` (contiguous, of the entry's dtype) as the elements of ``key`` from index
+        ``start`` on (in C order); the entry is written once its parts cover it exactly.
+
+        Raises:
+            OSError: the file system refused.
+            ValueError: ``key`` is not an entry or was written already, or the part does not fit it, or
+                the parts overlap.
+        """
+        e = self.expected.get(key)
+        if e is None or key in self.written:
+            raise ValueError(f"'{key}': {'written twice' if e is not None else 'not an entry of the file'}")
+        numel = math.prod(e.shape)
+        if part.dtype != e.dtype or start < 0 or start + part.numel() > numel:
+            raise ValueError(f"'{key}': a part of {part.dtype}[{part.numel()}] at element {start}; laid out as "
+                             f"{e.dtype}{list(e.shape)} ({numel} values)")
+        runs = self.runs.setdefault(key, _Runs(key))
+        raw = _raw(part)
+        if self.fd is not None:
+            at = start * part.element_size()
+            _pwrite_all(self.fd, raw, self.records[key][1] + at)
+            self.writeback.written(self.records[key][1] + at, len(raw))
+        else:
+            if key not in self.held:  # torch < 2.6 keeps every tensor until close anyway
+                self.held[key] = torch.empty(e.shape, dtype=e.dtype)
+            self.held[key].view(-1)[start:start + part.numel()].copy_(part)
+        runs.add(start * part.element_size(), raw)
+        if runs.nbytes > e.nbytes:
+            raise ValueError(f"'{key}': its parts overlap (more than its {e.nbytes} bytes written)")
+        if runs.nbytes == e.nbytes:
+            crc = runs.crc()
+            del self.runs[key]
+            if self.fd is not None:
+                self.crcs[key] = crc
+            spec = TensorSpec(tuple(e.shape), e.dtype, crc)
+            self.written[key] = spec if self.checksums else TensorSpec(spec.shape, spec.dtype)
+
     def close(self) -> Manifest:
         """Everything written and fsynced: what the file holds.
 
@@ -185,6 +225,45 @@ class FileWriter:
             os.close(self.fd)
             self.fd = None
         self.held = {}
+
+
+class _Runs:
+    """The parts of one entry written so far, as runs of consecutive bytes, each with its CRC-32:
+    a part that continues a run continues its CRC; the runs' CRCs are combined once they cover the entry."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.ends: dict[int, int] = {}  # end byte of a run -> its start
+        self.runs: dict[int, list[int]] = {}  # start byte -> [end byte, CRC-32 so far]
+        self.nbytes = 0
+
+    def add(self, at: int, raw: memoryview) -> None:
+        """Raises ValueError: a run starts at ``at`` already."""
+        self.nbytes += len(raw)
+        start = self.ends.pop(at, None)
+        if start is None:  # a new run
+            if at in self.runs:
+                raise ValueError(f"'{self.key}': its parts overlap (bytes from {at} written twice or more)")
+            start = at
+            self.runs[start] = [at, 0]
+        run = self.runs[start]
+        run[0], run[1] = at + len(raw), crc32(raw, run[1])
+        self.ends[run[0]] = start
+
+    def crc(self) -> int:
+        """The entry's CRC-32 (its parts hold as many bytes as it does).
+
+        Raises:
+            ValueError: the parts overlap, so some bytes were never written.
+        """
+        crc, end = 0, 0
+        for start in sorted(self.runs):
+            if start != end:
+                raise ValueError(f"'{self.key}': its parts overlap (bytes from {min(start, end)} written twice "
+                                 "or more)")
+            end, run_crc = self.runs[start]
+            crc = crc32_combine(crc, run_crc, end - start)
+        return crc
 
 
 def _specs_of(entries: list[Entry], written: dict[str, TensorSpec]) -> dict[str, TensorSpec]:

@@ -115,7 +115,8 @@ def meta_tensor(meta: Mapping[str, Any]) -> torch.Tensor:
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
 
 
-def from_file_dict(path: Path, loaded: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+def from_file_dict(path: Path,
+                   loaded: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """``(meta, state)`` of a loaded optimizer file.
 
     Raises:

@@ -94,8 +94,9 @@ def open_writer(tmp: Path, entries: list[Entry], checksums: bool) -> FileWriter:
 class PendingFile:
     """The one publishing path of the package: ``<path>.tmp`` -> fsync -> verify -> rename.
 
-    Tensors are written as they come, in any order (:meth:`write`), so a
-    gather can hand each one over as it completes; :meth:`publish` makes the
+    Tensors are written as they come, in any order (:meth:`write`), or part by
+    part (:meth:`write_part`), so a gather can hand each fragment over as it
+    arrives; :meth:`publish` makes the
     file appear at ``path`` complete, on disk and verified, or :meth:`discard`
     removes it. On any failure nothing exists at ``path`` that was not there
     before, and no temporary file is left.
@@ -125,6 +126,14 @@ class PendingFile:
         try:
             assert self.writer is not None, "written after it was published or discarded"
             self.writer.write(key, value)
+        except BaseException as e:
+            self._fail(e)
+
+    def write_part(self, key: str, start: int, part: torch.Tensor) -> None:
+        """Write ``part`` as the elements of entry ``key`` from ``start`` on (:meth:`FileWriter.write_part`)."""
+        try:
+            assert self.writer is not None, "written after it was published or discarded"
+            self.writer.write_part(key, start, part)
         except BaseException as e:
             self._fail(e)
 

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
-from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, prepare_gather
+from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
 from wenet_hooks.gather.check import ChunkCheck, check_masters, per_parameter_hint
 from wenet_hooks.file.layout import Entry
 from wenet_hooks.gather.masters import EngineLayout, full_numel, full_shape, inspect_engine, unwrap_model
@@ -149,11 +149,14 @@ class PendingWeights:
     entries: list[Entry]  # the file these weights make (what write receives)
     peak_bytes: int = 0  # the most the bucketed gather held at once on rank 0 (after finish)
 
-    def finish(self, write: Optional[Write] = None) -> Optional["OrderedDict[str, torch.Tensor]"]:
+    def finish(self, write: Optional[Write] = None,
+               write_part: Optional[WritePart] = None) -> Optional["OrderedDict[str, torch.Tensor]"]:
         """Collective over the group the gather was prepared with: the state dict on rank 0, None elsewhere.
 
         With ``write`` (rank 0), each tensor is handed to ``write(key, tensor)`` under its entry's
-        key as it completes, and nothing is kept: rank 0 never holds the whole model.
+        key as it completes, and nothing is kept: rank 0 never holds the whole model. With
+        ``write_part`` too, what the bucketed gather moves goes to ``write_part(key, start, values)``
+        fragment by fragment as it arrives: rank 0 never holds even a whole parameter.
 
         Raises:
             ConsolidationError: something failed on this rank (after every collective ran).
@@ -163,8 +166,12 @@ class PendingWeights:
             first_key.setdefault(tensor_id, key)
         streamed = write if write is not None and self.copy.enabled else None
         by_index = {index: first_key[tensor_id] for tensor_id, index in self.index_of.items()}
-        gathered = self.bucketed.run(
-            None if streamed is None else lambda index, tensor: streamed(by_index[index], tensor))
+        if streamed is not None and write_part is not None:
+            gathered = self.bucketed.run(
+                on_fragment=lambda index, start, values: write_part(by_index[index], start, values))
+        else:
+            gathered = self.bucketed.run(
+                None if streamed is None else lambda index, tensor: streamed(by_index[index], tensor))
         self.peak_bytes = gathered.peak_bytes
         self.copy.raise_if_failed()
         if not self.copy.enabled:

@@ -49,14 +49,19 @@ RecordFailure = Callable[[str, Exception], None]
 
 # Rank 0 hands each gathered tensor over as it completes: (its index in the gather, its full value on CPU).
 OnComplete = Callable[[int, torch.Tensor], None]
+# Or each fragment as it arrives: (its tensor's index in the gather, the element it starts at, its values on CPU).
+OnFragment = Callable[[int, int, torch.Tensor], None]
 # Where rank 0 hands each finished tensor under its file's key: a PendingFile's write.
 Write = Callable[[str, torch.Tensor], None]
+# Where rank 0 hands each fragment under its file's key: a PendingFile's write_part.
+WritePart = Callable[[str, int, torch.Tensor], None]
 
 
 @dataclass
 class Gathered:
     """The parameters gathered from partitions: their indices (on every rank) and, on rank 0, their
-    full values on CPU (those not handed over as they completed), and the most rank 0 held at once."""
+    full values on CPU (those not handed over as they completed or arrived), and the most rank 0's
+    gather held at once (its receive buffer included)."""
 
     indices: set[int] = field(default_factory=set)
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -126,10 +131,11 @@ class PendingGather:
     indices: set[int]
     moves: Optional[_Moves] = None  # None: nothing to move (no layout, or allocating failed somewhere)
 
-    def run(self, on_complete: Optional[OnComplete] = None) -> Gathered:
+    def run(self, on_complete: Optional[OnComplete] = None, on_fragment: Optional[OnFragment] = None) -> Gathered:
         """Collective over the group it was prepared with: the full tensors, on rank 0; with
         ``on_complete``, each handed over there as it completes instead (rank 0's memory then holds
-        the tensors in flight only)."""
+        the tensors in flight); with ``on_fragment``, each fragment as it arrives, never assembled
+        (rank 0's memory then holds its receive buffer, one bucket, whatever the tensors' sizes)."""
         if self.moves is None:
             return Gathered(self.indices)
         # Run once, then let go: the receive buffers (and, through on_complete, whatever its closure
@@ -137,12 +143,12 @@ class PendingGather:
         moves, self.moves = self.moves, None
         receiver = moves.collective.receiver
         if receiver is not None:
-            receiver.on_complete = on_complete
+            receiver.on_complete, receiver.on_fragment = on_complete, on_fragment
         try:
             tensors = moves.run()
         finally:
             if receiver is not None:
-                receiver.on_complete = None
+                receiver.on_complete = receiver.on_fragment = None
         return Gathered(self.indices, tensors, receiver.peak_bytes if receiver is not None else 0)
 
 
@@ -201,7 +207,10 @@ class _Collective:
         # Rank 0's host tensors and receive buffer: allocated before the first chunk, so running
         # out of memory here cannot strand the others mid-loop.
         receiver = _Receiver(layout, params, target, record_failure) if dist.get_rank() == 0 else None
-        return cls(group, chunk, device, use_all_gather(group), receiver)
+        collective = cls(group, chunk, device, use_all_gather(group), receiver)
+        if receiver is not None and collective.out is not None and collective.out.device.type == "cpu":
+            receiver.hold(collective.out.numel() * collective.out.element_size())  # host memory it holds
+        return collective
 
     def exchange(self, send: torch.Tensor, numel: int) -> Optional[list[torch.Tensor]]:
         """Collective: rank 0 gets every rank's ``numel`` elements (in rank order); the others None."""
@@ -244,14 +253,20 @@ def _read_chunk(flat: torch.Tensor, lo: int, numel: int, device: torch.device) -
 
 
 class _Receiver:
-    """Rank 0: the full tensors each received fragment is copied into, each handed over as it completes.
+    """Rank 0: each received fragment handed over as it arrives, or copied into its full tensor.
 
-    A tensor is allocated at its first fragment and, with ``on_complete``,
-    handed over (to a file writer) and dropped at its last: rank 0 then holds
-    the parameters in flight, not the model. Most complete within a chunk or
-    two; one that straddles two ranks' partitions (ZeRO-1/2: at most one per
-    rank boundary and group) waits until the later rank's chunk arrives.
-    :attr:`peak_bytes` counts the most it held at once.
+    With ``on_fragment`` (a file writer's ``write_part``), each fragment goes
+    straight from the receive buffer to its place, cast first where the file
+    wants another dtype: rank 0 holds its receive buffer (one bucket) and at
+    most one cast fragment, whatever the size of the model or of its largest
+    tensor, and whatever the world size.
+    Else a tensor is allocated at its first fragment and, with ``on_complete``,
+    handed over and dropped at its last: rank 0 then holds the parameters in
+    flight; one that straddles two ranks' partitions (ZeRO-1/2: at most one
+    per rank boundary and group) waits until the later rank's chunk arrives.
+    :attr:`peak_bytes` counts the most host memory it held at once, its receive
+    buffer included (on an accelerator the buffer is device memory, and each
+    rank's chunk is copied to the host one at a time).
 
     (Receiving straight into views of one big host buffer was tried: gloo
     copies through a temporary of its own, so it saved nothing, and
@@ -267,6 +282,7 @@ class _Receiver:
         self.remaining = {index: full_numel(params[index]) for index in layout.by_param}
         self.tensors: dict[int, torch.Tensor] = {}  # in flight; without on_complete, every one
         self.on_complete: Optional[OnComplete] = None
+        self.on_fragment: Optional[OnFragment] = None
         self.held_bytes = self.peak_bytes = 0
         # Per group and rank, fragments in flat order with a cursor: each chunk
         # only looks at the fragments it overlaps.
@@ -281,7 +297,14 @@ class _Receiver:
             return
         try:
             for rank, chunk in enumerate(received):
-                self._place_rank(group, rank, lo, chunk.cpu())
+                # On an accelerator (NCCL) each rank's chunk comes to host memory one at a time.
+                host = chunk.cpu()
+                copied = host.numel() * host.element_size() if host is not chunk else 0
+                self.hold(copied)
+                try:
+                    self._place_rank(group, rank, lo, host)
+                finally:
+                    self.hold(-copied)
         except Exception as e:
             self.failed = True
             self.record_failure(f"copying gathered weights (partition {group}, offset {lo}) to host memory", e)
@@ -296,23 +319,42 @@ class _Receiver:
             start, end = max(f.offset, lo), min(f.offset + f.numel, hi)
             if start < end:
                 into = f.start + (start - f.offset)
-                self._tensor(f.param).view(-1).narrow(0, into, end - start).copy_(chunk[start - lo:end - lo])
+                if self.on_fragment is not None:
+                    self._hand_over(f.param, into, chunk[start - lo:end - lo])
+                else:
+                    self._tensor(f.param).view(-1).narrow(0, into, end - start).copy_(chunk[start - lo:end - lo])
                 self._count(f.param, end - start)
             if f.offset + f.numel > hi:
                 return  # continues in the next chunk
             self.cursors[key] += 1
 
+    def hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` more held (a negative count: released)."""
+        self.held_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+
+    def _hand_over(self, index: int, start: int, piece: torch.Tensor) -> None:
+        assert self.on_fragment is not None
+        if piece.dtype == self.target:  # a view of the receive buffer: written before the next exchange
+            self.on_fragment(index, start, piece)
+            return
+        cast = piece.to(self.target)
+        self.hold(cast.numel() * cast.element_size())
+        try:
+            self.on_fragment(index, start, cast)
+        finally:
+            self.hold(-cast.numel() * cast.element_size())
+
     def _tensor(self, index: int) -> torch.Tensor:
         if index not in self.tensors:
             tensor = torch.empty(self.shapes[index], dtype=self.target)
             self.tensors[index] = tensor
-            self.held_bytes += tensor.numel() * tensor.element_size()
-            self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+            self.hold(tensor.numel() * tensor.element_size())
         return self.tensors[index]
 
     def _count(self, index: int, numel: int) -> None:
         self.remaining[index] -= numel
         if self.remaining[index] == 0 and self.on_complete is not None:
             tensor = self.tensors.pop(index)
-            self.held_bytes -= tensor.numel() * tensor.element_size()
+            self.hold(-tensor.numel() * tensor.element_size())
             self.on_complete(index, tensor)

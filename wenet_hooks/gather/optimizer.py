@@ -28,7 +28,7 @@ from wenet_hooks.file.optimizer_file import (
     meta_tensor,
     plain,
 )
-from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, prepare_gather
+from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
 from wenet_hooks.gather.masters import EngineLayout, full_shape, inspect_engine
 from wenet_hooks.gather.per_param import HostCopies
 from wenet_hooks.gather.staging import Staging
@@ -78,18 +78,24 @@ class PendingOptimizer:
         """The optimizer file these states make (rank 0: the meta is known there)."""
         return file_entries(self.shapes, list(self.gathers), meta_tensor(self.meta))
 
-    def finish(self, write: Optional[Write] = None) -> Optional[GatheredOptimizer]:
+    def finish(self, write: Optional[Write] = None,
+               write_part: Optional[WritePart] = None) -> Optional[GatheredOptimizer]:
         """Collective over the group it was prepared with: the state on rank 0, ``None`` elsewhere.
 
         With ``write`` (rank 0), each state tensor goes to ``write(file key, tensor)`` as it
-        completes, then the meta; nothing is kept and ``None`` is returned.
+        completes, then the meta; nothing is kept and ``None`` is returned. With ``write_part``
+        too, each fragment goes to ``write_part(file key, start, values)`` as it arrives instead.
 
         Raises:
             ConsolidationError: something failed on this rank (after every collective ran).
         """
         if write is not None and self.copy.enabled:
             for state_key, pending in self.gathers.items():  # every gather's collectives run, whatever failed
-                pending.run(lambda index, tensor: write(file_key(state_key, self.names[index]), tensor))
+                if write_part is not None:
+                    pending.run(on_fragment=lambda index, start, values: write_part(
+                        file_key(state_key, self.names[index]), start, values))
+                else:
+                    pending.run(lambda index, tensor: write(file_key(state_key, self.names[index]), tensor))
             self.copy.raise_if_failed()
             write(META_KEY, meta_tensor(self.meta))
             return None
