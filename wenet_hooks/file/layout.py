@@ -177,6 +177,8 @@ class FileWriter:
         if part.dtype != e.dtype or start < 0 or start + part.numel() > numel:
             raise ValueError(f"'{key}': a part of {part.dtype}[{part.numel()}] at element {start}; laid out as "
                              f"{e.dtype}{list(e.shape)} ({numel} values)")
+        if not part.numel():  # nothing to place (and no run to start where another may begin)
+            return
         runs = self.runs.setdefault(key, _Runs(key))
         raw = _raw(part)
         if self.fd is not None:
