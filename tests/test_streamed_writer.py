@@ -109,8 +109,6 @@ def test_pieces_are_written_part_by_part_as_torch_save_writes_the_whole(tmp_path
     """A value given as pieces (how the converter hands over the ranks' slices of a parameter, never
     assembled) gives the file torch.save writes for the assembled tensor, CRC-32s included (zipfile's
     own check reads every record), and the same manifest checksums."""
-    import zipfile
-
     from wenet_hooks.file.layout import Pieces
     from wenet_hooks.file.publish import PendingFile
 
@@ -125,11 +123,7 @@ def test_pieces_are_written_part_by_part_as_torch_save_writes_the_whole(tmp_path
     for key, value in pieces.items():
         pending.write(key, value)
     pending.publish()
-    torch.save(state, tmp_path / "torch.pt")
-    ours, theirs = _records(tmp_path / "ours.pt"), _records(tmp_path / "torch.pt")
-    assert [name for name in ours if ours[name] != theirs.get(name)] in ([], [".data/serialization_id"])
-    with zipfile.ZipFile(tmp_path / "ours.pt") as archive:
-        assert archive.testzip() is None
+    assert_is_torch_saves_file(tmp_path / "ours.pt", state)
     assert {k: v.tensor().tolist() for k, v in pieces.items()} == {k: v.tolist() for k, v in state.items()}
 
 
@@ -138,8 +132,6 @@ def test_fragments_in_any_order_give_torch_saves_file_bit_for_bit(tmp_path):
     next rank before its head, two parameters interleaved, a run of chunks from one rank): the file
     holds, record for record, torch.save's bytes for the assembled dict, and its zip CRC-32s, taken
     run by run and combined, are right (zipfile's own check reads every record)."""
-    import zipfile
-
     from wenet_hooks.file.publish import PendingFile
 
     weight, half = torch.randn(40, 30), torch.randn(1000).to(torch.bfloat16)
@@ -149,10 +141,18 @@ def test_fragments_in_any_order_give_torch_saves_file_bit_for_bit(tmp_path):
                             ("half", 0, 512), ("weight", 300, 700)]:
         pending.write_part(key, start, state[key].reshape(-1)[start:end])
     pending.publish()
-    torch.save(state, tmp_path / "torch.pt")
-    ours, theirs = _records(tmp_path / "ours.pt"), _records(tmp_path / "torch.pt")
+    assert_is_torch_saves_file(tmp_path / "ours.pt", state)
+
+
+def assert_is_torch_saves_file(path, state) -> None:
+    """``path`` holds, record for record, the bytes torch.save writes for ``state`` (its serialization
+    id, unique per file, aside), and its zip CRC-32s are right (zipfile's own check reads every record)."""
+    import zipfile
+
+    torch.save(state, path.with_name("torch.pt"))
+    ours, theirs = _records(path), _records(path.with_name("torch.pt"))
     assert [name for name in ours if ours[name] != theirs.get(name)] in ([], [".data/serialization_id"])
-    with zipfile.ZipFile(tmp_path / "ours.pt") as archive:
+    with zipfile.ZipFile(path) as archive:
         assert archive.testzip() is None
 
 
