@@ -20,7 +20,7 @@ export PYTHONWARNINGS ?= ignore
 # killed half-way elsewhere leaves a lock in the shared cache that would stall every launch.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test compat gpu-check clean
+.PHONY: demo test compat gpu-check device-bundle clean
 
 $(BIN)/.stack:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,9 +51,15 @@ GPU_PYTHON ?= python3
 gpu-check:
 	env -u DS_ACCELERATOR -u OMP_NUM_THREADS $(GPU_PYTHON) bench/gpu_check.py
 
+# For a GPU machine with torch (CUDA) that cannot reach PyPI: what it lacks (DeepSpeed's source package, the
+# wheels of this package's and DeepSpeed's other needs, at .venv's versions) into .device/; there, from a copy
+# of this checkout with .device/ in it, `bash bench/device_check.sh` installs them and runs the GPU proof.
+device-bundle: $(BIN)/.installed
+	VENV=$(VENV) bash bench/device_bundle.sh
+
 # One venv per torch + DeepSpeed pair, the suite in each; writes docs/compatibility.md's table.
 compat:
 	.ci/compat
 
 clean:
-	rm -rf $(VENV) exp build $(WHEEL_DIR) .compat *.egg-info
+	rm -rf $(VENV) exp build $(WHEEL_DIR) .compat .device *.egg-info

@@ -5,11 +5,15 @@ under ZeRO-3 bf16 on one GPU.
     python bench/gpu.py --cpu-smoke                                # checks the script on a CPU, tiny model
 
 Launches itself under torchrun (1 rank, NCCL) and prints one table: the gather
-(``consolidate``) time and the extra GPU memory it takes, the blocking time of a
-model+optimizer save with the hook (the gather; rank 0 writes in the background)
-next to ``save_checkpoint`` alone, the write throughput, and, on the same
-checkpoint, DeepSpeed's ``save_16bit_model`` and ``zero_to_fp32.py``. Medians of
-``--repeats``; the compared saves alternate.
+(``consolidate``) time and the extra GPU memory it takes; the blocking time of a
+model+optimizer save with the hook as ``sharded: false`` makes it (the call, and
+what the next optimizer step waits for the save's copies; the gather and the
+writes run in the background) next to ``save_checkpoint`` alone; the first such
+save's call (the gloo group, the layout, the host copies' allocation); the write
+throughput; and DeepSpeed's ``save_16bit_model`` and ``zero_to_fp32.py`` on its
+own save. Medians of ``--repeats`` after the first save; the compared saves
+alternate; each output is removed once measured (at 1.6 B parameters DeepSpeed's
+sharded save alone is 22 GB).
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ def worker(args: argparse.Namespace) -> None:
     from whisper_large import WhisperLarge
     from wenet_hooks import consolidate, write_state_dict
     from wenet_hooks.background import BackgroundWriter
-    from wenet_hooks.save import save_consolidated, settle_background
+    from wenet_hooks.gather.staging import step_wait_seconds
+    from wenet_hooks.save import SaveOptions, save_consolidated, settle_background
 
     smoke = args.cpu_smoke
     deepspeed.init_distributed(dist_backend="gloo" if smoke else "nccl")
@@ -67,9 +72,11 @@ def worker(args: argparse.Namespace) -> None:
     one_step(engine, device, smoke)
     params = sum(p.ds_numel for p in engine.module.parameters())
     out, writer = args.out, BackgroundWriter()
+    out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[float]] = {k: [] for k in (
-        "save_checkpoint", "gather", "gather_mem", "hook_blocking", "background_write", "write_mbps",
-        "save_16bit_model", "zero_to_fp32")}
+        "save_checkpoint", "gather", "gather_mem", "hook_blocking", "step_held", "background_write",
+        "write_mbps", "save_16bit_model", "zero_to_fp32")}
+    first_save: list[float] = []
 
     def sync() -> None:
         if not smoke:
@@ -77,18 +84,33 @@ def worker(args: argparse.Namespace) -> None:
         os.sync()
         dist.barrier()
 
+    def remove(*names: str) -> None:
+        # Each output goes once measured: at 1.6 B parameters a sharded save alone is 22 GB (the disk: 64 GiB).
+        for name in names:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
     def plain(i: int) -> None:
+        """DeepSpeed's save, then its own converter on it (what a user runs today before recognize.py)."""
         with timer(rows["save_checkpoint"]):
             engine.save_checkpoint(str(out), tag=f"a{i}")
             sync()
+        with timer(rows["zero_to_fp32"]):
+            subprocess.run([sys.executable, str(out / "zero_to_fp32.py"), str(out), str(out / f"e{i}"),
+                            "-t", f"a{i}"], check=True, capture_output=True)
+        remove(f"a{i}", f"e{i}")
 
-    def hooked(i: int) -> None:
-        engine.save_checkpoint(str(out), tag=f"b{i}")
-        sync()
-        with timer(rows["hook_blocking"]):
-            save_consolidated(engine, out, f"b{i}", writer=writer)
+    def hooked(i: int, times: list[float]) -> None:
+        """The model+optimizer save of ``sharded: false``: <tag>.pt and <tag>.optim, no sharded folder.
+        Blocking: the call, then what the next optimizer step waits for the save's copies."""
+        with timer(times):
+            save_consolidated(engine, out, f"b{i}", SaveOptions(optimizer=True), writer=writer)
+        waited = step_wait_seconds(engine)
+        one_step(engine, device, smoke)
+        rows["step_held"].append(step_wait_seconds(engine) - waited)
         with timer(rows["background_write"]):
             settle_background(writer)
+        remove(f"b{i}.pt", f"b{i}.optim")
 
     def gather_and_write(i: int) -> None:
         if not smoke:
@@ -102,33 +124,39 @@ def worker(args: argparse.Namespace) -> None:
         path = write_state_dict(state_dict, out / f"c{i}.pt")
         rows["write_mbps"].append(path.stat().st_size / 1e6 / (time.perf_counter() - started))
         del state_dict
+        remove(f"c{i}.pt")
 
     def sixteen_bit(i: int) -> None:
         with timer(rows["save_16bit_model"]):
             engine.save_16bit_model(str(out / f"d{i}"), "model16.bin")
             sync()
+        remove(f"d{i}")
 
-    def deepspeed_converter(i: int) -> None:
-        with timer(rows["zero_to_fp32"]):
-            subprocess.run([sys.executable, str(out / "zero_to_fp32.py"), str(out), str(out / f"e{i}"),
-                            "-t", f"a{i}"], check=True, capture_output=True)
+    def progress(what: str) -> None:  # each figure as it is taken: a run stopped at a time limit keeps them
+        print(f"bench/gpu.py: {what}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rows.items() if v),
+              file=sys.stderr, flush=True)
 
+    print(f"bench/gpu.py: {params / 1e9:.2f} B parameters, one step taken", file=sys.stderr, flush=True)
+    # The first save also makes the package's gloo group, agrees the layout and allocates the host copies.
+    hooked(-1, first_save)
+    print(f"bench/gpu.py: first save's call {first_save[0]:.3f} s", file=sys.stderr, flush=True)
+    rows["step_held"].clear()
     for i in range(args.repeats):
-        order = [plain, hooked, gather_and_write, sixteen_bit, deepspeed_converter]
-        for run in order if i % 2 == 0 else [hooked, plain, sixteen_bit, gather_and_write, deepspeed_converter]:
+        order = [plain, lambda i: hooked(i, rows["hook_blocking"]), gather_and_write, sixteen_bit]
+        for run in order if i % 2 == 0 else order[::-1]:
             sync()
             run(i)
-        for name in (f"a{i}", f"b{i}", f"b{i}.pt", f"c{i}.pt", f"d{i}", f"e{i}"):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            progress(f"repeat {i + 1}")
     m = {k: median(v) if v else float("nan") for k, v in rows.items()}
+    blocking = m["hook_blocking"] + m["step_held"]
     print(table(
-        ["model", "gather (s)", "extra GPU memory in gather (GiB)", "save_checkpoint (s)", "hook blocking (s)",
-         "blocking / save_checkpoint", "background write (s)", "write MB/s", "save_16bit_model (s)",
+        ["model", "gather (s)", "extra GPU memory in gather (GiB)", "save_checkpoint (s)",
+         "hook, model+optimizer: call (s)", "next step held (s)", "blocking / save_checkpoint",
+         "first save's call (s)", "background write (s)", "write MB/s", "save_16bit_model (s)",
          "zero_to_fp32.py (s)"],
         [[f"{params / 1e9:.2f} B, ZeRO-3 bf16", f"{m['gather']:.2f}", f"{m['gather_mem']:.2f}",
-          f"{m['save_checkpoint']:.2f}", f"{m['hook_blocking']:.2f}",
-          f"{m['hook_blocking'] / m['save_checkpoint']:.2f}", f"{m['background_write']:.2f}",
+          f"{m['save_checkpoint']:.2f}", f"{m['hook_blocking']:.3f}", f"{m['step_held']:.3f}",
+          f"{blocking / m['save_checkpoint']:.3f}", f"{first_save[0]:.2f}", f"{m['background_write']:.2f}",
           f"{m['write_mbps']:.0f}", f"{m['save_16bit_model']:.2f}", f"{m['zero_to_fp32']:.2f}"]]))
     dist.destroy_process_group()
 
@@ -150,9 +178,10 @@ def main() -> None:
            "--worker", "--repeats", str(args.repeats), "--out", str(args.out)]
     if args.cpu_smoke:
         cmd.append("--cpu-smoke")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # The worker's log, each figure as it is taken included, streams to stderr; stdout keeps the table alone.
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        sys.exit(f"bench/gpu.py worker failed:\n{proc.stderr[-4000:]}")
+        sys.exit(f"bench/gpu.py worker failed (exit {proc.returncode}): its log is above")
     print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("|")))
     shutil.rmtree(args.out, ignore_errors=True)
 

@@ -32,6 +32,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKS = ["nccl-gather", "fused", "capturable", "partial-offload", "offload-background", "pinned"]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
@@ -41,11 +42,12 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="gloo" if args.cpu_smoke else "nccl")
-    checks = [("nccl-gather", nccl_gather), ("fused", lambda o, s: resume_with(o, s, "fused")),
-              ("capturable", lambda o, s: resume_with(o, s, "capturable")), ("partial-offload", partial_offload),
-              ("offload-background", offload_background), ("pinned", pinned)]
+    checks = {"nccl-gather": nccl_gather, "fused": lambda o, s: resume_with(o, s, "fused"),
+              "capturable": lambda o, s: resume_with(o, s, "capturable"), "partial-offload": partial_offload,
+              "offload-background": offload_background, "pinned": pinned}
+    assert list(checks) == CHECKS
     results = []
-    for name, check in checks:
+    for name, check in checks.items():
         gc.collect()
         if name == "capturable" and args.cpu_smoke:
             results.append((name, "SKIP", "torch's capturable Adam runs on accelerators only"))
@@ -55,11 +57,9 @@ def worker(args: argparse.Namespace) -> None:
         except Exception as e:  # every check runs; each failure is shown with its cause
             traceback.print_exc()
             results.append((name, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
-    if dist.get_rank() == 0:
-        print("| check | result | figures |\n| --- | --- | --- |")
-        for name, result, figures in results:
-            print(f"| {name} | {result} | {figures} |")
-        (args.out / "results.json").write_text(json.dumps(results))
+        if dist.get_rank() == 0:  # after each check: a run stopped at its time limit still shows what it did
+            (args.out / "results.json").write_text(json.dumps(results))
+            print(f"gpu_check: {name}: {results[-1][1]}", file=sys.stderr, flush=True)
     dist.destroy_process_group()
 
 
@@ -222,11 +222,22 @@ def _pinned_bytes():
     return stats().get("allocated_bytes.current", stats().get("allocated_bytes", {}).get("current")) if stats else None
 
 
+def stop(torchrun: subprocess.Popen) -> None:
+    """End a torchrun and its workers: on SIGTERM it stops them itself (SIGKILL would leave them running)."""
+    torchrun.terminate()
+    try:
+        torchrun.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        torchrun.kill()
+        torchrun.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/wenet_hooks_gpu_check"))
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny, on the CPU with gloo: checks the script")
     parser.add_argument("--no-bench", action="store_true", help="skip bench/gpu.py")
+    parser.add_argument("--timeout", type=float, default=420, help="seconds the checks may take in all")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -238,12 +249,23 @@ def main() -> None:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
            "--worker", "--out", str(args.out)] + (["--cpu-smoke"] if args.cpu_smoke else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
-    print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("|")))
+    # The worker's log (DeepSpeed's, each check's outcome, tracebacks) streams to stderr as it runs; stdout
+    # keeps the table alone.
+    proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr)
+    try:
+        returncode: int | None = proc.wait(timeout=args.timeout)
+    except subprocess.TimeoutExpired:  # what the checks did so far is in results.json
+        stop(proc)
+        returncode = None
     results = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else []
-    failed = proc.returncode != 0 or not results or any(r[1] == "FAIL" for r in results)
-    if failed:
-        print(proc.stderr[-6000:], file=sys.stderr)
+    done = {r[0] for r in results}
+    results += [(name, "TIMEOUT" if returncode is None else "NOT RUN", f"not reached in {args.timeout:.0f} s"
+                 if returncode is None else f"the worker exited {returncode} before it") for name in CHECKS
+                if name not in done]
+    print("| check | result | figures |\n| --- | --- | --- |")
+    for name, result, figures in results:
+        print(f"| {name} | {result} | {figures} |")
+    failed = returncode != 0 or any(r[1] not in ("PASS", "SKIP") for r in results)
     if not args.no_bench:
         bench = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--repeats", "1" if args.cpu_smoke else "3"]
         failed |= subprocess.run(bench + (["--cpu-smoke"] if args.cpu_smoke else []), timeout=900).returncode != 0
