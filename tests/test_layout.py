@@ -65,8 +65,10 @@ def test_fragments_written_in_any_order_make_up_each_tensor(tmp_path):
     entries = [Entry("weight", (6, 4)), Entry("half", (9,), torch.bfloat16), Entry("tied", alias_of="weight")]
     pending = PendingFile(tmp_path / "x.pt", entries)
     flat = weight.reshape(-1)
-    for key, start, end in [("weight", 17, 24), ("half", 4, 9), ("weight", 0, 5), ("half", 0, 4),
-                            ("weight", 5, 5), ("weight", 5, 11), ("weight", 11, 17)]:
+    # Empty parts place nothing: before any run, inside one, where one ends, and once the tensor is whole.
+    for key, start, end in [("weight", 8, 8), ("weight", 17, 24), ("half", 4, 9), ("weight", 0, 5), ("half", 0, 4),
+                            ("weight", 3, 3), ("weight", 5, 5), ("weight", 5, 11), ("weight", 11, 17),
+                            ("half", 2, 2)]:
         pending.write_part(key, start, (flat if key == "weight" else half)[start:end])
     path = pending.publish()
     loaded = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -171,14 +171,16 @@ class FileWriter:
                 the parts overlap.
         """
         e = self.expected.get(key)
-        if e is None or key in self.written:
-            raise ValueError(f"'{key}': {'written twice' if e is not None else 'not an entry of the file'}")
+        if e is None:
+            raise ValueError(f"'{key}': not an entry of the file")
         numel = math.prod(e.shape)
         if part.dtype != e.dtype or start < 0 or start + part.numel() > numel:
             raise ValueError(f"'{key}': a part of {part.dtype}[{part.numel()}] at element {start}; laid out as "
                              f"{e.dtype}{list(e.shape)} ({numel} values)")
-        if not part.numel():  # nothing to place (and no run to start where another may begin)
+        if not part.numel():  # nothing to place (and no run to start where another may begin), even once complete
             return
+        if key in self.written:
+            raise ValueError(f"'{key}': written twice")
         runs = self.runs.setdefault(key, _Runs(key))
         raw = _raw(part)
         if self.fd is not None:
