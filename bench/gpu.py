@@ -152,7 +152,7 @@ def worker(args: argparse.Namespace) -> None:
     print(table(
         ["model", "gather (s)", "extra GPU memory in gather (GiB)", "save_checkpoint (s)",
          "hook, model+optimizer: call (s)", "next step held (s)", "blocking / save_checkpoint",
-         "first save's call (s)", "background write (s)", "write MB/s", "save_16bit_model (s)",
+         "first save's call (s)", "background left after the step (s)", "write MB/s", "save_16bit_model (s)",
          "zero_to_fp32.py (s)"],
         [[f"{params / 1e9:.2f} B, ZeRO-3 bf16", f"{m['gather']:.2f}", f"{m['gather_mem']:.2f}",
           f"{m['save_checkpoint']:.2f}", f"{m['hook_blocking']:.3f}", f"{m['step_held']:.3f}",

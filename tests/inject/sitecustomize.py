@@ -66,9 +66,15 @@ if os.environ.get("WENET_HOOKS_TEST_PROBE"):
 
         storages = {}
         for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+            if not isinstance(obj, torch.Tensor):
+                continue
+            try:
+                if obj.device.type != "cpu" or obj.is_meta:
+                    continue
                 storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # torch 2.4 keeps tensors with no device (and no storage) alive at times
+                continue
+            storages[storage.data_ptr()] = storage.nbytes()
         return sum(storages.values()) / 2**20
 
     def _probed_save(original, model, info_dict, config):
