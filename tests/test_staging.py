@@ -111,5 +111,5 @@ def test_a_cancelled_staging_releases_the_steps_and_the_hook_goes_with_the_engin
 
 
 def test_taken_at_the_save_when_the_flats_are_not_in_host_memory_or_no_step_can_be_held():
-    assert not new_staging(Engine(), False, [torch.optim.SGD([torch.nn.Parameter(torch.ones(1))])]).deferred
+    assert not new_staging(Engine(), False, [torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)]).deferred
     assert not new_staging(Engine(), True, []).deferred
