@@ -10,12 +10,15 @@
 #            offload in the background, pinned buffers (PASS/FAIL each)
 #   whisper  bench/gpu.py --repeats 1: a Whisper-large-shaped model, ZeRO-3 bf16, model+optimizer save
 #   world    bench/blocking.py on 2, 3 and 4 CPU ranks (one core each there): blocking against world size
+#   big      bench/blocking.py at 512M parameters in fp32 training, ZeRO-2 and ZeRO-3, 2 CPU ranks (table 8's
+#            rows that need ~32 GB of host memory); not in the default parts: a command of its own
 # SMOKE=1 runs every part on a CPU machine, tiny (--cpu-smoke), to check the script and the bundle there.
 # Everything printed also lands in $OUT (the device tool brings back summary.txt and one log per part).
 # Exit status 1 if any part failed or was not run. The parts share BUDGET seconds (default 580: the device
 # tool runs one command for at most 600); each gets at most its own limit (setup 300, checks 300, whisper
-# 300, world 400) or what is left. Estimated: setup 1-2 min, each other part 3-5: run them as two commands,
-# `setup checks whisper`, then `setup world` (setup is skipped on a machine still warm from the first).
+# 300, world 400, big 570) or what is left. Estimated: setup 1-2 min, each other part 3-5: run them as two
+# commands, `setup checks whisper`, then `setup world` (setup is skipped on a machine still warm from the
+# first); `setup big` a third, if device time is left.
 set -uo pipefail
 self=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cd "$(dirname "$self")/.."
@@ -106,8 +109,11 @@ for name in "${parts[@]}"; do
     world)
       part world 400 "$python" bench/blocking.py --params "$([[ -n ${SMOKE:-} ]] && echo 5e6 || echo 53e6)" \
         --stages 2 --ranks 2 3 4 ;;
+    big)
+      part big 570 "$python" bench/blocking.py --params "$([[ -n ${SMOKE:-} ]] && echo 5e6 || echo 512e6)" \
+        --stages 2 3 ;;
     *)
-      say "unknown part '$name' (setup, checks, whisper, world)"; status=2 ;;
+      say "unknown part '$name' (setup, checks, whisper, world, big)"; status=2 ;;
   esac
 done
 say "done: exit $status"
