@@ -60,7 +60,7 @@ def test_every_problem_reported_with_its_full_key():
         "  - wenet_hooks.consolidate.keep_sharded: expected all, none or a number of folders to keep; found 'last'\n"
         "  - wenet_hooks.consolidate.tags: expected a list of init, step, epoch; found ['init', 'epochs']\n"
         "  - wenet_hooks.consolidate.verfiy: unknown key; expected one of enabled, dtype, verify, on_error, "
-        "keep_sharded, tags, bucket_mb, sharded\n"
+        "keep_sharded, tags, bucket_mb, sharded, resume\n"
         "  - wenet_hooks.consolidate.on_error: expected one of stop, warn; found 'ignore'\n"
         "  - wenet_hooks.consolidate.bucket_mb: expected a number of megabytes >= 0; found -1\n"
         "  - wenet_hooks.convert: unknown key; expected one of consolidate"

@@ -33,7 +33,7 @@ def jobs(tmp_path_factory):
     x3, x2 = root / "x3", root / "x2"
     run_torchrun(JOBS / "resume_job.py", str(root / "a"), f"write={x3}", nproc=3)
     run_torchrun(JOBS / "resume_job.py", str(root / "b"), f"exact={'+'.join(EXACT)}", f"restore={x3}",
-                 f"write={x2}", f"refuse={x2 / 'zero2'}", "fresh=z2-bf16-nooffload", "zero0=", nproc=2)
+                 f"write={x2}", f"refuse={x2 / 'zero2'}", "fresh=z2-bf16-nooffload", "zero0=", "reload=", nproc=2)
     run_torchrun(JOBS / "resume_job.py", str(root / "c"), f"restore={x2}", nproc=3)
     seen = {name: [json.loads((root / name / f"rank{r}.json").read_text()) for r in range(ranks)]
             for name, ranks in (("b", 2), ("c", 3))}
@@ -123,6 +123,14 @@ def test_files_saved_before_the_first_step_resume_too(jobs):
                                          "step 0")
 
 
+def test_load_checkpoint_during_a_background_save_leaves_the_save_whole(jobs):
+    """DeepSpeed's load_checkpoint writes the masters in place outside any step: called right after a
+    background save whose copies are still to be taken, it first waits for them."""
+    _, seen = jobs
+    for stage in ("2", "3"):
+        assert seen["b"][0]["reload"][stage] == {"B holds B": True, "B.optim holds B": True, "rolled back": True}
+
+
 def test_zero0_saves_weights_without_an_optimizer_file(jobs):
     """No partitioned optimizer state to gather: the save goes on without one, and an older save's
     optimizer file of the same tag is removed so it can never be paired with these weights."""
@@ -152,6 +160,11 @@ def test_bad_optimizer_files_are_refused_before_anything_changes(jobs):
     assert re.fullmatch(re.escape(head.format(folder / "step_3.optim", 1)) + r"weights: '[\w.]+' is "
                         r"torch.bfloat16, not the fp32 masters; HINT: exact resume needs a <tag>.pt saved with "
                         r"dtype: fp32 \(this one is bf16-weights.pt\)", refused["bf16-weights.pt"])
+    fingerprints = re.escape(head.format(folder / "step_3.optim", 1)) + (
+        r"step_3\.optim belongs to another save than other-save\.pt \(it was saved beside weights with fingerprint "
+        r"[0-9a-f]{8}; " + re.escape(str(folder / "other-save.pt")) + r" has [0-9a-f]{8}\): a save of the same tag "
+        r"was cut off between its files; HINT: resume from a committed save \(resume: auto finds the newest\)")
+    assert re.fullmatch(fingerprints, refused["other-save.pt"]), refused["other-save.pt"]
     path = folder / "bad-nostate.optim"
     assert refused["bad-nostate.optim"] == head.format(path, 1) + (
         "holds no optimizer state although it was saved at optimizer step 3: the state was kept where it was not "

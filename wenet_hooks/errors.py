@@ -105,3 +105,13 @@ class PhaseError(WenetHooksError):
         super().__init__(error_text(cause))
         self.phase, self.cause = phase, cause
 
+
+
+class ResumeChoiceError(WenetHooksError):
+    """``resume: auto`` found a different newest committed save on different ranks."""
+
+    def __init__(self, model_dir: Path, choices: Sequence[object]) -> None:
+        self.model_dir, self.choices = Path(model_dir), list(choices)
+        found = ", ".join(f"rank {r}: {c or 'none'}" for r, c in enumerate(self.choices))
+        super().__init__(f"resume: auto: the ranks see different saves in {self.model_dir} ({found}); HINT: model_dir "
+                         "must be one folder that every node shares, or resume by hand with --checkpoint")

@@ -21,6 +21,7 @@ import torch
 
 from wenet_hooks.dist import first_failure, get_world_size
 from wenet_hooks.errors import RestoreError, VerificationError
+from wenet_hooks.file.commit import fingerprint
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, from_file_dict
 from wenet_hooks.file.verify import load_state_dict_file
 from wenet_hooks.gather.check import check_masters, mismatched
@@ -102,9 +103,27 @@ def _read_and_check(layout: EngineLayout, params: dict[str, torch.nn.Parameter],
         problems += _optimizer_mismatches(layout, params, meta, state)
     if values is not None:
         problems += _weight_mismatches(weights, params, values)
+        if not problems and meta is not None:
+            problems += _other_save(weights, optimizer_file, meta)
         if not problems:
             problems += _not_in_the_module(layout, weights, values)
     return values, meta, state, problems
+
+
+def _other_save(weights: Path, optimizer_file: Path, meta: dict[str, Any]) -> list[str]:
+    """The optimizer file names the weights it was saved with (files of wenet_hooks <= 0.3 do not)."""
+    recorded = meta.get("weights")
+    if recorded is None:
+        return []
+    try:
+        found = fingerprint(weights)
+    except Exception:  # unreadable: the weights' own check says so
+        return []
+    if found == recorded:
+        return []
+    return [f"{optimizer_file.name} belongs to another save than {weights.name} (it was saved beside weights with "
+            f"fingerprint {recorded}; {weights} has {found}): a save of the same tag was cut off between its "
+            "files; HINT: resume from a committed save (resume: auto finds the newest)"]
 
 
 def _not_in_the_module(layout: EngineLayout, weights: Path, values: dict[str, torch.Tensor]) -> list[str]:

@@ -9,10 +9,11 @@ DeepSpeed trainer can call it after ``engine.save_checkpoint``::
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.dist import Failure, background_group, first_failure, get_rank, log_rank0
@@ -72,6 +73,7 @@ def save_consolidated(
     *,
     writer: Optional[BackgroundWriter] = None,
     on_written: Optional[Callable[[], None]] = None,
+    record: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Collective: must be called on all ranks. Write ``<model_dir>/<tag>.pt`` (and ``<tag>.optim``).
 
@@ -86,6 +88,12 @@ def save_consolidated(
     the background (the next optimizer step waits for this rank's copies);
     this returns at once and :func:`settle_background` reports the outcome.
 
+    The files commit as a whole (:mod:`wenet_hooks.file.commit`): both are
+    sealed (fsynced, verified) before either is renamed; with ``record`` (e.g.
+    WeNet's ``info_dict``: a copy is taken now, before this returns), rank 0
+    then writes it as ``<tag>.yaml`` with the files' fingerprints, renamed
+    last, which marks the save committed.
+
     Returns:
         The path of the file (on every rank).
 
@@ -94,6 +102,8 @@ def save_consolidated(
             the failing rank's message and where it raised.
     """
     path = Path(model_dir) / f"{tag}.pt"
+    # The caller may change its dict as soon as this returns (WeNet's executor does): the save owns a copy.
+    record = copy.deepcopy(dict(record)) if record is not None else None
     layout = inspect_engine(engine)  # once per save: the weights' gather and the optimizer's read it
     # With a writer, the gathers run in the background, from host copies of each rank's partitions, over
     # the package's own gloo group (made collectively here the first time).
@@ -103,7 +113,7 @@ def save_consolidated(
     # step waiting for them, where the partitions lie in host memory (else now, before returning).
     staging = new_staging(engine, _on_host(layout), torch_optimizers(engine)) if deferred else None
     try:
-        job = _prepare(engine, path, tag, options, layout, group, staging, on_written)
+        job = _prepare(engine, path, tag, options, layout, group, staging, on_written, record)
         if staging is not None and not staging.deferred:
             staging.run()
         if deferred:
@@ -120,7 +130,8 @@ def save_consolidated(
 
 
 def _prepare(engine: Any, path: Path, tag: str, options: SaveOptions, layout: EngineLayout, group: Any,
-             staging: Optional[Staging], on_written: Optional[Callable[[], None]]) -> SaveJob:
+             staging: Optional[Staging], on_written: Optional[Callable[[], None]],
+             record: Optional[Mapping[str, Any]]) -> SaveJob:
     """Collective: every gather of the save prepared; what remains of it, as a job."""
     weights, failure = _run_phase(
         lambda: prepare_consolidate(engine, options.dtype, options.bucket_mb, layout, group, staging), tag)
@@ -129,7 +140,7 @@ def _prepare(engine: Any, path: Path, tag: str, options: SaveOptions, layout: En
     if options.optimizer:
         pending, failure = _run_phase(lambda: _prepare_optimizer(layout, options.bucket_mb, group, staging), tag)
         _raise_if_any_failed(failure, tag, GATHERING_OPTIMIZER)
-    return SaveJob(path, weights, pending, group, options.verify, on_written, staging)
+    return SaveJob(path, weights, pending, group, options.verify, on_written, staging, record)
 
 
 def _on_host(layout: EngineLayout) -> bool:

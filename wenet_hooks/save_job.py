@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
 from wenet_hooks.dist import Failure, all_ok, first_failure, get_rank, is_rank0
 from wenet_hooks.errors import ConsolidationError, PhaseError
+from wenet_hooks.file.commit import Commit, fingerprint
 from wenet_hooks.file.layout import Entry
 from wenet_hooks.file.optimizer_file import legacy_optimizer_path, optimizer_path
 from wenet_hooks.file.publish import PendingFile
@@ -53,6 +54,7 @@ class SaveJob:
     verify: bool
     on_written: Optional[Callable[[], None]]
     staging: Optional[Staging] = None  # the host copies the gathers send, and the check that reads them
+    record: Optional[Mapping[str, Any]] = None  # written as <tag>.yaml with the save's record, last; taken at the call
 
     @property
     def what(self) -> str:
@@ -88,42 +90,53 @@ class SaveJob:
                                              GATHERING_WEIGHTS)
         optimizer_file, optimizer_failure = None, None
         if self.optimizer is not None:
+            if weights_file is not None and failure is None:
+                failure = self._seal_weights(weights_file)
             optimizer_file, optimizer_failure = self._gather(
                 optimizer_path(self.path), self.optimizer.entries, self.optimizer.finish, GATHERING_OPTIMIZER)
         # A rank that failed sent zeros: every rank says whether its part arrived before anything is published.
         try:
-            weights_sent = all_ok(failure is None, "sending the weights", self.group)
-            optimizer_sent = self.optimizer is not None and all_ok(
-                optimizer_failure is None, "sending the optimizer state", self.group)
+            sent = all_ok(failure is None and optimizer_failure is None, f"sending {self.what}", self.group)
         except Exception as e:  # the group is gone (destroyed before the job ran): nothing is published
-            weights_sent = optimizer_sent = False
+            sent = False
             failure = failure or PhaseError(GATHERING_WEIGHTS, e)
-        published = self._publish_all(weights_file, weights_sent, optimizer_file, optimizer_sent) \
-            if is_rank0() else None
-        first = failure or optimizer_failure or published
+        committed = self._commit(weights_file, optimizer_file, sent) if is_rank0() else None
+        first = failure or optimizer_failure or committed
         if first is not None:
             raise first
 
-    def _publish_all(self, weights_file: Optional[PendingFile], weights_sent: bool,
-                     optimizer_file: Optional[PendingFile], optimizer_sent: bool) -> Optional[PhaseError]:
-        """Rank 0: publish what every rank sent (the optimizer file only beside its weights), discard the
-        rest; the first failure to publish, if any."""
-        failure = None
+    def _seal_weights(self, weights_file: PendingFile) -> Optional[PhaseError]:
+        """Rank 0, between the two gathers: the weights sealed, so the optimizer file's meta can name them
+        (a resume refuses an optimizer file beside weights of another save)."""
+        assert self.optimizer is not None
         try:
-            written = self._publish(weights_file, weights_sent)
-        except PhaseError as e:
-            written, failure = False, e
+            weights_file.seal()
+            self.optimizer.meta["weights"] = fingerprint(weights_file.tmp)  # the save's id
+        except Exception as e:  # rank 0 still takes its part in the optimizer's gather
+            return PhaseError(f"writing {self.path}", e)
+        return None
+
+    def _commit(self, weights_file: Optional[PendingFile], optimizer_file: Optional[PendingFile],
+                sent: bool) -> Optional[PhaseError]:
+        """Rank 0: the save's files committed as a whole (:mod:`wenet_hooks.file.commit`), or none of them."""
+        commit = Commit(weights_file, optimizer_file, self.record) if weights_file is not None else None
+        whole = commit is not None and sent and (self.optimizer is None or optimizer_file is not None)
+        if not whole:
+            for f in (weights_file, optimizer_file):
+                if f is not None:
+                    f.discard()
+            return None
         try:
-            optimizer_written = self._publish(optimizer_file, written and optimizer_sent)
-        except PhaseError as e:
-            optimizer_written, failure = False, failure or e
-        if written:
-            if not optimizer_written:
-                _remove_stale(optimizer_path(self.path))  # the optimizer file of an earlier save of this tag
-            _remove_stale(legacy_optimizer_path(self.path))
-            if (self.optimizer is None or optimizer_written) and self.on_written is not None:
-                self.on_written()
-        return failure
+            commit.commit()
+        except Exception as e:
+            commit.discard()
+            return PhaseError(f"writing {self.path}", e)
+        if self.optimizer is None:
+            _remove_stale(optimizer_path(self.path))  # the optimizer file of an earlier save of this tag
+        _remove_stale(legacy_optimizer_path(self.path))
+        if self.on_written is not None:
+            self.on_written()
+        return None
 
     def _gather(self, path: Path, entries: Callable[[], list[Entry]], finish: Callable[..., Any],
                 phase: str) -> tuple[Optional[PendingFile], Optional[PhaseError]]:
@@ -142,18 +155,6 @@ class SaveJob:
         if sink is not None and sink.error is not None:
             failure = failure or PhaseError(f"writing {path}", sink.error)
         return file, failure
-
-    def _publish(self, file: Optional[PendingFile], publish: bool) -> bool:
-        if file is None:
-            return False
-        if not publish:
-            file.discard()
-            return False
-        try:
-            file.publish()
-        except Exception as e:
-            raise PhaseError(f"writing {file.path}", e) from e
-        return True
 
 
 class _Sink:

@@ -20,6 +20,8 @@ mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
   one more step.
 - ``fresh=CASE``: files saved before the first step, resumed (nothing to restore but counters).
 - ``zero0=``: a ZeRO-0 save asked for an optimizer file (it has none to give).
+- ``reload=``: a background save, then at once ``engine.load_checkpoint`` of an earlier tag:
+  whether the files hold the save's state (ZeRO-2 and ZeRO-3).
 - ``refuse=FOLDER``: bad files offered to a ZeRO-2 run: each error message, and
   whether anything changed.
 """
@@ -42,7 +44,7 @@ from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks import BackgroundWriter, SaveOptions, consolidate, save_consolidated, write_state_dict
 from wenet_hooks.dist import all_reports
 from wenet_hooks.errors import RestoreError
-from wenet_hooks.file.optimizer_file import to_file_dict
+from wenet_hooks.file.optimizer_file import meta_tensor, to_file_dict
 from wenet_hooks.gather.masters import inspect_engine
 from wenet_hooks.gather.optimizer import consolidate_optimizer, prepare_optimizer
 from wenet_hooks.gather.staging import Staging, step_wait_seconds
@@ -141,13 +143,25 @@ def slow_copies():
         Staging.run = real
 
 
-def same_as_file(gathered, path: Path) -> bool:
-    """Whether a gather prepared at the save and finished a step later holds the file's state, bit for bit."""
+def same_as_file(gathered, path: Path) -> bool | str:
+    """Whether a gather prepared at the save and finished a step later holds the file's state, bit for bit
+    (else what differs)."""
     saved = torch.load(str(path), weights_only=True)
+    # The file's meta also names its save (its weights' fingerprint), which a separate gather lacks.
+    meta = json.loads(bytes(saved["meta"].numpy()).decode())
+    if not meta.pop("weights", None):
+        return f"no weights fingerprint in the meta: {meta}"
+    meta.pop("format")
+    saved["meta"] = meta_tensor(meta)
     mine = to_file_dict(gathered.state, gathered.meta)
-    return saved.keys() == mine.keys() and all(
-        torch.equal(saved[k].view(torch.uint8) if saved[k].is_floating_point() else saved[k],
-                    mine[k].view(torch.uint8) if mine[k].is_floating_point() else mine[k]) for k in saved)
+    if saved.keys() != mine.keys():
+        return f"keys {sorted(saved.keys() ^ mine.keys())}"
+    differ = [k for k in saved if not torch.equal(
+        saved[k].view(torch.uint8) if saved[k].is_floating_point() else saved[k],
+        mine[k].view(torch.uint8) if mine[k].is_floating_point() else mine[k])]
+    if "meta" in differ:
+        return f"meta {meta} != {gathered.meta}"
+    return not differ or f"differ: {differ}"
 
 
 def deepspeed_resume(case: str, folder: Path) -> list[float] | str:
@@ -258,6 +272,11 @@ def make_bad_files(folder: Path) -> None:
     weights = torch.load(str(folder / f"{TAG}.pt"), weights_only=True)
     torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()},
                folder / "bf16-weights.pt")
+    # The weights of another save (one value moved by an ulp), beside this save's optimizer file.
+    first = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[first] = weights[first].clone()
+    weights[first].view(-1)[0] = torch.nextafter(weights[first].view(-1)[0], torch.tensor(1e9))
+    torch.save(weights, folder / "other-save.pt")
 
 
 def refuse(folder: Path) -> dict:
@@ -268,7 +287,7 @@ def refuse(folder: Path) -> dict:
     before = consolidate(engine)
     seen = {}
     attempts = [(f"{TAG}.pt", p.name) for p in sorted(folder.glob("bad-*.optim"))]
-    attempts.append(("bf16-weights.pt", f"{TAG}.optim"))
+    attempts += [("bf16-weights.pt", f"{TAG}.optim"), ("other-save.pt", f"{TAG}.optim")]
     for weights, optim in attempts:
         try:
             restore(engine, folder / weights, folder / optim)
@@ -279,6 +298,38 @@ def refuse(folder: Path) -> dict:
     if dist.get_rank() == 0:
         seen["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
         seen["crafted ran"] = (folder / "crafted-ran").exists()
+    return seen
+
+
+def reload(out: Path) -> dict:
+    """A background save of B, then at once DeepSpeed's ``load_checkpoint`` of an earlier A (a roll-back
+    after a loss spike) while B's copies are still to be taken: B's files must hold B's state."""
+    seen = {}
+    for stage in (2, 3):
+        folder = out / f"reload{stage}"
+        folder.mkdir(parents=True, exist_ok=True)
+        engine = engine_for(f"z{stage}-fp32-nooffload")
+        train_steps(engine, 2)
+        engine.save_checkpoint(str(folder), tag="A")
+        train_steps(engine, 2, first_step=2)
+        truth = consolidate(engine)  # B's weights, gathered in the foreground (every rank takes part)
+        truth_optim = consolidate_optimizer(engine)
+        writer = BackgroundWriter()
+        with slow_copies():
+            save_consolidated(engine, folder, "B", SaveOptions(optimizer=True), writer=writer)
+            engine.load_checkpoint(str(folder), tag="A")  # writes the masters in place, outside any step
+        settle_background(writer)
+        rolled_back = consolidate(engine)
+        if dist.get_rank() == 0:
+            saved = torch.load(str(folder / "B.pt"), weights_only=True)
+            optim = torch.load(str(folder / "B.optim"), weights_only=True)
+            expected = to_file_dict(truth_optim.state, truth_optim.meta)
+            seen[stage] = {
+                "B holds B": sorted(k for k in truth if torch.equal(saved[k], truth[k])) == sorted(truth),
+                "B.optim holds B": all(torch.equal(optim[k], expected[k]) for k in expected if k != "meta"),
+                "rolled back": any(not torch.equal(rolled_back[k], truth[k]) for k in truth),
+            }
+        dist.barrier()
     return seen
 
 
@@ -301,6 +352,8 @@ def main() -> None:
             seen[mode] = fresh(out, arg)
         elif mode == "zero0":
             seen[mode] = zero0(out)
+        elif mode == "reload":
+            seen[mode] = reload(out)
         else:
             seen[mode] = refuse(Path(arg))
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(seen))

@@ -115,6 +115,7 @@ class PendingFile:
         self.tmp = tmp_path_for(self.path)
         self.started = time.perf_counter()
         self.writer: Optional[FileWriter] = None
+        self.sealed = False
         _check_target(self.path)
         try:
             self.writer = open_writer(self.tmp, entries, verify and expected is None)
@@ -138,20 +139,38 @@ class PendingFile:
             self._fail(e)
 
     def publish(self) -> Path:
-        """fsync, verify, rename: the file at ``path``."""
+        """fsync, verify, rename, fsync the folder: the file at ``path``."""
+        self.seal()
         try:
-            assert self.writer is not None, "published after it was discarded"
-            written = self.writer.close()
-            if self.verify:
-                _verify_as(self.tmp, self.expected or written, self.path)
-            os.replace(self.tmp, self.path)
-            _fsync_dir(self.path.parent)
+            self.rename()
+            fsync_dir(self.path.parent)
         except BaseException as e:
             self._fail(e)
-        self.writer = None
+        self.log_published()
+        return self.path
+
+    def seal(self) -> None:
+        """Close, fsync and verify ``<path>.tmp``; it is renamed by :meth:`rename` (a save's files are all
+        sealed before any is renamed: :mod:`wenet_hooks.file.commit`)."""
+        if self.sealed:
+            return
+        try:
+            assert self.writer is not None, "sealed after it was discarded"
+            written = self.writer.close()
+            self.writer = None
+            if self.verify:
+                _verify_as(self.tmp, self.expected or written, self.path)
+        except BaseException as e:
+            self._fail(e)
+        self.sealed = True
+
+    def rename(self) -> None:
+        """The sealed ``<path>.tmp`` to ``path`` (the folder's fsync is the caller's)."""
+        replace_file(self.tmp, self.path)
+
+    def log_published(self) -> None:
         size, seconds = self.path.stat().st_size, time.perf_counter() - self.started
         logger.info("wrote %s (%.1f MB, %.0f MB/s)", self.path, size / 1e6, size / 1e6 / max(seconds, 1e-9))
-        return self.path
 
     def discard(self) -> None:
         """Remove what was written (idempotent)."""
@@ -196,7 +215,13 @@ def _verify_as(tmp: Path, expected: Manifest, path: Path) -> None:
         raise VerificationError(path, e.problems) from e
 
 
-def _fsync_dir(folder: Path) -> None:
+def replace_file(tmp: Path, path: Path) -> None:
+    """``os.replace``: every rename that publishes a file goes through here (tests kill the process here)."""
+    os.replace(tmp, path)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` survive a power loss."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

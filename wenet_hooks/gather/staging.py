@@ -22,6 +22,7 @@ when the engine has no torch optimizer whose steps could be held.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
@@ -127,7 +128,7 @@ def _copy_and_inspect(entry: _Flat) -> None:
 def new_staging(engine: Any, flats_on_host: bool, optimizers: list[torch.optim.Optimizer]) -> Staging:
     """The staging of one background save of ``engine``: deferred to the background job (the next step of
     ``optimizers`` held until it has run) when the flats lie in host memory and there are steps to hold."""
-    deferred = flats_on_host and bool(optimizers)
+    deferred = flats_on_host and bool(optimizers) and not writes_masters_during_backward(engine)
     staging = Staging(snapshot_pool(engine), deferred)
     if deferred:
         _guard(engine, optimizers).hold(staging)
@@ -178,23 +179,75 @@ class _StepGuard:
 
 _GUARDS: dict[int, _StepGuard] = {}  # id(engine) -> its guard, removed when the engine is collected
 
+# DeepSpeed's entry points that write the masters or the optimizer state outside a step (0.14-0.19.8): each
+# waits for the copies in flight first. Those of the engine, then those of its ZeRO / bf16 / fp16 optimizer.
+ENGINE_WRITERS = ("load_checkpoint", "_load_checkpoint", "_load_zero_checkpoint")
+OPTIMIZER_WRITERS = ("load_state_dict", "refresh_fp32_params", "_restore_from_bit16_weights",
+                     "_load_universal_checkpoint", "_load_legacy_checkpoint",
+                     "load_hp_checkpoint_state_from_checkpoint_dir_stage3")
+# Optimizers that write the masters during backward (outside any step a pre-hook can hold): a save of theirs
+# takes its copies at the call. SuperOffload steps its CPU sub-groups in a worker process; ZenFlow overwrites
+# the masters in backward_prologue.
+WRITE_DURING_BACKWARD = ("SuperOffload", "ZenFlow")
+
 
 def _guard(engine: Any, optimizers: list[torch.optim.Optimizer]) -> _StepGuard:
     key = id(engine)
     if key not in _GUARDS:
-        guard = _GUARDS[key] = _StepGuard()
-        handles = [optimizer.register_step_pre_hook(guard) for optimizer in optimizers]
+        guard = _StepGuard()
+        undo: list[Callable[[], None]] = []
+        try:  # every hook in place before the guard is published: a save never defers with nothing held
+            for optimizer in optimizers:
+                undo.append(optimizer.register_step_pre_hook(guard).remove)
+            undo += _wait_before(engine, ENGINE_WRITERS, guard)
+            undo += _wait_before(getattr(engine, "optimizer", None), OPTIMIZER_WRITERS, guard)
+        except BaseException:
+            for remove in undo:
+                remove()
+            raise
+        _GUARDS[key] = guard
         try:
-            weakref.finalize(engine, _forget_guard, key, handles)
+            weakref.finalize(engine, _forget_guard, key, undo)
         except TypeError:  # an object without weak references: kept for the process's life
             pass
     return _GUARDS[key]
 
 
-def _forget_guard(key: int, handles: list[Any]) -> None:
+def _wait_before(owner: Any, names: tuple[str, ...], guard: _StepGuard) -> list[Callable[[], None]]:
+    """Make each method of ``owner`` named in ``names`` wait for the guard's copies first (on the instance
+    only); what undoes each."""
+    undo: list[Callable[[], None]] = []
+    for name in names:
+        original = getattr(owner, name, None) if owner is not None else None
+        if not callable(original) or name in vars(owner):  # absent, or already an instance attribute
+            continue
+
+        def waiting(*args: Any, __original: Callable = original, **kwargs: Any) -> Any:
+            guard.wait()  # a background save still copying what this writes reads it first
+            return __original(*args, **kwargs)
+
+        setattr(owner, name, waiting)
+        undo.append(functools.partial(_remove_attribute, weakref.ref(owner), name))
+    return undo
+
+
+def _remove_attribute(owner_ref: Any, name: str) -> None:
+    owner = owner_ref()
+    if owner is not None and name in vars(owner):
+        delattr(owner, name)
+
+
+def writes_masters_during_backward(engine: Any) -> bool:
+    """Whether ``engine``'s optimizer changes the masters outside its step (SuperOffload, ZenFlow)."""
+    wrapper = getattr(engine, "optimizer", None)
+    classes = [c.__name__ for c in type(wrapper).__mro__] if wrapper is not None else []
+    return any(name.startswith(prefix) for name in classes for prefix in WRITE_DURING_BACKWARD)
+
+
+def _forget_guard(key: int, undo: list[Callable[[], None]]) -> None:
     _GUARDS.pop(key, None)
-    for handle in handles:
-        handle.remove()
+    for remove in undo:
+        remove()
 
 
 def torch_optimizers(engine: Any) -> list[torch.optim.Optimizer]:

@@ -32,6 +32,11 @@ class OnError(enum.Enum):
     warn = "warn"  # log, keep training and the sharded folder
 
 
+class Resume(enum.Enum):
+    off = "off"  # start as the command says (WeNet's --checkpoint, if any)
+    auto = "auto"  # continue from the newest committed save in model_dir, if there is one
+
+
 class TagKind(enum.Enum):
     init = "init"
     step = "step"
@@ -52,6 +57,8 @@ class ConsolidateConfig:
     # False: DeepSpeed's sharded save is not made; <tag>.pt (+ <tag>.optim) are the checkpoint, written in
     # the background (the previous save stays valid until the new one is published).
     sharded: bool = True
+    # auto: a run continues from the newest committed save in model_dir (the same command is the whole recovery).
+    resume: Resume = Resume.off
 
     def save_options(self, optimizer: bool, background_gather: bool = True) -> SaveOptions:
         """The options of each save this section asks for (``optimizer``: also ``<tag>.optim``;

@@ -30,6 +30,7 @@ the original ``save_model`` runs untouched.
 from __future__ import annotations
 
 import atexit
+import copy
 import functools
 import logging
 from pathlib import Path
@@ -37,12 +38,13 @@ from typing import Any, Callable, Mapping, Optional
 
 from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.compat import describe_environment, environment_problems
-from wenet_hooks.dist import all_ok, background_group, is_rank0, log_rank0
-from wenet_hooks.errors import SaveError
+from wenet_hooks.dist import all_ok, all_reports, background_group, is_rank0, log_rank0
+from wenet_hooks.errors import ResumeChoiceError, SaveError
+from wenet_hooks.file.commit import committed, newest_committed, record_path
 from wenet_hooks.file.optimizer_file import find_optimizer_file, optimizer_path
 from wenet_hooks.resume import restore
 from wenet_hooks.save import save_consolidated, settle_background
-from wenet_hooks.wenet.config import SECTION, ConsolidateConfig, OnError, compose_section
+from wenet_hooks.wenet.config import SECTION, ConsolidateConfig, OnError, Resume, compose_section
 from wenet_hooks.wenet.files import FinalLink, ShardedRetention, write_info_yaml
 
 logger = logging.getLogger(__name__)
@@ -77,7 +79,12 @@ class _Session:
     def report_last_write(self) -> None:
         """At exit, after the interpreter waited for the writer thread: say if the last write failed."""
         failed = self.writer.wait()
-        if failed is not None:
+        if failed is None:
+            return
+        if self.active is not None and not self.active.sharded:
+            logger.error("wenet_hooks: save '%s' was not committed (%s: %s); the newest committed save before it is "
+                         "kept", failed.tag, failed.what, failed.failure.message)
+        else:
             logger.error("wenet_hooks: the single file of save '%s' was not written (%s: %s); its sharded folder "
                          "is kept: convert it with wenet-hooks-convert", failed.tag, failed.what,
                          failed.failure.message)
@@ -123,12 +130,40 @@ def wrap_check_modify_and_save_config(original: Callable) -> Callable:
     @functools.wraps(original)
     def check_modify_and_save_config(args, configs, *rest, **kwargs):
         configs = original(args, configs, *rest, **kwargs)
-        configure(configs)
+        config = configure(configs)
+        if config is not None and config.resume is Resume.auto:
+            _resume_automatically(args)
         # WeNet resumes with --checkpoint X.pt; the init save restores the rest from X.optim.
         _session.checkpoint = getattr(args, "checkpoint", None)
         return configs
 
     return check_modify_and_save_config
+
+
+def _resume_automatically(args: Any) -> None:
+    """Collective: ``resume: auto``: WeNet's ``--checkpoint`` becomes the newest committed save in model_dir.
+
+    Called where WeNet has set up torch.distributed and not yet built the
+    model, which it then loads from ``args.checkpoint``, with the epoch and
+    step of the yaml beside it, as a ``--checkpoint`` given by hand.
+
+    Raises:
+        ResumeChoiceError: the ranks found different saves (model_dir is not one shared folder).
+    """
+    model_dir = Path(args.model_dir)
+    newest = newest_committed(model_dir)
+    choices = all_reports(str(newest) if newest is not None else None)
+    if len(set(choices)) > 1:
+        raise ResumeChoiceError(model_dir, choices)
+    given = getattr(args, "checkpoint", None)
+    if newest is None:
+        log_rank0(logger, logging.INFO, "wenet_hooks: resume: auto: no committed save in %s (init aside): starting "
+                  "as the command says (%s)", model_dir, f"--checkpoint {given}" if given else "from scratch")
+        return
+    args.checkpoint = str(newest)
+    log_rank0(logger, logging.INFO, "wenet_hooks: resume: auto: continuing from %s, the newest committed save in %s "
+              "(its %s records the files beside it; %s)", newest, model_dir, record_path(newest).name,
+              f"instead of --checkpoint {given}" if given else "the command gave no --checkpoint")
 
 
 def wrap_save_model(original: Callable) -> Callable:
@@ -144,6 +179,9 @@ def wrap_save_model(original: Callable) -> Callable:
                 # setting (GLOO_SOCKET_IFNAME) stops the run here rather than at the first save.
                 background_group()
         if config is None or not config.converts(info_dict["tag"]):
+            if config is not None and _is_last_save(info_dict):
+                # WeNet destroys every process group after this save, the background gathers' group with it.
+                _settle_previous_write(config)
             return original(model, info_dict)
         return _save(original, model, info_dict, config)
 
@@ -160,6 +198,7 @@ def _resume(engine: Any) -> None:
     if not checkpoint or _session.resumed:
         return
     _session.resumed = True
+    _warn_if_not_committed(checkpoint)
     optim = find_optimizer_file(checkpoint)
     # Every rank must take the same way (restore is collective): it is there for all, or it is not used.
     if not all_ok(optim is not None, f"finding {optimizer_path(checkpoint)}"):
@@ -172,18 +211,31 @@ def _resume(engine: Any) -> None:
               restored)
 
 
+def _warn_if_not_committed(checkpoint: str) -> None:
+    """With ``sharded: false`` the files are the only copy: a ``--checkpoint`` whose save never committed
+    (cut off mid-commit) is named, with the newest committed save beside it."""
+    config = _session.active
+    reason = committed(checkpoint)
+    if config is None or config.sharded or reason is None:
+        return
+    newest = newest_committed(Path(checkpoint).parent)
+    log_rank0(logger, logging.WARNING, "wenet_hooks: --checkpoint %s is not a committed save: %s; the newest "
+              "committed save in that folder is %s; HINT: pass --checkpoint %s, or set wenet_hooks.consolidate.resume:"
+              " auto", checkpoint, reason, newest or "none", newest or "<a committed save>")
+
+
 def _save(original: Callable, model: Any, info_dict: dict, config: ConsolidateConfig) -> None:
-    model_dir, tag = Path(info_dict["model_dir"]), info_dict["tag"]
-    model_only = info_dict.get("save_states") == MODEL_ONLY
+    # WeNet's executor rewrites its info_dict (tag, step, losses) as soon as save_model returns, while this
+    # save's <tag>.yaml is written in the background: everything after the call reads this copy.
+    info = copy.deepcopy(dict(info_dict))
+    model_dir, tag = Path(info["model_dir"]), info["tag"]
+    model_only = info.get("save_states") == MODEL_ONLY
     _settle_previous_write(config)
     if not model_only and config.sharded:
         original(model, info_dict)  # sharded checkpoint + <tag>.yaml, as WeNet does
-    _consolidate(model, model_dir, tag, config, info_dict, model_only)
-    if is_rank0():
-        if model_only and config.sharded:
-            write_info_yaml(model_dir, tag, info_dict)
-        if tag.startswith("epoch_"):
-            _session.final_link.remember(model_dir, tag)
+    _consolidate(model, model_dir, tag, config, info, model_only)
+    if is_rank0() and tag.startswith("epoch_"):
+        _session.final_link.remember(model_dir, tag)
 
 
 def _settle_previous_write(config: ConsolidateConfig) -> None:
@@ -216,11 +268,8 @@ def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfi
     With ``sharded: false`` the files are the save, written in the background
     (model_only too), and ``<tag>.yaml`` follows once they are published.
     """
-    def written() -> None:
-        if config.sharded:
-            _session.retention.after_verified(model_dir, tag, config.keep_last())
-        else:  # the files are the save: its <tag>.yaml (epoch, step, loss) once they are published
-            write_info_yaml(model_dir, tag, info_dict)
+    def written() -> None:  # the sharded folder may go once the save it holds is committed
+        _session.retention.after_verified(model_dir, tag, config.keep_last())
 
     # After its last save WeNet destroys the process group, and with it the group the background
     # gathers would use: that save gathers before training ends.
@@ -233,7 +282,7 @@ def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfi
     try:
         save_consolidated(model, model_dir, tag, options,
                           writer=_session.writer if in_background else None,
-                          on_written=written if in_background else None)
+                          on_written=written if in_background and config.sharded else None, record=info_dict)
         return
     except SaveError as e:
         if config.on_error is OnError.stop:
@@ -243,5 +292,7 @@ def _consolidate(model: Any, model_dir: Path, tag: str, config: ConsolidateConfi
         # Nothing else holds this save: keep DeepSpeed's sharded checkpoint
         # so it is not lost (wenet-hooks-convert turns it into a .pt).
         model.save_checkpoint(save_dir=str(model_dir), tag=tag, client_state=info_dict)
+        if is_rank0():
+            write_info_yaml(model_dir, tag, info_dict)
         log_rank0(logger, logging.WARNING, "wenet_hooks: kept DeepSpeed's sharded %s instead; convert it "
                   "later with `wenet-hooks-convert model_dir=%s tag=%s`", model_dir / tag, model_dir, tag)

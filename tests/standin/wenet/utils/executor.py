@@ -1,5 +1,6 @@
 """Stand-in for wenet/utils/executor.py (see tests/standin/README.md)."""
 
+import copy
 import os
 import sys
 
@@ -25,9 +26,15 @@ class Executor:
 
     def train(self, model, configs, steps_per_epoch):
         model.train()
+        # As WeNet's executor: ONE info_dict per epoch, rewritten at every batch, saved from as it stands.
+        info_dict = copy.deepcopy(configs)
         save_interval = configs.get("save_interval", sys.maxsize)
-        for _ in range(steps_per_epoch):
+        for batch_idx in range(steps_per_epoch):
+            info_dict["tag"] = "TRAIN"
+            info_dict["step"] = self.step
+            info_dict["batch_idx"] = batch_idx
             loss = batch_loss(model, self.step)
+            info_dict["loss_dict"] = {"loss": loss}  # a tensor, as WeNet's batch_forward leaves it
             model.backward(loss)
             model.step()
             self.losses.append((self.step, loss.item()))
@@ -35,7 +42,7 @@ class Executor:
                 dist.barrier()
                 loss_dict = self.cv(model)
                 model.train()
-                info_dict = dict(configs, tag="step_{}".format(self.step), step=self.step, loss_dict=loss_dict)
+                info_dict.update({"tag": "step_{}".format(self.step), "loss_dict": loss_dict})
                 save_model(model, info_dict)
                 dist.barrier()
             self.step += 1
