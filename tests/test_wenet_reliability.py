@@ -14,12 +14,13 @@ import re
 import shutil
 
 import pytest
-
+import yaml
 
 from conftest import TESTS, launch_env
 from helpers import assert_state_dicts_equal, deepspeed_reference
 from test_convert_cli import convert
-from test_wenet_standin import assert_recognize_ready, load, train, write_configs
+from test_wenet_standin import assert_recognize_ready, listing, load, train, write_configs
+from wenet_hooks.file.commit import committed, newest_committed
 from support.tiny_model import build_model
 
 pytestmark = [pytest.mark.multirank, pytest.mark.usefixtures("deepspeed_trains")]
@@ -180,3 +181,67 @@ def test_files_only_killed_mid_write_resumes_exactly_from_the_save_before(tmp_pa
                              "optimizer file; new saves write step_3.optim") == 2  # once per rank
     assert f"wenet_hooks: resumed exactly from {exp / 'step_3.pt'} + step_3.optim.pt: " in proc.stderr
 
+
+
+def yaml_of(path):
+    return yaml.load(path.read_text(), Loader=yaml.FullLoader)
+
+
+def test_files_only_steps_mode_trains_to_the_end_each_yaml_its_own_and_the_last_step_save_kept(tmp_path):
+    """``sharded: false`` in steps mode: WeNet's executor rewrites its info_dict at the next batch (tag
+    TRAIN, step, a tensor loss) while the save is written in the background: each yaml holds its own save.
+    With ``tags`` leaving out ``epoch``, WeNet's own save of the last epoch settles the step save in flight
+    before WeNet destroys the process groups."""
+    section = {"consolidate": {"enabled": True, "sharded": False, "tags": ["init", "step"]}}
+    write_configs(tmp_path, stage=3, section=section, save_interval=2)
+    train(tmp_path, "model+optimizer", env={"STANDIN_STEPS": "6"})
+    exp = tmp_path / "exp"
+    for step in (1, 3, 5):
+        info = yaml_of(exp / f"step_{step}.yaml")
+        assert (info["tag"], info["step"], info["batch_idx"]) == (f"step_{step}", step, step)
+        assert isinstance(info["loss_dict"]["loss"], float)  # the CV loss of the save, not the next batch's
+        assert committed(exp / f"step_{step}.pt") is None
+        assert_recognize_ready(exp / f"step_{step}.pt")
+    assert (exp / "latest_save").read_text() == "step_5\n"
+    assert (exp / "epoch_0").is_dir() and not (exp / "epoch_0.pt").exists()  # WeNet's own save of epoch_0
+    assert not list(exp.glob("*.tmp"))
+
+
+# Each kill, then the identical command: (what kills rank 0, the environment that does it).
+KILLS = [
+    ("during training (step 3, epoch 1)", {"STANDIN_DIE_AT_STEP": "3"}),
+    ("while epoch_1.pt is written in the background", {"WENET_HOOKS_TEST_KILL_WRITING": "epoch_1"}),
+    ("after epoch_1.pt was renamed, before epoch_1.optim", {"WENET_HOOKS_TEST_KILL_AT": "epoch_1.optim"}),
+    ("before the last save's record epoch_2.yaml is renamed", {"WENET_HOOKS_TEST_KILL_AT": "epoch_2.yaml"}),
+]
+
+
+def test_killed_anywhere_the_same_command_resumes_and_ends_bit_identical(tmp_path):
+    """``sharded: false`` + ``resume: auto`` in epoch mode: rank 0 is killed (SIGKILL) at each moment of
+    KILLS in turn, the same command rerun after each; the run ends with epoch_2.pt and epoch_2.optim
+    bit-identical to an uninterrupted run's, and no uncommitted save was ever resumed from.
+
+    torch's AdamW (``torch_adam``), as on a GPU's FusedAdam, derives Adam's bias corrections from the
+    step; DeepSpeed's CPU Adam multiplies its beta powers up step by step in C++ state that a new
+    process recomputes with ``pow`` (``cpu_adam.h``), so no resume of it, DeepSpeed's own included, is
+    exact to the last bit on a CPU."""
+    section = {"consolidate": {"enabled": True, "sharded": False, "resume": "auto"}}
+    write_configs(tmp_path, stage=2, section=section, max_epoch=3)
+    config = json.loads((tmp_path / "ds.json").read_text())
+    config["optimizer"]["params"]["torch_adam"] = True
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    straight = tmp_path / "straight"
+    train(tmp_path, "model+optimizer", "--model_dir", str(straight))
+    exp = tmp_path / "exp"
+    for moment, env in KILLS:
+        killed = train(tmp_path, "model+optimizer", check=False, env=instrumented(**env))
+        assert killed.returncode != 0, moment
+        newest = newest_committed(exp)
+        print(f"killed {moment}: left {listing(exp)}; newest committed: {newest and newest.name}")
+    done = train(tmp_path, "model+optimizer")
+    assert f"wenet_hooks: resume: auto: continuing from {exp / 'epoch_1.pt'}, the newest committed save in " \
+           f"{exp}" in done.stderr
+    for name in ("epoch_2.pt", "epoch_2.optim"):
+        assert (exp / name).read_bytes() == (straight / name).read_bytes(), name
+    assert committed(exp / "epoch_2.pt") is None and (exp / "latest_save").read_text() == "epoch_2\n"
+    assert not list(exp.glob("*.tmp"))

@@ -5,6 +5,9 @@
   ``OSError(ENOSPC)``), as a full disk would; nothing else is changed.
 - ``WENET_HOOKS_TEST_KILL_WRITING=<tag>``: rank 0 kills itself (SIGKILL: no clean-up
   runs) while it writes that tag's ``<tag>.pt``, a few bytes in ``<tag>.pt.tmp``.
+- ``WENET_HOOKS_TEST_KILL_AT=<name>``: rank 0 kills itself (SIGKILL) just before
+  a commit renames a file onto ``<name>`` (``epoch_1.optim``, ``epoch_1.yaml``,
+  ``latest_save``...): between the renames of one save.
 - ``WENET_HOOKS_TEST_WRITERS=<folder>``: each rank appends ``RANK LOCAL_RANK GROUP_RANK
   file`` to ``<folder>/writes<rank>.txt`` for every file it publishes.
 - ``WENET_HOOKS_TEST_PROBE=<folder>``: after each save, every rank records its
@@ -47,6 +50,22 @@ if os.environ.get("WENET_HOOKS_TEST_KILL_WRITING"):
         return _open_writer_k(tmp, entries, checksums)
 
     _publish_k.open_writer = _open_writer_then_die
+
+if os.environ.get("WENET_HOOKS_TEST_KILL_AT"):
+    import signal
+    from pathlib import Path as _KPath
+
+    import wenet_hooks.file.publish as _publish_r
+
+    _kill_name = os.environ["WENET_HOOKS_TEST_KILL_AT"]
+    _replace = _publish_r.replace_file
+
+    def _replace_or_die(tmp, path):
+        if _KPath(path).name == _kill_name and os.environ.get("RANK") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _replace(tmp, path)
+
+    _publish_r.replace_file = _replace_or_die
 
 if os.environ.get("WENET_HOOKS_TEST_PROBE"):
     import atexit

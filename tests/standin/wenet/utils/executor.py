@@ -2,6 +2,7 @@
 
 import copy
 import os
+import signal
 import sys
 
 import torch
@@ -12,9 +13,9 @@ from wenet.utils.train_utils import save_model
 from support.tiny_model import make_batch
 
 
-def batch_loss(model, step):
+def batch_loss(model, index):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    feats, tokens, targets = make_batch(step * world + rank)
+    feats, tokens, targets = make_batch(index * world + rank)
     logits = model(feats, tokens)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
@@ -33,7 +34,12 @@ class Executor:
             info_dict["tag"] = "TRAIN"
             info_dict["step"] = self.step
             info_dict["batch_idx"] = batch_idx
-            loss = batch_loss(model, self.step)
+            if os.environ.get("STANDIN_DIE_AT_STEP") == str(self.step) and os.environ["RANK"] == "0":
+                os.kill(os.getpid(), signal.SIGKILL)  # a preemption in the middle of training
+            # Epoch mode: WeNet's data loader gives each epoch the same batches whatever the step counter
+            # (a resume from epoch_N continues with epoch N+1's); steps mode keys them by step here.
+            index = self.step if "save_interval" in configs else 1000 * (1 + configs["epoch"]) + batch_idx
+            loss = batch_loss(model, index)
             info_dict["loss_dict"] = {"loss": loss}  # a tensor, as WeNet's batch_forward leaves it
             model.backward(loss)
             model.step()
