@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
     from support.tiny_training import ds_config, init_engine
     from wenet_hooks import BackgroundWriter, SaveOptions, save_consolidated, settle_background
     from wenet_hooks.gather import bucketed
-    from wenet_hooks.gather.snapshots import snapshot_pool
+    from wenet_hooks.gather.engines import snapshot_pool
     from wenet_hooks.gather.staging import step_wait_seconds
 
     deepspeed.init_distributed(dist_backend="gloo")

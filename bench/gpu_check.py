@@ -192,7 +192,7 @@ def pinned(out: Path, smoke: bool) -> str:
 
     from support.tiny_training import train_steps
     from wenet_hooks import BackgroundWriter, SaveOptions, save_consolidated, settle_background
-    from wenet_hooks.gather.snapshots import snapshot_pool
+    from wenet_hooks.gather.engines import snapshot_pool
 
     out.mkdir(parents=True, exist_ok=True)
     engine = engine_for(2, smoke)

@@ -79,6 +79,21 @@ def save(folder: Path, tag: str, value: float, kill_at: str = "never") -> subpro
                           capture_output=True, text=True, timeout=120)
 
 
+def commit_here(folder: Path, tag: str, value: float, step: int) -> None:
+    """A committed save of ``tag`` written in this process, through the package's commit."""
+    from wenet_hooks.file.commit import Commit
+    from wenet_hooks.file.layout import entries_for
+    from wenet_hooks.file.publish import PendingFile
+
+    files = []
+    for path, tensors in ((folder / f"{tag}.pt", {"w": torch.full((64,), value)}),
+                          (folder / f"{tag}.optim", {"exp_avg/w": torch.full((64,), -value)})):
+        entries, values = entries_for(tensors)
+        files.append(PendingFile(path, entries))
+        files[-1].write(entries[0].key, values[0])
+    Commit(files[0], files[1], {"tag": tag, "step": step, "epoch": 0}).commit()
+
+
 def weights_value(path: Path) -> float:
     return float(torch.load(str(path), weights_only=True)["w"][0])
 
@@ -101,7 +116,7 @@ def test_a_whole_commit_renames_in_order_and_records_the_fingerprints(tmp_path):
 def test_killed_at_each_step_of_the_commit_the_newest_committed_save_is_whole(tmp_path, kill_at):
     """step_1 (older) and step_2 (value 2) are committed; step_2 is saved again with value 3 and killed."""
     for tag, value in (("step_1", 1.0), ("step_2", 2.0)):
-        assert save(tmp_path, tag, value).returncode == 0
+        commit_here(tmp_path, tag, value, int(value))
     os.utime(tmp_path / "step_1.yaml", ns=(1, 1))  # older, whatever the clock's resolution
     killed = save(tmp_path, "step_2", 3.0, kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -123,13 +138,13 @@ def test_killed_at_each_step_of_the_commit_the_newest_committed_save_is_whole(tm
     assert float(torch.load(str(tmp_path / "step_2.optim"), weights_only=True)["exp_avg/w"][0]) \
         == -weights_value(newest)  # the optimizer file beside it is its own
     # A rerun's save of the same tag removes the leftovers and commits.
-    assert save(tmp_path, "step_2", 4.0).returncode == 0
+    commit_here(tmp_path, "step_2", 4.0, 4)
     assert committed(tmp_path / "step_2.pt") is None and weights_value(newest_committed(tmp_path)) == 4.0
     assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_yaml_without_a_record_or_files_missing_are_not_committed(tmp_path):
-    assert save(tmp_path, "step_5", 5.0).returncode == 0
+    commit_here(tmp_path, "step_5", 5.0, 5)
     (tmp_path / "step_5.optim").unlink()
     assert committed(tmp_path / "step_5.pt") == "step_5.optim is missing or unreadable"
     (tmp_path / "step_6.pt").write_bytes((tmp_path / "step_5.pt").read_bytes())
@@ -137,3 +152,49 @@ def test_a_yaml_without_a_record_or_files_missing_are_not_committed(tmp_path):
     assert committed(tmp_path / "step_6.pt") == (f"step_6.yaml is missing or holds no {RECORD_KEY} record (the "
                                                   "save never committed)")
     assert newest_committed(tmp_path) is None
+
+
+def test_resume_auto_takes_the_newest_committed_save_and_says_why(tmp_path, caplog):
+    """``resume: auto`` sets WeNet's --checkpoint to the newest committed save (init aside: a rerun
+    re-saves it from what it resumed, without WeNet's step), whatever the command gave."""
+    from types import SimpleNamespace
+
+    from wenet_hooks.wenet import hook
+
+    args = SimpleNamespace(model_dir=str(tmp_path), checkpoint="pretrained.pt")
+    with caplog.at_level("INFO", logger="wenet_hooks.wenet.hook"):
+        hook._resume_automatically(args)
+    assert args.checkpoint == "pretrained.pt"
+    assert f"resume: auto: no committed save in {tmp_path} (init aside): starting as the command says " \
+           "(--checkpoint pretrained.pt)" in caplog.text
+    for tag, value, step in (("step_3", 3.0, 3), ("step_5", 5.0, 5), ("init", 9.0, 0)):
+        commit_here(tmp_path, tag, value, step)
+    os.utime(tmp_path / "step_3.yaml", ns=(1, 1))
+    # A newer save cut off between its renames: never taken.
+    (tmp_path / "step_7.pt").write_bytes((tmp_path / "step_5.pt").read_bytes())
+    (tmp_path / "step_7.yaml").write_text(yaml.dump({"tag": "step_7", "step": 7}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="wenet_hooks.wenet.hook"):
+        hook._resume_automatically(args)
+    assert args.checkpoint == str(tmp_path / "step_5.pt")
+    assert f"resume: auto: continuing from {tmp_path / 'step_5.pt'}, the newest committed save in {tmp_path} " \
+           "(its step_5.yaml records the files beside it; instead of --checkpoint pretrained.pt)" in caplog.text
+
+
+def test_files_only_a_checkpoint_that_never_committed_is_named_with_the_newest_committed(tmp_path, caplog):
+    from wenet_hooks.wenet import hook
+    from wenet_hooks.wenet.config import ConsolidateConfig
+
+    commit_here(tmp_path, "step_5", 5.0, 5)
+    (tmp_path / "step_7.pt").write_bytes((tmp_path / "step_5.pt").read_bytes())  # its yaml never renamed
+    saved = hook._session.active
+    hook._session.active = ConsolidateConfig(enabled=True, sharded=False)
+    try:
+        with caplog.at_level("WARNING", logger="wenet_hooks.wenet.hook"):
+            hook._warn_if_not_committed(str(tmp_path / "step_7.pt"))
+    finally:
+        hook._session.active = saved
+    assert (f"--checkpoint {tmp_path / 'step_7.pt'} is not a committed save: step_7.yaml is missing or holds no "
+            f"{RECORD_KEY} record (the save never committed); the newest committed save in that folder is "
+            f"{tmp_path / 'step_5.pt'}; HINT: pass --checkpoint {tmp_path / 'step_5.pt'}, or set "
+            "wenet_hooks.consolidate.resume: auto") in caplog.text

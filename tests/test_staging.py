@@ -13,6 +13,7 @@ import torch
 
 import wenet_hooks.gather.staging as staging_module
 from wenet_hooks.gather.check import ChunkCheck
+from wenet_hooks.gather.engines import known_state
 from wenet_hooks.gather.masters import Fragment, Partitions
 from wenet_hooks.gather.snapshots import SnapshotPool
 from wenet_hooks.gather.staging import Staging, new_staging, step_wait_seconds, torch_optimizers, wait_for_copies
@@ -113,3 +114,75 @@ def test_a_cancelled_staging_releases_the_steps_and_the_hook_goes_with_the_engin
 def test_taken_at_the_save_when_the_flats_are_not_in_host_memory_or_no_step_can_be_held():
     assert not new_staging(Engine(), False, [torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)]).deferred
     assert not new_staging(Engine(), True, []).deferred
+
+
+def test_a_hook_that_cannot_be_registered_publishes_no_guard_and_leaves_no_hook():
+    """Every hook is in place before the guard is published: else a later save would defer its copies
+    with no step held."""
+    engine = Engine()
+    first = engine.optimizer.optimizer
+    second = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+
+    def refuse(hook):
+        raise RuntimeError("no hooks here")
+
+    second.register_step_pre_hook = refuse
+    with pytest.raises(RuntimeError, match="^no hooks here$"):
+        new_staging(engine, True, [first, second])
+    state = known_state(engine)
+    assert (state is None or state.guard is None) and len(first._optimizer_step_pre_hooks) == 0
+    assert "load_checkpoint" not in vars(engine)  # nothing wrapped either
+
+
+class ZeroOptimizer:
+    """What DeepSpeed's ZeRO optimizer has: torch's optimizer inside, and a writer of the masters."""
+
+    def __init__(self, param: torch.nn.Parameter) -> None:
+        self.optimizer = torch.optim.SGD([param], lr=0.5)
+        self.calls: list[float] = []
+
+    def refresh_fp32_params(self) -> None:
+        self.calls.append(time.perf_counter())
+
+
+class LoadingEngine(Engine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.optimizer = ZeroOptimizer(self.param)
+        self.calls: list[float] = []
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> None:
+        self.calls.append(time.perf_counter())
+
+
+def test_deepspeeds_writers_outside_a_step_wait_for_the_copies_and_are_unwrapped_with_the_engine():
+    engine = LoadingEngine()
+    wrapper = engine.optimizer
+    waited = []
+    for owner, write in ((engine, lambda: engine.load_checkpoint("exp", "A")),
+                         (wrapper, lambda: wrapper.refresh_fp32_params())):
+        staging = new_staging(engine, True, torch_optimizers(engine))
+        threading.Thread(target=lambda: (time.sleep(0.3), staging.run())).start()
+        started = time.perf_counter()
+        write()
+        waited.append(owner.calls[-1] - started)
+        staging.release()
+    assert min(waited) >= 0.25, waited  # each waited for the copies in flight
+    assert "load_checkpoint" in vars(engine) and "refresh_fp32_params" in vars(wrapper)
+    del engine
+    gc.collect()
+    assert "refresh_fp32_params" not in vars(wrapper)  # DeepSpeed's own method again
+
+
+def test_saves_of_optimizers_that_write_the_masters_during_backward_take_their_copies_at_the_call():
+    """SuperOffload (its CPU sub-groups stepped in a worker process during backward) and ZenFlow (masters
+    overwritten in backward_prologue): DeepSpeed's own classes, recognised by name across versions."""
+    from deepspeed.runtime.superoffload.superoffload_stage3 import SuperOffloadOptimizer_Stage3
+    from deepspeed.runtime.zenflow.zenflow_stage_1_and_2 import ZenFlowZeroOptimizer
+
+    for cls in (SuperOffloadOptimizer_Stage3, ZenFlowZeroOptimizer):
+        engine = Engine()
+        engine.optimizer = object.__new__(cls)  # the class is what is read; nothing of it runs
+        assert staging_module.writes_masters_during_backward(engine)
+        assert not new_staging(engine, True, [torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)]).deferred
+    assert not staging_module.writes_masters_during_backward(Engine())

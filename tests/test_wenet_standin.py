@@ -97,10 +97,11 @@ def test_model_only_zero3_writes_single_files_and_nothing_sharded(tmp_path):
     train(tmp_path, "model_only")
     exp = tmp_path / "exp"
     assert listing(exp) == ["epoch_0.pt", "epoch_0.yaml", "epoch_1.pt", "epoch_1.yaml", "final.pt",
-                            "init.pt", "init.yaml", "train.yaml"]
+                            "init.pt", "init.yaml", "latest_save", "train.yaml"]
     for tag in ("init", "epoch_0", "epoch_1"):
         assert_recognize_ready(exp / f"{tag}.pt")
     assert os.readlink(exp / "final.pt") == "epoch_1.pt"
+    assert (exp / "latest_save").read_text() == "epoch_1\n"  # the newest committed save
     info = yaml.load((exp / "epoch_1.yaml").read_text(), Loader=yaml.FullLoader)
     assert (info["tag"], info["epoch"], info["save_states"]) == ("epoch_1", 1, "model_only")
     assert not torch.equal(load(exp / "init.pt")["encoder.encoders.0.linear.weight"],

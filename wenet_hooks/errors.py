@@ -106,7 +106,6 @@ class PhaseError(WenetHooksError):
         self.phase, self.cause = phase, cause
 
 
-
 class ResumeChoiceError(WenetHooksError):
     """``resume: auto`` found a different newest committed save on different ranks."""
 

@@ -111,7 +111,7 @@ def _read_and_check(layout: EngineLayout, params: dict[str, torch.nn.Parameter],
 
 
 def _other_save(weights: Path, optimizer_file: Path, meta: dict[str, Any]) -> list[str]:
-    """The optimizer file names the weights it was saved with (files of wenet_hooks <= 0.3 do not)."""
+    """The optimizer file names the weights it was saved with (files of wenet_hooks 0.2.0 and older do not)."""
     recorded = meta.get("weights")
     if recorded is None:
         return []

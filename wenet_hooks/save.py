@@ -19,9 +19,10 @@ from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.dist import Failure, background_group, first_failure, get_rank, log_rank0
 from wenet_hooks.dtypes import DtypeLike
 from wenet_hooks.errors import PhaseError, SaveError
-from wenet_hooks.gather import DEFAULT_BUCKET_MB, prepare_consolidate
+from wenet_hooks.gather import DEFAULT_BUCKET_MB, PendingWeights, prepare_consolidate
+from wenet_hooks.gather.agreement import agree_with
 from wenet_hooks.gather.masters import EngineLayout, inspect_engine
-from wenet_hooks.gather.optimizer import PendingOptimizer, optimizer_unavailable, prepare_optimizer
+from wenet_hooks.gather.optimizer import PendingOptimizer, agreed_state_keys, prepare_optimizer, state_keys
 from wenet_hooks.gather.staging import Staging, new_staging, torch_optimizers
 from wenet_hooks.save_job import GATHERING_OPTIMIZER, GATHERING_WEIGHTS, SaveJob
 
@@ -132,14 +133,23 @@ def save_consolidated(
 def _prepare(engine: Any, path: Path, tag: str, options: SaveOptions, layout: EngineLayout, group: Any,
              staging: Optional[Staging], on_written: Optional[Callable[[], None]],
              record: Optional[Mapping[str, Any]]) -> SaveJob:
-    """Collective: every gather of the save prepared; what remains of it, as a job."""
-    weights, failure = _run_phase(
-        lambda: prepare_consolidate(engine, options.dtype, options.bucket_mb, layout, group, staging), tag)
-    _raise_if_any_failed(failure, tag, GATHERING_WEIGHTS)
+    """Collective: the save's plan agreed in one exchange (the flat layout and the optimizer state's
+    keys), every gather prepared, one vote; what remains of the save, as a job."""
+    keys = agree_with(layout, state_keys(layout) if options.optimizer else None)
+    weights: Optional[PendingWeights] = None
     pending: Optional[PendingOptimizer] = None
-    if options.optimizer:
-        pending, failure = _run_phase(lambda: _prepare_optimizer(layout, options.bucket_mb, group, staging), tag)
-        _raise_if_any_failed(failure, tag, GATHERING_OPTIMIZER)
+    phase = GATHERING_WEIGHTS
+    try:
+        weights = prepare_consolidate(engine, options.dtype, options.bucket_mb, layout, group, staging)
+        if options.optimizer:
+            phase = GATHERING_OPTIMIZER
+            pending = _prepare_optimizer(layout, agreed_state_keys(keys), options.bucket_mb, group, staging)
+        failure = None
+    except Exception as e:  # voted on below, with every rank's
+        logger.exception("wenet_hooks: save '%s' failed here", tag)
+        failure = Failure.from_exception(e.cause if isinstance(e, PhaseError) else e, phase=phase)
+    _raise_if_any_failed(failure, tag, phase)
+    assert weights is not None
     return SaveJob(path, weights, pending, group, options.verify, on_written, staging, record)
 
 
@@ -160,20 +170,20 @@ def settle_background(writer: BackgroundWriter) -> None:
         raise _save_error(failed.tag, f"{failed.what} in the background", failed.failure)
 
 
-def _prepare_optimizer(layout: EngineLayout, bucket_mb: float, group: Any,
+def _prepare_optimizer(layout: EngineLayout, keys: Union[list[str], str], bucket_mb: float, group: Any,
                        staging: Optional[Staging]) -> Optional[PendingOptimizer]:
-    """Collective: the optimizer state, ready to gather; None where it cannot be gathered (ZeRO-0,
-    NVMe-swapped states, state kept outside the base optimizer): the save goes on without it, as
-    WeNet's own would."""
-    reason = optimizer_unavailable(layout)
-    if reason is not None:
+    """The optimizer state, ready to gather; None where it cannot be gathered (``keys`` says why: ZeRO-0,
+    NVMe-swapped states, state kept outside the base optimizer): the save goes on without it, as WeNet's
+    own would."""
+    if isinstance(keys, str):
+        reason = keys
         if reason not in _said:  # once per run, not at every save
             _said.add(reason)
             log_rank0(logger, logging.WARNING, "wenet_hooks: no <tag>.optim is written: %s; a resume from "
                       "these saves restarts the optimizer", reason)
         return None
     # never per parameter: no such path
-    return prepare_optimizer(layout, bucket_mb or DEFAULT_BUCKET_MB, group, staging)
+    return prepare_optimizer(layout, keys, bucket_mb or DEFAULT_BUCKET_MB, group, staging)
 
 
 def _run_phase(work: Callable[[], Any], tag: str) -> tuple[Any, Optional[Failure]]:

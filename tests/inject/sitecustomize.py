@@ -8,6 +8,8 @@
 - ``WENET_HOOKS_TEST_KILL_AT=<name>``: rank 0 kills itself (SIGKILL) just before
   a commit renames a file onto ``<name>`` (``epoch_1.optim``, ``epoch_1.yaml``,
   ``latest_save``...): between the renames of one save.
+- ``WENET_HOOKS_TEST_DIE_AT_STEP=<n>``: rank 0 kills itself (SIGKILL) before the
+  n-th ``engine.step()`` of the process: a preemption in the middle of training.
 - ``WENET_HOOKS_TEST_WRITERS=<folder>``: each rank appends ``RANK LOCAL_RANK GROUP_RANK
   file`` to ``<folder>/writes<rank>.txt`` for every file it publishes.
 - ``WENET_HOOKS_TEST_PROBE=<folder>``: after each save, every rank records its
@@ -67,6 +69,22 @@ if os.environ.get("WENET_HOOKS_TEST_KILL_AT"):
 
     _publish_r.replace_file = _replace_or_die
 
+if os.environ.get("WENET_HOOKS_TEST_DIE_AT_STEP") and os.environ.get("RANK") == "0":
+    import signal
+
+    from deepspeed.runtime.engine import DeepSpeedEngine as _Engine
+
+    _die_at, _steps = int(os.environ["WENET_HOOKS_TEST_DIE_AT_STEP"]), [0]
+    _engine_step = _Engine.step
+
+    def _step_or_die(self, *args, **kwargs):
+        _steps[0] += 1
+        if _steps[0] == _die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _engine_step(self, *args, **kwargs)
+
+    _Engine.step = _step_or_die
+
 if os.environ.get("WENET_HOOKS_TEST_PROBE"):
     import atexit
     import json
@@ -125,14 +143,13 @@ if os.environ.get("WENET_HOOKS_TEST_WRITERS"):
 
     import wenet_hooks.file.publish as _publish_w
 
-    _publish_real = _publish_w.PendingFile.publish
+    _rename_real = _publish_w.PendingFile.rename
 
-    def _recorded_publish(self):
-        written = _publish_real(self)
+    def _recorded_rename(self):  # every file a save publishes is renamed here (publish, or a commit)
+        _rename_real(self)
         record = _Path(os.environ["WENET_HOOKS_TEST_WRITERS"], f"writes{os.environ.get('RANK', '-')}.txt")
         with open(record, "a") as f:
             f.write(f"{os.environ.get('RANK')} {os.environ.get('LOCAL_RANK')} {os.environ.get('GROUP_RANK')} "
-                    f"{_Path(written).name}\n")
-        return written
+                    f"{_Path(self.path).name}\n")
 
-    _publish_w.PendingFile.publish = _recorded_publish
+    _publish_w.PendingFile.rename = _recorded_rename

@@ -46,7 +46,7 @@ from wenet_hooks.dist import all_reports
 from wenet_hooks.errors import RestoreError
 from wenet_hooks.file.optimizer_file import meta_tensor, to_file_dict
 from wenet_hooks.gather.masters import inspect_engine
-from wenet_hooks.gather.optimizer import consolidate_optimizer, prepare_optimizer
+from wenet_hooks.gather.optimizer import consolidate_optimizer, prepare_optimizer, state_keys
 from wenet_hooks.gather.staging import Staging, step_wait_seconds
 from wenet_hooks.save import settle_background
 from wenet_hooks.resume import restore
@@ -97,7 +97,8 @@ def exact(out: Path, cases: list[str]) -> dict:
             with slow_copies():
                 save_consolidated(engine, folder, TAG, SaveOptions(optimizer=True), writer=writer)
                 # (its own group: the save's background gather is using the package's)
-                late = prepare_optimizer(inspect_engine(engine), background_group=dist.new_group(backend="gloo"))
+                layout = inspect_engine(engine)
+                late = prepare_optimizer(layout, state_keys(layout), background_group=dist.new_group(backend="gloo"))
                 straight = train_steps(engine, 1, first_step=3)  # its step waits for the save's slow copies
             held = step_wait_seconds(engine)
             late_state = late.finish()

@@ -29,14 +29,17 @@ RUN_SH = REPO / "recipes" / "tiny" / "run.sh"
 SHIM = Path(__file__).resolve().parent / "shim"
 
 
-def run_recipe(tmp_path, **settings):
+def run_recipe(tmp_path, check=True, **settings):
     env = {**os.environ, "WENET_ROOT": WENET_ROOT, "data": str(tmp_path / "data"), "dir": str(tmp_path / "exp"),
            "PYTHONPATH": str(SHIM), "PYTHONWARNINGS": "ignore", **settings}
     proc = subprocess.run(["bash", str(RUN_SH)], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=900)
     log = proc.stdout + proc.stderr
     (tmp_path / "run.log").write_text(log)
-    assert proc.returncode == 0, log[-6000:]
+    if check:
+        assert proc.returncode == 0, log[-6000:]
+    else:
+        assert proc.returncode != 0, "the run was to be killed: " + log[-3000:]
     return log
 
 
@@ -146,10 +149,11 @@ def train_losses(log, epoch):
     return {int(batch): float(loss) for batch, loss in found}
 
 
-def deterministic_config(tmp_path):
+def deterministic_config(tmp_path, **changes):
     """The tiny recipe with dropout, dither and WeNet's list shuffle off, so two runs see the same
-    batches and make the same forwards."""
+    batches and make the same forwards (``changes``: top-level keys set)."""
     configs = yaml.load((REPO / "recipes/tiny/conf/train.yaml").read_text(), Loader=yaml.FullLoader)
+    configs.update(changes)
     for section in ("encoder_conf", "decoder_conf"):
         configs[section]["dropout_rate"] = configs[section]["positional_dropout_rate"] = 0.0
     configs["dataset_conf"]["fbank_conf"]["dither"] = 0.0
@@ -192,3 +196,64 @@ def test_resume_on_three_ranks_trains_to_the_end(tmp_path):
     log = resume(tmp_path, train_yaml, "three", ["epoch_0.pt", "epoch_0.yaml", "epoch_0.optim"], nproc="3")
     assert "saved by ZeRO-2 on 2 ranks, restored onto ZeRO-2 on 3 ranks" in log
     assert (tmp_path / "three_exp" / "epoch_1.pt").is_file() and (tmp_path / "three_exp" / "epoch_1.optim").is_file()
+
+
+FILES_ONLY = {"consolidate": {"enabled": True, "sharded": False, "resume": "auto"}}
+
+
+def killed_and_rerun(tmp_path, train_yaml, kills):
+    """Rank 0 SIGKILLed at each moment of ``kills`` (tests/inject's environment) in turn, the identical
+    command rerun after each; what each kill left on disk, and the log of the run that finished."""
+    from wenet_hooks.file.commit import newest_committed
+
+    exp, left = tmp_path / "exp", []
+    for moment, env in kills:
+        run_recipe(tmp_path, check=False, train_config=str(train_yaml), stage="1", stop_stage="1", **env)
+        newest = newest_committed(exp)
+        left.append(f"{moment}: {sorted(p.name for p in exp.iterdir() if p.is_file())}; newest committed "
+                    f"{newest.name if newest else None}")
+    print("\n".join(left))
+    return run_recipe(tmp_path, train_config=str(train_yaml), stage="1", stop_stage="1")
+
+
+def test_files_only_epoch_mode_killed_anywhere_ends_bit_identical(tmp_path):
+    """``sharded: false`` + ``resume: auto``, 3 epochs: killed during training, during a background write,
+    between renames and before the last save's record, the same command rerun after each; epoch_2.pt and
+    epoch_2.optim are byte-identical to an uninterrupted run's."""
+    train_yaml = deterministic_config(tmp_path, max_epoch=3, wenet_hooks=FILES_ONLY)
+    run_recipe(tmp_path, train_config=str(train_yaml), stop_stage="1", dir=str(tmp_path / "straight"))
+    log = killed_and_rerun(tmp_path, train_yaml, [
+        ("during training, epoch 1", {"WENET_HOOKS_TEST_DIE_AT_STEP": "6"}),
+        ("while epoch_1.pt is written", {"WENET_HOOKS_TEST_KILL_WRITING": "epoch_1"}),
+        ("between epoch_1.pt's and epoch_1.optim's renames", {"WENET_HOOKS_TEST_KILL_AT": "epoch_1.optim"}),
+        ("before epoch_1.yaml's rename", {"WENET_HOOKS_TEST_KILL_AT": "epoch_1.yaml"}),
+        ("before latest_save's rename", {"WENET_HOOKS_TEST_KILL_AT": "latest_save"}),
+        ("before epoch_2.pt's rename (the last save)", {"WENET_HOOKS_TEST_KILL_AT": "epoch_2.pt"}),
+    ])
+    assert "wenet_hooks: resume: auto: continuing from" in log
+    exp, straight = tmp_path / "exp", tmp_path / "straight"
+    for name in ("epoch_2.pt", "epoch_2.optim"):
+        assert (exp / name).read_bytes() == (straight / name).read_bytes(), name
+    assert_loads_strict(wenet_model(exp / "train.yaml"), exp / "epoch_2.pt")
+
+
+def test_files_only_steps_mode_killed_anywhere_trains_to_the_end(tmp_path):
+    """Steps mode (``save_interval``): killed during training, during a background write, between renames
+    and before a record; the same command finishes and every committed save loads strictly."""
+    from wenet_hooks.file.commit import committed
+
+    train_yaml = deterministic_config(tmp_path, save_interval=4, wenet_hooks=FILES_ONLY)
+    killed_and_rerun(tmp_path, train_yaml, [
+        ("during training", {"WENET_HOOKS_TEST_DIE_AT_STEP": "6"}),
+        ("while step_7.pt is written", {"WENET_HOOKS_TEST_KILL_WRITING": "step_7"}),
+        ("between step_7.pt's and step_7.optim's renames", {"WENET_HOOKS_TEST_KILL_AT": "step_7.optim"}),
+        ("before step_7.yaml's rename", {"WENET_HOOKS_TEST_KILL_AT": "step_7.yaml"}),
+    ])
+    exp = tmp_path / "exp"
+    model = wenet_model(exp / "train.yaml")
+    saves = [p for p in exp.glob("*.pt") if not p.is_symlink() and committed(p) is None]
+    assert {p.stem for p in saves} >= {"init", "epoch_0"}
+    for path in saves:
+        assert_loads_strict(model, path)
+        info = yaml.load(path.with_suffix(".yaml").read_text(), Loader=yaml.FullLoader)
+        assert info["tag"] == path.stem  # each yaml is its own save's

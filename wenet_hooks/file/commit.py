@@ -42,8 +42,8 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from wenet_hooks.file.optimizer_file import optimizer_path
 import wenet_hooks.file.publish as publish
+from wenet_hooks.file.optimizer_file import optimizer_path
 from wenet_hooks.file.publish import PendingFile, tmp_path_for
 
 logger = logging.getLogger(__name__)
@@ -110,9 +110,14 @@ class Commit:
         return record
 
     def discard(self) -> None:
+        """Remove what is left under a temporary name (after a failure; what was renamed stays, and
+        without its record it is not committed)."""
         for f in (self.weights, self.optimizer):
             if f is not None:
                 f.discard()
+        tmp = tmp_path_for(record_path(self.weights.path))
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _write_synced(path: Path, text: str) -> None:

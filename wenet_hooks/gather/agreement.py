@@ -11,7 +11,6 @@ when some rank's partitions changed (a new engine, DeepSpeed's
 from __future__ import annotations
 
 import logging
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from wenet_hooks.dist import all_reports
+from wenet_hooks.gather.engines import state_of
 from wenet_hooks.gather.masters import EngineLayout, Fragment, Partitions, full_numel
 
 logger = logging.getLogger(__name__)
@@ -36,35 +36,44 @@ class AgreedLayout:
     by_param: dict[int, list[Fragment]]
 
 
-# id(engine) -> (this rank's description, what was agreed); dropped when the engine is collected
-_AGREED: dict[int, tuple[Description, AgreedLayout]] = {}
 agreements_made = 0  # full agreements (all_gather_object of every fragment list) in this process
 
 
 def agree(layout: EngineLayout) -> Optional[AgreedLayout]:
-    """Collective: the layout if every rank's description is usable and complete, else None.
+    """Collective (unless this save agreed already): the layout if every rank's description is usable and
+    complete, else None.
 
     Reused from the engine's last agreement while every rank's partitions are
     still described the same; agreed anew (and remembered) otherwise. Within one
-    save (one ``layout``) the ranks vote once: every rank calls this for the
-    same gathers in the same order, so every rank reuses alike.
+    save (one ``layout``) the ranks agree once: the save's plan
+    (:func:`agree_with`), or the first gather that asks.
     """
-    if layout.agreed:
-        return layout.agreed[0]
-    layout.agreed.append(_agree(layout))
+    if not layout.agreed:
+        agree_with(layout, None)
     return layout.agreed[0]
 
 
-def _agree(layout: EngineLayout) -> Optional[AgreedLayout]:
-    mine = describe(layout.partitions)
-    known = _AGREED.get(id(layout.engine))
-    unchanged = mine is not None and known is not None and known[0] == mine
-    if all(all_reports(unchanged)):
-        return known[1] if known is not None else None
-    agreed = _agree_anew(mine, layout.params)
-    if agreed is not None and mine is not None:
-        _remember(layout.engine, mine, agreed)
-    return agreed
+def agree_with(layout: EngineLayout, mine: Any) -> list[Any]:
+    """Collective: agree on the layout as :func:`agree` does, exchanging each rank's ``mine`` in the same
+    collective (a save's plan: its optimizer state keys); every rank's ``mine``, in rank order.
+
+    One exchange while every rank's partitions are described as at the
+    engine's last agreement; a second, of every rank's fragment list, when
+    they are not (the first save of an engine, ``offload_states``...).
+    """
+    described = describe(layout.partitions)
+    state = state_of(layout.engine)  # the engine's last agreement is kept with it
+    known = state.agreed
+    unchanged = described is not None and known is not None and known[0] == described
+    reports = all_reports((unchanged, mine))
+    if known is not None and all(same for same, _ in reports):
+        agreed: Optional[AgreedLayout] = known[1]
+    else:
+        agreed = _agree_anew(described, layout.params)
+        if agreed is not None and described is not None:
+            state.agreed = (described, agreed)
+    layout.agreed[:] = [agreed]
+    return [theirs for _, theirs in reports]
 
 
 def describe(parts: Optional[Partitions]) -> Optional[Description]:
@@ -89,16 +98,6 @@ def _agree_anew(mine: Optional[Description], params: Sequence[torch.nn.Parameter
         if not _covers(fragments, full_numel(params[index])):
             return _unusable(f"fragments of parameter {index} do not cover it exactly once")
     return AgreedLayout(sizes, [list(r[1]) for r in reports], dict(by_param))
-
-
-def _remember(engine: Any, mine: Description, agreed: AgreedLayout) -> None:
-    key = id(engine)
-    if key not in _AGREED:
-        try:
-            weakref.finalize(engine, _AGREED.pop, key, None)
-        except TypeError:  # no weak references: kept for the process's life
-            pass
-    _AGREED[key] = (mine, agreed)
 
 
 def _covers(fragments: list[Fragment], numel: int) -> bool:

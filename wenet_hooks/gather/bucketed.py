@@ -32,7 +32,7 @@ from wenet_hooks.dist import all_ok, is_distributed
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.gather.agreement import AgreedLayout, agree
 from wenet_hooks.gather.masters import EngineLayout, Fragment, full_numel, full_shape
-from wenet_hooks.gather.snapshots import snapshot_pool
+from wenet_hooks.gather.engines import snapshot_pool
 from wenet_hooks.gather.staging import Staging
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUCKET_MB = 16.0
 _FP32_BYTES = 4
 
+ALLOCATING = "allocating memory for the gathered weights"
 # Where a rank records a local failure (what it was doing, the error) and goes on.
 RecordFailure = Callable[[str, Exception], None]
 
@@ -77,8 +78,9 @@ def prepare_gather(
     background_group: Any = None,
     staging: Optional[Staging] = None,
 ) -> PendingGather:
-    """Collective: the gather of the fp32 masters that DeepSpeed partitions, agreed on by every rank
-    and allocated; :meth:`PendingGather.run` moves them to rank 0.
+    """The gather of the fp32 masters that DeepSpeed partitions, agreed on by every rank (a collective
+    unless this save's plan agreed already) and allocated here; :meth:`PendingGather.run` votes on the
+    allocations and moves them to rank 0.
 
     With ``state_key``, that optimizer state of each parameter (``exp_avg``...)
     instead: it lies in flat tensors of the masters' own layout.
@@ -100,14 +102,14 @@ def prepare_gather(
     if agreed is None:
         return PendingGather(set())
     # Every rank described its partitions. An optimizer state's flats share the masters' layout, and
-    # every rank holds the state (the caller agreed on that first, optimizer_unavailable).
+    # every rank holds the state (the save's plan agreed on its keys first: optimizer.agreed_state_keys).
     parts = layout.partitions if state_key is None else layout.state_partitions(state_key)
     # No chunk larger than the largest flat buffer: a small model's gather then holds kilobytes,
     # not a whole bucket, while it waits in the background.
     chunk = max(1, min(bucket_bytes // (_FP32_BYTES * dist.get_world_size()), max(agreed.flat_numels, default=1)))
     moves = None
     try:
-        if parts is None:  # reported after the vote below, which every rank reaches
+        if parts is None:  # reported after the vote that starts the run, which every rank reaches
             raise ConsolidationError(f"optimizer state '{state_key}' is missing on rank {dist.get_rank()}")
         flats, group = parts.flats, parts.process_group
         lent = background_group is not None and staging is None  # else the staging gives its buffers back
@@ -118,10 +120,10 @@ def prepare_gather(
                                                                           record_failure),
                        record_failure, snapshot=layout.engine if lent else None)
     except Exception as e:
-        record_failure("allocating memory for the gathered weights", e)
-    if not all_ok(moves is not None, "allocating memory for the gathered weights"):
-        return PendingGather(set(agreed.by_param))
-    return PendingGather(set(agreed.by_param), moves)
+        record_failure(ALLOCATING, e)
+    # The ranks vote on the allocation when the gather runs (on the group it runs over), not now: a save
+    # prepares all its gathers and votes once (wenet_hooks.save).
+    return PendingGather(set(agreed.by_param), moves, background_group)
 
 
 @dataclass
@@ -129,18 +131,25 @@ class PendingGather:
     """A gather every rank has agreed on: the parameters it covers, and the bytes still to move."""
 
     indices: set[int]
-    moves: Optional[_Moves] = None  # None: nothing to move (no layout, or allocating failed somewhere)
+    moves: Optional[_Moves] = None  # None: nothing to move here (no layout, or allocating failed on this rank)
+    vote_group: Any = None  # the group the run's first vote goes over (None: the default group)
 
     def run(self, on_complete: Optional[OnComplete] = None, on_fragment: Optional[OnFragment] = None) -> Gathered:
         """Collective over the group it was prepared with: the full tensors, on rank 0; with
         ``on_complete``, each handed over there as it completes instead (rank 0's memory then holds
         the tensors in flight); with ``on_fragment``, each fragment as it arrives, never assembled
-        (rank 0's memory then holds its receive buffer, one bucket, whatever the tensors' sizes)."""
-        if self.moves is None:
-            return Gathered(self.indices)
+        (rank 0's memory then holds its receive buffer, one bucket, whatever the tensors' sizes).
+
+        It starts with the ranks' vote on their allocations: where one failed, nothing moves
+        anywhere, and the rank that failed raises from its record."""
         # Run once, then let go: the receive buffers (and, through on_complete, whatever its closure
         # holds) are freed now, not whenever a reference cycle through a caller is collected.
         moves, self.moves = self.moves, None
+        if not self.indices or not all_ok(moves is not None, ALLOCATING, self.vote_group):
+            if moves is not None:
+                moves.release()
+            return Gathered(self.indices)
+        assert moves is not None
         receiver = moves.collective.receiver
         if receiver is not None:
             receiver.on_complete, receiver.on_fragment = on_complete, on_fragment
@@ -174,10 +183,14 @@ class _Moves:
                 received = self.collective.exchange(send, numel)
                 if receiver is not None:
                     receiver.place(group, lo, received)
-        if self.snapshot is not None:  # sent: free for the next save's copy
+        self.release()
+        return receiver.tensors if receiver is not None else {}
+
+    def release(self) -> None:
+        """Sent, or never to be: the host copies lent by the engine's pool are free for the next save's."""
+        if self.snapshot is not None:
             snapshot_pool(self.snapshot).give_back(self.flats)
         self.flats = []
-        return receiver.tensors if receiver is not None else {}
 
 
 class _Collective:

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from wenet_hooks.dist import all_reports, get_rank, get_world_size, is_rank0
+from wenet_hooks.dist import get_rank, get_world_size, is_rank0
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.file.layout import Entry
 from wenet_hooks.file.optimizer_file import (
@@ -28,6 +28,7 @@ from wenet_hooks.file.optimizer_file import (
     meta_tensor,
     plain,
 )
+from wenet_hooks.gather.agreement import agree_with
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
 from wenet_hooks.gather.masters import EngineLayout, full_shape, inspect_engine
 from wenet_hooks.gather.per_param import HostCopies
@@ -54,14 +55,15 @@ class GatheredOptimizer:
 def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> Optional[GatheredOptimizer]:
     """Collective: must be called on all ranks. The optimizer state on rank 0; ``None`` elsewhere.
 
-    Call :func:`optimizer_unavailable` first: every rank must keep its state in
-    DeepSpeed's partitioned layout.
-
     Raises:
-        ConsolidationError: gathering it failed on this rank (after every
-            collective ran on every rank).
+        ConsolidationError: the ranks do not all keep it in DeepSpeed's partitioned layout (on every
+            rank alike), or gathering it failed on this rank (after every collective ran on every rank).
     """
-    return prepare_optimizer(inspect_engine(engine), bucket_mb).finish()
+    layout = inspect_engine(engine)
+    keys = agreed_state_keys(agree_with(layout, state_keys(layout)))
+    if isinstance(keys, str):
+        raise ConsolidationError(f"the optimizer state cannot be gathered: {keys}")
+    return prepare_optimizer(layout, keys, bucket_mb).finish()
 
 
 @dataclass
@@ -109,9 +111,10 @@ class PendingOptimizer:
         return GatheredOptimizer(state, self.meta) if self.copy.enabled else None
 
 
-def prepare_optimizer(layout: EngineLayout, bucket_mb: float = DEFAULT_BUCKET_MB,
+def prepare_optimizer(layout: EngineLayout, keys: list[str], bucket_mb: float = DEFAULT_BUCKET_MB,
                       background_group: Any = None, staging: Optional[Staging] = None) -> PendingOptimizer:
-    """Collective: agree on the layout, take the meta (step, scheduler...) now, allocate.
+    """Collective unless the save agreed on the layout already: take the meta (step, scheduler...) now, allocate
+    the gather of each state in ``keys`` (:func:`agreed_state_keys`: the same on every rank).
 
     With ``background_group``, every rank also copies its partitions of the
     state to host memory now, so :meth:`PendingOptimizer.finish` can run in
@@ -122,8 +125,6 @@ def prepare_optimizer(layout: EngineLayout, bucket_mb: float = DEFAULT_BUCKET_MB
         ConsolidationError: the state is not in DeepSpeed's flat layout (on every rank alike).
     """
     names = {i: layout.names[i] for i in layout.trainable()}
-    keys = state_keys(layout)
-    keys = keys if isinstance(keys, list) else []  # agreed by optimizer_unavailable
     copy = HostCopies(torch.float32, enabled=is_rank0())
     gathers = {}
     with torch.no_grad():
@@ -141,19 +142,14 @@ def prepare_optimizer(layout: EngineLayout, bucket_mb: float = DEFAULT_BUCKET_MB
                             shapes)
 
 
-def optimizer_unavailable(layout: EngineLayout) -> Optional[str]:
-    """Collective: why this engine's optimizer state cannot be gathered, agreed by every rank; None if it can.
-
-    It must lie in DeepSpeed's partitioned layout (ZeRO-1/2/3, the bf16
-    optimizer), in memory, in the base optimizer's own state, with the same
-    state keys on every rank.
-    """
-    reports = all_reports(state_keys(layout))
+def agreed_state_keys(reports: list[Union[list[str], str]]) -> Union[list[str], str]:
+    """Every rank's :func:`state_keys`, agreed: the keys every rank keeps, or why the state cannot be
+    gathered (the same on every rank, which all read the same reports)."""
     if any(isinstance(r, str) for r in reports):
         return f"the optimizer state is kept in {next(r for r in reports if isinstance(r, str))}"
     if any(r != reports[0] for r in reports):
         return f"the ranks keep different optimizer states ({reports})"
-    return None
+    return reports[0]
 
 
 def state_keys(layout: EngineLayout) -> Union[list[str], str]:

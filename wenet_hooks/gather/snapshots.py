@@ -10,9 +10,7 @@ sends those.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import defaultdict
-from typing import Any
 
 import torch
 
@@ -23,7 +21,8 @@ class SnapshotPool:
     A fresh buffer costs its page faults at every save, about four times the
     copy itself (1 GB: 0.5 s against 0.13 s here); kept, each rank holds its
     share of the masters and the optimizer state once more in host memory
-    while the engine lives (the pool is emptied when the engine is collected).
+    while the engine lives (its pool is emptied when the engine is collected:
+    :mod:`wenet_hooks.gather.engines`).
     Pinned when the partition lies on an accelerator, so the copy runs at full
     speed: torch's caching host allocator rounds each pinned block up to a
     power of two, so the pool asks for exactly that and counts what it really
@@ -66,28 +65,3 @@ class SnapshotPool:
         with self._lock:
             self._free.clear()
             self.nbytes = 0
-
-
-_POOLS: dict[int, SnapshotPool] = {}  # id(engine) -> its pool, removed when the engine is collected
-
-
-def snapshot_pool(engine: Any) -> SnapshotPool:
-    """The host buffers kept for ``engine``'s background gathers; freed when the engine is collected."""
-    key = id(engine)
-    if key not in _POOLS:
-        _POOLS[key] = SnapshotPool()
-        _forget_with(engine, lambda: _drop_pool(key))
-    return _POOLS[key]
-
-
-def _drop_pool(key: int) -> None:
-    pool = _POOLS.pop(key, None)
-    if pool is not None:
-        pool.clear()
-
-
-def _forget_with(engine: Any, forget: Any) -> None:
-    try:
-        weakref.finalize(engine, forget)
-    except TypeError:  # an object without weak references: kept for the process's life
-        pass

@@ -31,7 +31,8 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from wenet_hooks.gather.snapshots import SnapshotPool, snapshot_pool
+from wenet_hooks.gather.engines import known_state, snapshot_pool, state_of
+from wenet_hooks.gather.snapshots import SnapshotPool
 
 # Elements copied (and checked) at a time: 1 MB of fp32, so a chunk copied is still in cache when it is checked.
 _CHUNK = 1 << 18
@@ -137,14 +138,14 @@ def new_staging(engine: Any, flats_on_host: bool, optimizers: list[torch.optim.O
 
 def step_wait_seconds(engine: Any) -> float:
     """How long ``engine``'s optimizer steps have waited for copies still being taken (in total)."""
-    guard = _GUARDS.get(id(engine))
+    guard = _guard_of(engine)
     return guard.waited if guard is not None else 0.0
 
 
 def wait_for_copies(engine: Any) -> None:
     """Block until every copy of ``engine``'s partitions a save asked for is taken (before changing them
     other than by a step: a restore)."""
-    guard = _GUARDS.get(id(engine))
+    guard = _guard_of(engine)
     if guard is not None:
         guard.wait()
 
@@ -177,8 +178,6 @@ class _StepGuard:
             self.waited += time.perf_counter() - started
 
 
-_GUARDS: dict[int, _StepGuard] = {}  # id(engine) -> its guard, removed when the engine is collected
-
 # DeepSpeed's entry points that write the masters or the optimizer state outside a step (0.14-0.19.8): each
 # waits for the copies in flight first. Those of the engine, then those of its ZeRO / bf16 / fp16 optimizer.
 ENGINE_WRITERS = ("load_checkpoint", "_load_checkpoint", "_load_zero_checkpoint")
@@ -192,8 +191,8 @@ WRITE_DURING_BACKWARD = ("SuperOffload", "ZenFlow")
 
 
 def _guard(engine: Any, optimizers: list[torch.optim.Optimizer]) -> _StepGuard:
-    key = id(engine)
-    if key not in _GUARDS:
+    state = state_of(engine)
+    if state.guard is None:
         guard = _StepGuard()
         undo: list[Callable[[], None]] = []
         try:  # every hook in place before the guard is published: a save never defers with nothing held
@@ -205,12 +204,14 @@ def _guard(engine: Any, optimizers: list[torch.optim.Optimizer]) -> _StepGuard:
             for remove in undo:
                 remove()
             raise
-        _GUARDS[key] = guard
-        try:
-            weakref.finalize(engine, _forget_guard, key, undo)
-        except TypeError:  # an object without weak references: kept for the process's life
-            pass
-    return _GUARDS[key]
+        state.undo += undo  # undone when the engine is collected
+        state.guard = guard
+    return state.guard
+
+
+def _guard_of(engine: Any) -> Optional[_StepGuard]:
+    state = known_state(engine)
+    return state.guard if state is not None else None
 
 
 def _wait_before(owner: Any, names: tuple[str, ...], guard: _StepGuard) -> list[Callable[[], None]]:
@@ -218,20 +219,24 @@ def _wait_before(owner: Any, names: tuple[str, ...], guard: _StepGuard) -> list[
     only); what undoes each."""
     undo: list[Callable[[], None]] = []
     for name in names:
-        original = getattr(owner, name, None) if owner is not None else None
-        if not callable(original) or name in vars(owner):  # absent, or already an instance attribute
+        method = getattr(type(owner), name, None) if owner is not None else None
+        if not callable(method) or name in vars(owner):  # absent, or already an instance attribute
             continue
+        try:  # the wrapper holds its owner weakly: no reference cycle keeps an engine alive
+            owner_ref: Callable[[], Any] = weakref.ref(owner)
+        except TypeError:  # an object without weak references
+            owner_ref = functools.partial(lambda o: o, owner)
 
-        def waiting(*args: Any, __original: Callable = original, **kwargs: Any) -> Any:
+        def waiting(*args: Any, __method: Callable = method, __owner: Callable = owner_ref, **kwargs: Any) -> Any:
             guard.wait()  # a background save still copying what this writes reads it first
-            return __original(*args, **kwargs)
+            return __method(__owner(), *args, **kwargs)
 
-        setattr(owner, name, waiting)
-        undo.append(functools.partial(_remove_attribute, weakref.ref(owner), name))
+        setattr(owner, name, functools.wraps(method)(waiting))
+        undo.append(functools.partial(_remove_attribute, owner_ref, name))
     return undo
 
 
-def _remove_attribute(owner_ref: Any, name: str) -> None:
+def _remove_attribute(owner_ref: Callable[[], Any], name: str) -> None:
     owner = owner_ref()
     if owner is not None and name in vars(owner):
         delattr(owner, name)
@@ -242,12 +247,6 @@ def writes_masters_during_backward(engine: Any) -> bool:
     wrapper = getattr(engine, "optimizer", None)
     classes = [c.__name__ for c in type(wrapper).__mro__] if wrapper is not None else []
     return any(name.startswith(prefix) for name in classes for prefix in WRITE_DURING_BACKWARD)
-
-
-def _forget_guard(key: int, undo: list[Callable[[], None]]) -> None:
-    _GUARDS.pop(key, None)
-    for remove in undo:
-        remove()
 
 
 def torch_optimizers(engine: Any) -> list[torch.optim.Optimizer]:

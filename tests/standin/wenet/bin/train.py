@@ -1,8 +1,7 @@
 """Stand-in for wenet/bin/train.py (see tests/standin/README.md).
 
 Extra knobs for the tests, through the environment: STANDIN_STEPS (steps per
-epoch, default 2), STANDIN_LOSSES (file to which rank 0 appends its losses),
-STANDIN_DIE_AT_STEP (rank 0 kills itself with SIGKILL before that step).
+epoch, default 2), STANDIN_LOSSES (file to which rank 0 appends its losses).
 """
 
 import argparse

@@ -2,7 +2,6 @@
 
 import copy
 import os
-import signal
 import sys
 
 import torch
@@ -34,8 +33,6 @@ class Executor:
             info_dict["tag"] = "TRAIN"
             info_dict["step"] = self.step
             info_dict["batch_idx"] = batch_idx
-            if os.environ.get("STANDIN_DIE_AT_STEP") == str(self.step) and os.environ["RANK"] == "0":
-                os.kill(os.getpid(), signal.SIGKILL)  # a preemption in the middle of training
             # Epoch mode: WeNet's data loader gives each epoch the same batches whatever the step counter
             # (a resume from epoch_N continues with epoch N+1's); steps mode keys them by step here.
             index = self.step if "save_interval" in configs else 1000 * (1 + configs["epoch"]) + batch_idx
