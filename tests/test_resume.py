@@ -33,7 +33,7 @@ def jobs(tmp_path_factory):
     x3, x2 = root / "x3", root / "x2"
     run_torchrun(JOBS / "resume_job.py", str(root / "a"), f"write={x3}", nproc=3)
     run_torchrun(JOBS / "resume_job.py", str(root / "b"), f"exact={'+'.join(EXACT)}", f"restore={x3}",
-                 f"write={x2}", f"refuse={x2 / 'zero2'}", "fresh=z2-bf16-nooffload", "zero0=", "reload=", nproc=2)
+                 f"write={x2}", f"refuse={x2 / 'zero2'}", "fresh=z2-bf16-nooffload", "zero0=", "reload=", "votes=", nproc=2)
     run_torchrun(JOBS / "resume_job.py", str(root / "c"), f"restore={x2}", nproc=3)
     seen = {name: [json.loads((root / name / f"rank{r}.json").read_text()) for r in range(ranks)]
             for name, ranks in (("b", 2), ("c", 3))}
@@ -129,6 +129,19 @@ def test_load_checkpoint_during_a_background_save_leaves_the_save_whole(jobs):
     _, seen = jobs
     for stage in ("2", "3"):
         assert seen["b"][0]["reload"][stage] == {"B holds B": True, "B.optim holds B": True, "rolled back": True}
+
+
+def test_a_background_save_makes_two_collectives_on_the_training_thread(jobs):
+    """One exchange of the save's plan (the layout unchanged? and the optimizer state's keys) and one vote
+    on its preparation (7 before: the layout, each gather's allocation, the optimizer's keys, each phase);
+    an engine's first save also agrees on every rank's fragments (and the process's first makes the
+    background group)."""
+    _, seen = jobs
+    for rank in (0, 1):
+        counted = seen["b"][rank]["votes"]
+        for stage in ("z2", "z3"):
+            assert [c for c in counted[f"{stage} first"] if c != "new_group"] == ["all_gather_object"] * 3, counted
+            assert counted[f"{stage} second"] == counted[f"{stage} third"] == ["all_gather_object"] * 2, counted
 
 
 def test_zero0_saves_weights_without_an_optimizer_file(jobs):

@@ -5,6 +5,19 @@ DeepSpeed trainer can call it after ``engine.save_checkpoint``::
 
     engine.save_checkpoint(model_dir, tag=tag)
     save_consolidated(engine, model_dir, tag)      # every rank; rank 0 writes <tag>.pt
+
+One save, in order, with the collectives each step makes:
+
+1. plan (:func:`_prepare`): the engine inspected once; every rank's "my
+   partitions are as agreed" and its optimizer state keys exchanged in one
+   collective (a second, of every rank's fragments, at an engine's first save);
+2. prepare: the gathers allocated, the host copies registered; one vote;
+3. the job (:mod:`wenet_hooks.save_job`), now or in the background: stage
+   (copies taken, check voted) -> gather -> vote -> commit
+   (:mod:`wenet_hooks.file.commit`).
+
+A failure in any step raises :class:`~wenet_hooks.errors.SaveError` on every
+rank (in a background save, at the next save or :func:`settle_background`).
 """
 
 from __future__ import annotations

@@ -9,8 +9,12 @@ lays each file out beforehand from shapes alone and writes every fragment it
 receives to its place as it arrives
 (:class:`wenet_hooks.file.publish.PendingFile`): it holds its receive buffer,
 one bucket, never the model nor even a whole parameter. The files are
-published only once every rank said its part arrived; a rank that failed sent
-zeros.
+committed as a whole (:mod:`wenet_hooks.file.commit`) only once every rank
+said its part arrived; a rank that failed sent zeros.
+
+The steps, in order (:meth:`SaveJob.__call__`): ``stage`` (copies taken,
+the check voted) -> ``gather`` (weights, then optimizer state) -> ``vote``
+(every part arrived?) -> ``commit`` (rank 0: sealed, renamed, record last).
 """
 
 from __future__ import annotations
@@ -62,14 +66,20 @@ class SaveJob:
         return "the weights and the optimizer state" if self.optimizer is not None else "the weights"
 
     def __call__(self) -> None:
+        """The save's remaining steps, in order: stage -> gather -> vote -> commit (rank 0)."""
         try:
-            self._stage()
-            self._gather_and_publish()
+            self.stage()
+            weights_file, optimizer_file, failure = self.gather()
+            sent, failure = self.vote(failure)
+            committed = self.commit(weights_file, optimizer_file, sent) if is_rank0() else None
         finally:
             if self.staging is not None:
                 self.staging.release()
+        first = failure or committed
+        if first is not None:
+            raise first
 
-    def _stage(self) -> None:
+    def stage(self) -> None:
         """Collective: the host copies taken here if the save left them to this job (the next step waits
         for them), then every rank's check of its masters, voted on: nothing is gathered from a wrong read."""
         if self.staging is None:
@@ -85,25 +95,28 @@ class SaveJob:
         if failure is not None:
             raise PhaseError(STAGING, ConsolidationError(failure.message))
 
-    def _gather_and_publish(self) -> None:
+    def gather(self) -> tuple[Optional[PendingFile], Optional[PendingFile], Optional[PhaseError]]:
+        """Collective: the weights, then the optimizer state, each written into its file on rank 0 as it
+        arrives (the weights sealed in between, so the optimizer file's meta names them); this rank's
+        first failure (every rank runs every collective whatever failed)."""
         weights_file, failure = self._gather(self.path, lambda: self.weights.entries, self.weights.finish,
                                              GATHERING_WEIGHTS)
-        optimizer_file, optimizer_failure = None, None
+        optimizer_file = None
         if self.optimizer is not None:
             if weights_file is not None and failure is None:
                 failure = self._seal_weights(weights_file)
             optimizer_file, optimizer_failure = self._gather(
                 optimizer_path(self.path), self.optimizer.entries, self.optimizer.finish, GATHERING_OPTIMIZER)
-        # A rank that failed sent zeros: every rank says whether its part arrived before anything is published.
+            failure = failure or optimizer_failure
+        return weights_file, optimizer_file, failure
+
+    def vote(self, failure: Optional[PhaseError]) -> tuple[bool, Optional[PhaseError]]:
+        """Collective: whether every rank's part arrived (a rank that failed sent zeros), before anything
+        is published; and this rank's failure."""
         try:
-            sent = all_ok(failure is None and optimizer_failure is None, f"sending {self.what}", self.group)
+            return all_ok(failure is None, f"sending {self.what}", self.group), failure
         except Exception as e:  # the group is gone (destroyed before the job ran): nothing is published
-            sent = False
-            failure = failure or PhaseError(GATHERING_WEIGHTS, e)
-        committed = self._commit(weights_file, optimizer_file, sent) if is_rank0() else None
-        first = failure or optimizer_failure or committed
-        if first is not None:
-            raise first
+            return False, failure or PhaseError(GATHERING_WEIGHTS, e)
 
     def _seal_weights(self, weights_file: PendingFile) -> Optional[PhaseError]:
         """Rank 0, between the two gathers: the weights sealed, so the optimizer file's meta can name them
@@ -116,8 +129,8 @@ class SaveJob:
             return PhaseError(f"writing {self.path}", e)
         return None
 
-    def _commit(self, weights_file: Optional[PendingFile], optimizer_file: Optional[PendingFile],
-                sent: bool) -> Optional[PhaseError]:
+    def commit(self, weights_file: Optional[PendingFile], optimizer_file: Optional[PendingFile],
+               sent: bool) -> Optional[PhaseError]:
         """Rank 0: the save's files committed as a whole (:mod:`wenet_hooks.file.commit`), or none of them."""
         commit = Commit(weights_file, optimizer_file, self.record) if weights_file is not None else None
         whole = commit is not None and sent and (self.optimizer is None or optimizer_file is not None)

@@ -20,6 +20,8 @@ mode records goes to ``OUT_DIR/rank<r>.json`` under the mode's name. Modes:
   one more step.
 - ``fresh=CASE``: files saved before the first step, resumed (nothing to restore but counters).
 - ``zero0=``: a ZeRO-0 save asked for an optimizer file (it has none to give).
+- ``votes=``: the collectives a model+optimizer background save makes on the training thread (ZeRO-2 and
+  ZeRO-3, three saves of one engine).
 - ``reload=``: a background save, then at once ``engine.load_checkpoint`` of an earlier tag:
   whether the files hold the save's state (ZeRO-2 and ZeRO-3).
 - ``refuse=FOLDER``: bad files offered to a ZeRO-2 run: each error message, and
@@ -32,6 +34,7 @@ import contextlib
 import gc
 import json
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -334,6 +337,51 @@ def reload(out: Path) -> dict:
     return seen
 
 
+COLLECTIVES = ("all_gather_object", "all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "gather",
+               "scatter", "reduce_scatter_tensor", "barrier", "new_group")
+
+
+@contextlib.contextmanager
+def collectives_on_this_thread(counted: list[str]):
+    """Every torch.distributed collective this thread calls, by name, into ``counted``."""
+    main, real = threading.current_thread(), {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            if threading.current_thread() is main:
+                counted.append(name)
+            return real[name](*args, **kwargs)
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counting(name))
+    try:
+        yield
+    finally:
+        for name, function in real.items():
+            setattr(dist, name, function)
+
+
+def votes(out: Path) -> dict:
+    """The collectives a model+optimizer background save makes on the training thread: at an engine's first
+    save (its layout agreed, the background group made) and at the next ones."""
+    folder = out / "votes"
+    folder.mkdir(parents=True, exist_ok=True)
+    seen = {}
+    for stage in (2, 3):
+        engine = engine_for(f"z{stage}-fp32-nooffload")
+        writer = BackgroundWriter()
+        for n, name in enumerate(("first", "second", "third")):
+            train_steps(engine, 1, first_step=n)
+            counted: list[str] = []
+            with collectives_on_this_thread(counted):
+                save_consolidated(engine, folder, f"z{stage}_{name}", SaveOptions(optimizer=True), writer=writer)
+            seen[f"z{stage} {name}"] = counted
+        settle_background(writer)
+        dist.barrier()
+    return seen
+
+
 def main() -> None:
     import deepspeed
 
@@ -355,6 +403,8 @@ def main() -> None:
             seen[mode] = zero0(out)
         elif mode == "reload":
             seen[mode] = reload(out)
+        elif mode == "votes":
+            seen[mode] = votes(out)
         else:
             seen[mode] = refuse(Path(arg))
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(seen))

@@ -222,8 +222,9 @@ def test_files_only_epoch_mode_killed_anywhere_ends_bit_identical(tmp_path):
     epoch_2.optim are byte-identical to an uninterrupted run's."""
     train_yaml = deterministic_config(tmp_path, max_epoch=3, wenet_hooks=FILES_ONLY)
     run_recipe(tmp_path, train_config=str(train_yaml), stop_stage="1", dir=str(tmp_path / "straight"))
+    # Two steps an epoch (16 utterances, batches of 4, 2 ranks); each kill is one the rerun reaches.
     log = killed_and_rerun(tmp_path, train_yaml, [
-        ("during training, epoch 1", {"WENET_HOOKS_TEST_DIE_AT_STEP": "6"}),
+        ("during training, epoch 1", {"WENET_HOOKS_TEST_DIE_AT_STEP": "3"}),
         ("while epoch_1.pt is written", {"WENET_HOOKS_TEST_KILL_WRITING": "epoch_1"}),
         ("between epoch_1.pt's and epoch_1.optim's renames", {"WENET_HOOKS_TEST_KILL_AT": "epoch_1.optim"}),
         ("before epoch_1.yaml's rename", {"WENET_HOOKS_TEST_KILL_AT": "epoch_1.yaml"}),
@@ -242,12 +243,14 @@ def test_files_only_steps_mode_killed_anywhere_trains_to_the_end(tmp_path):
     and before a record; the same command finishes and every committed save loads strictly."""
     from wenet_hooks.file.commit import committed
 
-    train_yaml = deterministic_config(tmp_path, save_interval=4, wenet_hooks=FILES_ONLY)
+    # Steps mode: one pass over the data cycled max_epoch times (8 steps), a save after every second step;
+    # a rerun from step_N goes on at step N + 1 for 8 more steps.
+    train_yaml = deterministic_config(tmp_path, save_interval=2, max_epoch=4, wenet_hooks=FILES_ONLY)
     killed_and_rerun(tmp_path, train_yaml, [
-        ("during training", {"WENET_HOOKS_TEST_DIE_AT_STEP": "6"}),
-        ("while step_7.pt is written", {"WENET_HOOKS_TEST_KILL_WRITING": "step_7"}),
-        ("between step_7.pt's and step_7.optim's renames", {"WENET_HOOKS_TEST_KILL_AT": "step_7.optim"}),
-        ("before step_7.yaml's rename", {"WENET_HOOKS_TEST_KILL_AT": "step_7.yaml"}),
+        ("during training", {"WENET_HOOKS_TEST_DIE_AT_STEP": "4"}),
+        ("while step_5.pt is written", {"WENET_HOOKS_TEST_KILL_WRITING": "step_5"}),
+        ("between step_5.pt's and step_5.optim's renames", {"WENET_HOOKS_TEST_KILL_AT": "step_5.optim"}),
+        ("before step_5.yaml's rename", {"WENET_HOOKS_TEST_KILL_AT": "step_5.yaml"}),
     ])
     exp = tmp_path / "exp"
     model = wenet_model(exp / "train.yaml")

@@ -28,6 +28,7 @@ from wenet_hooks.dtypes import dtype_name, resolve_dtype
 from wenet_hooks.errors import VerificationError, WenetHooksError, first_line
 from wenet_hooks.file.layout import Entry, OnTensor, Value
 from wenet_hooks.file.manifest import Manifest, TensorSpec, spec_differences
+from wenet_hooks.file.commit import fingerprint
 from wenet_hooks.file.optimizer_file import META_KEY, file_key, optimizer_path, to_file_dict
 from wenet_hooks.file.publish import tmp_path_for, write_entries, write_state_dict
 from wenet_hooks.readers.folder import FolderCheckpoint
@@ -85,7 +86,7 @@ def _convert_sharded(source: Source, target: Path, dtype: torch.dtype, expected:
     """Sharded -> single file (and the optimizer file), one tensor in memory at a time where torch allows it."""
     checkpoint = ShardedCheckpoint(source.path)
     if optimizer:  # read and checked before anything is written
-        optimizer_entries, optimizer_values = _optimizer_layout(checkpoint)
+        _optimizer_layout(checkpoint)
     entries = checkpoint.entries(dtype)
     if expected is not None:
         found: dict[str, TensorSpec] = {}
@@ -93,16 +94,20 @@ def _convert_sharded(source: Source, target: Path, dtype: torch.dtype, expected:
             found[e.key] = found[e.alias_of] if e.alias_of else TensorSpec(e.shape, e.dtype)
         _check_against_model(found, expected, source)
     write_entries(entries, checkpoint.values(entries, dtype), target, on_tensor=progress)
-    if optimizer:
+    if optimizer:  # its meta names the weights just written, as a save's does
+        optimizer_entries, optimizer_values = _optimizer_layout(checkpoint, fingerprint(target))
         write_entries(optimizer_entries, optimizer_values, optimizer_path(target), on_tensor=progress)
     return Outcome(source.tag, source.kind, str(checkpoint.zero_stage), str(checkpoint.world_size), len(entries),
                    target.stat().st_size, dtype_name(dtype), verified="yes")
 
 
-def _optimizer_layout(checkpoint: ShardedCheckpoint) -> tuple[list[Entry], Iterator[Value]]:
-    """``<tag>.optim`` as the hook writes it: each parameter's state tensors, then the meta."""
+def _optimizer_layout(checkpoint: ShardedCheckpoint,
+                      weights: Optional[str] = None) -> tuple[list[Entry], Iterator[Value]]:
+    """``<tag>.optim`` as the hook writes it: each parameter's state tensors, then the meta (naming the
+    fingerprint of its ``weights``, when given)."""
     keys, names, shapes = checkpoint.optimizer_state_keys(), checkpoint.trainable_names(), checkpoint.full_shapes()
-    meta = to_file_dict({}, checkpoint.optimizer_meta())[META_KEY]
+    named = {"weights": weights} if weights is not None else {}
+    meta = to_file_dict({}, {**checkpoint.optimizer_meta(), **named})[META_KEY]
     entries = [Entry(file_key(key, name), tuple(shapes[name]), torch.float32) for name in names for key in keys]
     entries.append(Entry(META_KEY, tuple(meta.shape), meta.dtype))
     per_key = [checkpoint.optimizer_values(key, names) for key in keys]
