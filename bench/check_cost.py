@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
         layout = inspect_engine(engine)
         staging = Staging(pool, deferred=True)
         for flat in layout.partitions.flats:
-            staging.copy_of(flat)
+            staging.buffer_for(flat)
         if check:
             staging.add_check(ChunkCheck(layout))
         staging.run()

@@ -87,7 +87,7 @@ def _repo_files() -> set[str]:
 @pytest.fixture(params=["streamed", "torch.save"])
 def writer(request, monkeypatch):
     """The file writer under test: streamed (torch >= 2.6, skipped below) or torch.save (any torch)."""
-    import wenet_hooks.file.layout as layout_module
+    import wenet_hooks.file.writer as layout_module
     from wenet_hooks.compat import can_stream
 
     if request.param == "torch.save":

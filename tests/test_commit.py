@@ -29,7 +29,7 @@ WRITER = textwrap.dedent('''
     import torch
     import wenet_hooks.file.publish as publish
     from wenet_hooks.file.commit import Commit
-    from wenet_hooks.file.layout import entries_for
+    from wenet_hooks.file.writer import entries_for
 
     folder, tag, value, kill_at = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
     steps = []
@@ -82,7 +82,7 @@ def save(folder: Path, tag: str, value: float, kill_at: str = "never") -> subpro
 def commit_here(folder: Path, tag: str, value: float, step: int) -> None:
     """A committed save of ``tag`` written in this process, through the package's commit."""
     from wenet_hooks.file.commit import Commit
-    from wenet_hooks.file.layout import entries_for
+    from wenet_hooks.file.writer import entries_for
     from wenet_hooks.file.publish import PendingFile
 
     files = []

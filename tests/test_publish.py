@@ -10,7 +10,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-import wenet_hooks.file.layout as layout_module
+import wenet_hooks.file.writer as layout_module
 from helpers import small_disk
 from wenet_hooks import CheckpointWriteError, Manifest, VerificationError, write_state_dict
 

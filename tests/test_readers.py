@@ -102,7 +102,7 @@ def test_trainable_parameters_are_handed_over_as_views_of_the_mapped_shards(name
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from wenet_hooks.file.layout import Pieces
+    from wenet_hooks.file.writer import Pieces
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         truth = get_fp32_state_dict_from_zero_checkpoint(str(FIXTURES / name), tag="epoch_0")

@@ -36,7 +36,7 @@ def test_copies_every_chunk_and_finds_a_wrong_element_in_a_later_chunk(small_chu
     flat = torch.arange(14, dtype=torch.float32)
     good = [flat[9:14].clone(), flat[0:7].clone()]
     staging = Staging(SnapshotPool(), deferred=True)
-    copy = staging.copy_of(flat)
+    copy = staging.buffer_for(flat)
     staging.add_check(ChunkCheck(layout_of(flat, good)))
     staging.run()
     assert staging.done.is_set() and staging.error is None and staging.problem() is None
@@ -45,7 +45,7 @@ def test_copies_every_chunk_and_finds_a_wrong_element_in_a_later_chunk(small_chu
     bad = [good[0].clone(), good[1].clone()]
     bad[0][-1] += 1  # decoder.b's last element, in the flat's last chunk
     staging = Staging(SnapshotPool(), deferred=True)
-    staging.copy_of(flat)
+    staging.buffer_for(flat)
     staging.add_check(ChunkCheck(layout_of(flat, bad)))
     staging.run()
     assert staging.problem().startswith("rank 0: the fp32 masters read for 1 parameter(s) do not equal the "
@@ -64,7 +64,7 @@ def test_checks_bf16_weights_against_the_masters_rounded(small_chunks):
 
 def test_an_error_while_copying_is_kept_and_still_releases_the_steps():
     staging = Staging(SnapshotPool(), deferred=True)
-    staging.copy_of(torch.zeros(4))
+    staging.buffer_for(torch.zeros(4))
     staging._flats[next(iter(staging._flats))].buffer = torch.zeros(3)  # a buffer too small: copy_ raises
     staging.run()
     assert isinstance(staging.error, RuntimeError) and staging.done.is_set()
@@ -84,7 +84,7 @@ def test_the_next_step_waits_until_the_copies_are_taken():
     assert torch_optimizers(engine) == [base]
     staging = new_staging(engine, True, torch_optimizers(engine))
     assert staging.deferred
-    copy = staging.copy_of(engine.param.data)
+    copy = staging.buffer_for(engine.param.data)
     late = threading.Thread(target=lambda: (time.sleep(0.3), staging.run()))
     late.start()
     engine.param.grad = torch.ones(3)

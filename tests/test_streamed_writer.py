@@ -11,7 +11,7 @@ import torch
 
 from wenet_hooks import CheckpointWriteError
 from wenet_hooks.compat import can_stream
-from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.writer import Entry
 from wenet_hooks.file.publish import write_entries
 
 pytestmark = pytest.mark.skipif(not can_stream(), reason="the streamed writer needs "
@@ -109,7 +109,7 @@ def test_pieces_are_written_part_by_part_as_torch_save_writes_the_whole(tmp_path
     """A value given as pieces (how the converter hands over the ranks' slices of a parameter, never
     assembled) gives the file torch.save writes for the assembled tensor, CRC-32s included (zipfile's
     own check reads every record), and the same manifest checksums."""
-    from wenet_hooks.file.layout import Pieces
+    from wenet_hooks.file.writer import Pieces
     from wenet_hooks.file.publish import PendingFile
 
     weight, half = torch.randn(4, 5), torch.randn(7).to(torch.bfloat16)
@@ -161,7 +161,7 @@ def assert_is_torch_saves_file(path, state) -> None:
     ((torch.ones(2), torch.ones(2, dtype=torch.float64)), r"its parts hold 4 values, one of them torch.float64"),
 ])
 def test_pieces_that_do_not_fit_publish_nothing(tmp_path, parts, problem):
-    from wenet_hooks.file.layout import Pieces
+    from wenet_hooks.file.writer import Pieces
 
     with pytest.raises(ValueError, match=rf"^'w': {problem}"):
         write_entries([Entry("w", (2, 2))], iter([Pieces((2, 2), torch.float32, parts)]), tmp_path / "x.pt")
@@ -173,9 +173,9 @@ def test_the_disks_writes_start_as_the_values_land_in_batches(tmp_path, monkeypa
     cache (not all at the final fsync): values in file order are handed over as one range (the
     records' headers between them included), a value out of order hands over what waits first;
     the file is the same either way."""
-    import wenet_hooks.file.layout as layout
+    import wenet_hooks.file.writer as layout
     import wenet_hooks.file.writeback as writeback
-    from wenet_hooks.file.layout import Pieces
+    from wenet_hooks.file.writer import Pieces
     from wenet_hooks.file.publish import PendingFile
 
     started = []

@@ -25,7 +25,7 @@ from wenet_hooks.file.commit import fingerprint
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, from_file_dict
 from wenet_hooks.file.verify import load_state_dict_file
 from wenet_hooks.gather.check import check_masters, mismatched
-from wenet_hooks.gather.masters import EngineLayout, full_shape, inspect_engine
+from wenet_hooks.gather.masters import EngineView, full_shape, inspect_engine
 from wenet_hooks.gather.optimizer import optimizer_family
 from wenet_hooks.gather.staging import wait_for_copies
 
@@ -64,28 +64,28 @@ def restore(engine: Any, weights: Union[str, Path], optimizer_file: Union[str, P
             equal the training weights afterwards (the run must not go on).
     """
     weights, optimizer_file = Path(weights), Path(optimizer_file)
-    layout = inspect_engine(engine)
-    params = {layout.names[i]: layout.params[i] for i in layout.trainable()}
-    values, meta, state, problems = _read_and_check(layout, params, weights, optimizer_file)
+    view = inspect_engine(engine)
+    params = {view.names[i]: view.params[i] for i in view.trainable()}
+    values, meta, state, problems = _read_and_check(view, params, weights, optimizer_file)
     # Every rank read the same files; agreeing still keeps one rank from changing alone.
     problems = first_failure(problems or None)
     if problems:
         raise RestoreError(optimizer_file, problems)
     wait_for_copies(engine)  # a background save still copying these partitions reads them first
     with torch.no_grad():
-        _ensure_state(layout, meta["state_keys"], meta["step"])
-        _write_partitions(layout, values, state, meta["state_keys"])
-        check_masters(layout, "the fp32 masters restored")
-    _restore_counters(engine, layout, meta)
+        _ensure_state(view, meta["state_keys"], meta["step"])
+        _write_partitions(view, values, state, meta["state_keys"])
+        check_masters(view, "the fp32 masters restored")
+    _restore_counters(engine, view, meta)
     return Restored(len(params), tuple(meta["state_keys"]), meta["step"],
                     f"ZeRO-{meta['zero_stage']} on {meta['world_size']} ranks",
-                    f"ZeRO-{layout.stage} on {get_world_size()} ranks")
+                    f"ZeRO-{view.stage} on {get_world_size()} ranks")
 
 
-def _read_and_check(layout: EngineLayout, params: dict[str, torch.nn.Parameter], weights: Path,
+def _read_and_check(view: EngineView, params: dict[str, torch.nn.Parameter], weights: Path,
                     optimizer_file: Path):
     """Both files read and checked against this run: ``(weights, meta, state, problems)``."""
-    if layout.partitions is None:
+    if view.partitions is None:
         return {}, {}, {}, [
             "this run keeps its fp32 masters in no partition layout wenet_hooks knows (ZeRO-0, NVMe-swapped "
             "optimizer states); HINT: exact resume needs ZeRO stage 1, 2 or 3 (with or without CPU offload)"]
@@ -100,13 +100,13 @@ def _read_and_check(layout: EngineLayout, params: dict[str, torch.nn.Parameter],
     except VerificationError as e:
         problems += [f"{optimizer_file}: {p}" for p in e.problems]
     if meta is not None:
-        problems += _optimizer_mismatches(layout, params, meta, state)
+        problems += _optimizer_mismatches(view, params, meta, state)
     if values is not None:
         problems += _weight_mismatches(weights, params, values)
         if not problems and meta is not None:
             problems += _other_save(weights, optimizer_file, meta)
         if not problems:
-            problems += _not_in_the_module(layout, weights, values)
+            problems += _not_in_the_module(view, weights, values)
     return values, meta, state, problems
 
 
@@ -126,11 +126,11 @@ def _other_save(weights: Path, optimizer_file: Path, meta: dict[str, Any]) -> li
             "files; HINT: resume from a committed save (resume: auto finds the newest)"]
 
 
-def _not_in_the_module(layout: EngineLayout, weights: Path, values: dict[str, torch.Tensor]) -> list[str]:
+def _not_in_the_module(view: EngineView, weights: Path, values: dict[str, torch.Tensor]) -> list[str]:
     """This rank's slices of the file's weights, as they would be written, against its training weights."""
-    assert layout.partitions is not None
-    wrong = mismatched(layout.partitions, layout.names,
-                       lambda f: values[layout.names[f.param]].reshape(-1).narrow(0, f.start, f.numel))
+    assert view.partitions is not None
+    wrong = mismatched(view.partitions, view.names,
+                       lambda f: values[view.names[f.param]].reshape(-1).narrow(0, f.start, f.numel))
     if not wrong:
         return []
     return [f"weights: {len(wrong)} parameter(s) of {weights.name} differ from the weights this run's module holds "
@@ -154,14 +154,14 @@ def _weight_mismatches(path: Path, params, values) -> list[str]:
     return problems
 
 
-def _optimizer_mismatches(layout: EngineLayout, params, meta, state) -> list[str]:
+def _optimizer_mismatches(view: EngineView, params, meta, state) -> list[str]:
     """Every way the optimizer file differs from this run's model and optimizer."""
     problems = []
-    mine = type(layout.optimizer).__name__
+    mine = type(view.optimizer).__name__
     if optimizer_family(meta["optimizer"]) != optimizer_family(mine):
         problems.append(f"holds {meta['optimizer']} state, but this run's optimizer is {mine}; HINT: resume "
                         "with the optimizer the checkpoint was trained with, or without the .optim file")
-    groups = layout.optimizer.param_groups
+    groups = view.optimizer.param_groups
     if len(meta["param_groups"]) != len(groups):
         problems.append(f"has {len(meta['param_groups'])} param groups, this run's optimizer {len(groups)}")
     if set(meta["params"]) != set(params):
@@ -187,15 +187,15 @@ def _optimizer_mismatches(layout: EngineLayout, params, meta, state) -> list[str
     return problems
 
 
-def _ensure_state(layout: EngineLayout, keys: list[str], step: float) -> None:
+def _ensure_state(view: EngineView, keys: list[str], step: float) -> None:
     """Create the optimizer's state before its first step, as it would create it itself."""
     if not keys:
         return  # saved before the first step: the optimizer creates its state itself, as it would have
-    optimizer = layout.optimizer
+    optimizer = view.optimizer
     # torch's own optimizers keep the step as a float tensor; DeepSpeed's (CPU and fused Adam) as an int.
     as_tensor = type(optimizer).__module__.startswith("torch.optim")
-    assert layout.partitions is not None
-    for flat in layout.partitions.flats:
+    assert view.partitions is not None
+    for flat in view.partitions.flats:
         state = optimizer.state[flat]
         for key in keys:
             if key not in state:
@@ -227,13 +227,13 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _write_partitions(layout: EngineLayout, values, state, keys: list[str]) -> None:
+def _write_partitions(view: EngineView, values, state, keys: list[str]) -> None:
     """Each fragment this rank owns, from the full tensors: the masters, then every state."""
-    parts, names = layout.partitions, layout.names
+    parts, names = view.partitions, view.names
     assert parts is not None
     targets = [(parts.flats, values)]
-    targets += [([layout.optimizer.state[flat][key] for flat in parts.flats],
-                 {names[i]: state[names[i]][key] for i in layout.trainable()}) for key in keys]
+    targets += [([view.optimizer.state[flat][key] for flat in parts.flats],
+                 {names[i]: state[names[i]][key] for i in view.trainable()}) for key in keys]
     for flats, full in targets:
         for f in parts.fragments:
             source = full[names[f.param]].reshape(-1).narrow(0, f.start, f.numel)
@@ -244,8 +244,8 @@ def _write_partitions(layout: EngineLayout, values, state, keys: list[str]) -> N
 _IMPLEMENTATION_FLAGS = ("step", "fused", "capturable", "foreach", "differentiable")
 
 
-def _restore_counters(engine: Any, layout: EngineLayout, meta: dict[str, Any]) -> None:
-    for group, saved in zip(layout.optimizer.param_groups, meta["param_groups"]):
+def _restore_counters(engine: Any, view: EngineView, meta: dict[str, Any]) -> None:
+    for group, saved in zip(view.optimizer.param_groups, meta["param_groups"]):
         for key, value in saved.items():
             if key in group and key not in _IMPLEMENTATION_FLAGS:
                 group[key] = type(group[key])(value) if isinstance(group[key], tuple) else value

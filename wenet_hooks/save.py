@@ -34,7 +34,7 @@ from wenet_hooks.dtypes import DtypeLike
 from wenet_hooks.errors import PhaseError, SaveError
 from wenet_hooks.gather import DEFAULT_BUCKET_MB, PendingWeights, prepare_consolidate
 from wenet_hooks.gather.agreement import agree_with
-from wenet_hooks.gather.masters import EngineLayout, inspect_engine
+from wenet_hooks.gather.masters import EngineView, inspect_engine
 from wenet_hooks.gather.optimizer import PendingOptimizer, agreed_state_keys, prepare_optimizer, state_keys
 from wenet_hooks.gather.staging import Staging, new_staging, torch_optimizers
 from wenet_hooks.save_job import GATHERING_OPTIMIZER, GATHERING_WEIGHTS, SaveJob
@@ -118,16 +118,16 @@ def save_consolidated(
     path = Path(model_dir) / f"{tag}.pt"
     # The caller may change its dict as soon as this returns (WeNet's executor does): the save owns a copy.
     record = copy.deepcopy(dict(record)) if record is not None else None
-    layout = inspect_engine(engine)  # once per save: the weights' gather and the optimizer's read it
+    view = inspect_engine(engine)  # once per save: the weights' gather and the optimizer's read it
     # With a writer, the gathers run in the background, from host copies of each rank's partitions, over
     # the package's own gloo group (made collectively here the first time).
     deferred = writer is not None and options.background_gather
     group = background_group() if deferred else None
     # The host copies (and the check that reads them) are taken by the background job, the next optimizer
     # step waiting for them, where the partitions lie in host memory (else now, before returning).
-    staging = new_staging(engine, _on_host(layout), torch_optimizers(engine)) if deferred else None
+    staging = new_staging(engine, _on_host(view), torch_optimizers(engine)) if deferred else None
     try:
-        job = _prepare(engine, path, tag, options, layout, group, staging, on_written, record)
+        job = _prepare(engine, path, tag, options, view, group, staging, on_written, record)
         if staging is not None and not staging.deferred:
             staging.run()
         if deferred:
@@ -143,20 +143,20 @@ def save_consolidated(
     return path
 
 
-def _prepare(engine: Any, path: Path, tag: str, options: SaveOptions, layout: EngineLayout, group: Any,
+def _prepare(engine: Any, path: Path, tag: str, options: SaveOptions, view: EngineView, group: Any,
              staging: Optional[Staging], on_written: Optional[Callable[[], None]],
              record: Optional[Mapping[str, Any]]) -> SaveJob:
     """Collective: the save's plan agreed in one exchange (the flat layout and the optimizer state's
     keys), every gather prepared, one vote; what remains of the save, as a job."""
-    keys = agree_with(layout, state_keys(layout) if options.optimizer else None)
+    keys = agree_with(view, state_keys(view) if options.optimizer else None)
     weights: Optional[PendingWeights] = None
     pending: Optional[PendingOptimizer] = None
     phase = GATHERING_WEIGHTS
     try:
-        weights = prepare_consolidate(engine, options.dtype, options.bucket_mb, layout, group, staging)
+        weights = prepare_consolidate(engine, options.dtype, options.bucket_mb, view, group, staging)
         if options.optimizer:
             phase = GATHERING_OPTIMIZER
-            pending = _prepare_optimizer(layout, agreed_state_keys(keys), options.bucket_mb, group, staging)
+            pending = _prepare_optimizer(view, agreed_state_keys(keys), options.bucket_mb, group, staging)
         failure = None
     except Exception as e:  # voted on below, with every rank's
         logger.exception("wenet_hooks: save '%s' failed here", tag)
@@ -166,9 +166,9 @@ def _prepare(engine: Any, path: Path, tag: str, options: SaveOptions, layout: En
     return SaveJob(path, weights, pending, group, options.verify, on_written, staging, record)
 
 
-def _on_host(layout: EngineLayout) -> bool:
+def _on_host(view: EngineView) -> bool:
     """Whether every flat partition (and so its optimizer state) lies in host memory."""
-    parts = layout.partitions
+    parts = view.partitions
     return parts is not None and all(flat.device.type == "cpu" for flat in parts.flats)
 
 
@@ -183,7 +183,7 @@ def settle_background(writer: BackgroundWriter) -> None:
         raise _save_error(failed.tag, f"{failed.what} in the background", failed.failure)
 
 
-def _prepare_optimizer(layout: EngineLayout, keys: Union[list[str], str], bucket_mb: float, group: Any,
+def _prepare_optimizer(view: EngineView, keys: Union[list[str], str], bucket_mb: float, group: Any,
                        staging: Optional[Staging]) -> Optional[PendingOptimizer]:
     """The optimizer state, ready to gather; None where it cannot be gathered (``keys`` says why: ZeRO-0,
     NVMe-swapped states, state kept outside the base optimizer): the save goes on without it, as WeNet's
@@ -196,7 +196,7 @@ def _prepare_optimizer(layout: EngineLayout, keys: Union[list[str], str], bucket
                       "these saves restarts the optimizer", reason)
         return None
     # never per parameter: no such path
-    return prepare_optimizer(layout, keys, bucket_mb or DEFAULT_BUCKET_MB, group, staging)
+    return prepare_optimizer(view, keys, bucket_mb or DEFAULT_BUCKET_MB, group, staging)
 
 
 def _run_phase(work: Callable[[], Any], tag: str) -> tuple[Any, Optional[Failure]]:

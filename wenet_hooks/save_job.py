@@ -29,7 +29,7 @@ import torch
 from wenet_hooks.dist import Failure, all_ok, first_failure, get_rank, is_rank0
 from wenet_hooks.errors import ConsolidationError, PhaseError
 from wenet_hooks.file.commit import Commit, fingerprint
-from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.writer import Entry
 from wenet_hooks.file.optimizer_file import legacy_optimizer_path, optimizer_path
 from wenet_hooks.file.publish import PendingFile
 from wenet_hooks.gather import PendingWeights

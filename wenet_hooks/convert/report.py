@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 if TYPE_CHECKING:
     from wenet_hooks.convert.plan import Source
-    from wenet_hooks.file.layout import Value
+    from wenet_hooks.file.writer import Value
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from wenet_hooks.errors import VerificationError
-from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.writer import Entry
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Optional, Union
 import torch
 
 from wenet_hooks.errors import CheckpointWriteError, VerificationError
-from wenet_hooks.file.layout import Entry, FileWriter, OnTensor, Value, entries_for
+from wenet_hooks.file.writer import Entry, FileWriter, OnTensor, Value, entries_for
 from wenet_hooks.file.manifest import Manifest
 from wenet_hooks.file.verify import verify as verify_file
 
@@ -69,7 +69,7 @@ def write_entries(entries: list[Entry], tensors: Iterable[Value], path: Union[st
 
     The values may be produced lazily (a reader of an existing checkpoint),
     so memory holds one tensor at a time where torch allows it, and may be
-    :class:`~wenet_hooks.file.layout.Pieces` (written part by part, never assembled).
+    :class:`~wenet_hooks.file.writer.Pieces` (written part by part, never assembled).
 
     Raises:
         CheckpointWriteError, VerificationError: as :func:`write_state_dict`.

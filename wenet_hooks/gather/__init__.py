@@ -7,12 +7,12 @@ non-persistent buffers absent, and parameter values taken from DeepSpeed's
 fp32 master weights wherever it keeps them.
 
 - ``masters``: where DeepSpeed keeps the masters (flat partitions, or not),
-  read once per save into an ``EngineLayout``;
+  read once per save into an ``EngineView``;
 - ``check``: the masters read, checked against the module's training weights;
 - ``bucketed``: the partitions moved to rank 0 in a few large collectives;
 - ``per_param``: DeepSpeed's per-parameter gather for the rest, and rank 0's
   host copies;
-- ``optimizer``: the optimizer state, in the masters' layout, through the same
+- ``optimizer``: the optimizer state, in the masters' view, through the same
   bucketed collectives.
 """
 
@@ -29,9 +29,9 @@ from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
 from wenet_hooks.gather.check import ChunkCheck, check_masters, per_parameter_hint
-from wenet_hooks.file.layout import Entry
-from wenet_hooks.gather.masters import EngineLayout, full_numel, full_shape, inspect_engine, unwrap_model
-from wenet_hooks.gather.per_param import HostCopies, PerParameterChecks, gather_entry
+from wenet_hooks.file.writer import Entry
+from wenet_hooks.gather.masters import EngineView, full_numel, full_shape, inspect_engine, unwrap_model
+from wenet_hooks.gather.per_param import ToHost, PerParameterChecks, gather_entry
 from wenet_hooks.gather.staging import Staging
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ __all__ = ["DEFAULT_BUCKET_MB", "consolidate", "unwrap_model"]
 
 def consolidate(
     engine: Any, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB,
-    layout: Optional[EngineLayout] = None,
+    view: Optional[EngineView] = None,
 ) -> Optional["OrderedDict[str, torch.Tensor]"]:
     """Collective: must be called on all ranks. Gather the full state dict onto rank 0's CPU.
 
@@ -62,7 +62,7 @@ def consolidate(
         dtype: floating tensors are cast to this (``"fp32"``, ``"bf16"``,
             ``"fp16"``); integer buffers keep their dtype.
         bucket_mb: megabytes rank 0 receives per collective.
-        layout: the engine already inspected for this save (else it is inspected here).
+        view: the engine already inspected for this save (else it is inspected here).
 
     Returns:
         On rank 0, an ordered ``dict[str, Tensor]`` on CPU whose keys are exactly
@@ -75,12 +75,12 @@ def consolidate(
             anything else failed, after every collective of the gather has run
             on every rank.
     """
-    return prepare_consolidate(engine, dtype, bucket_mb, layout).finish()
+    return prepare_consolidate(engine, dtype, bucket_mb, view).finish()
 
 
 def prepare_consolidate(
     engine: Any, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB,
-    layout: Optional[EngineLayout] = None, background_group: Any = None, staging: Optional[Staging] = None,
+    view: Optional[EngineView] = None, background_group: Any = None, staging: Optional[Staging] = None,
 ) -> PendingWeights:
     """Collective: :func:`consolidate` up to the bucketed gather, which :meth:`PendingWeights.finish` runs.
 
@@ -97,37 +97,37 @@ def prepare_consolidate(
     Raises:
         ConsolidationError: as :func:`consolidate`, for what is done now.
     """
-    layout = layout or inspect_engine(engine)
-    copy = HostCopies(resolve_dtype(dtype), enabled=is_rank0())
+    view = view or inspect_engine(engine)
+    host = ToHost(resolve_dtype(dtype), enabled=is_rank0())
     started = time.perf_counter()
     with torch.no_grad():
         if staging is not None:
-            staging.add_check(ChunkCheck(layout))
+            staging.add_check(ChunkCheck(view))
         else:
-            check_masters(layout)
-        bucketed = prepare_gather(layout, copy.target, int(bucket_mb * 2**20), copy.record_failure,
+            check_masters(view)
+        bucketed = prepare_gather(view, host.target, int(bucket_mb * 2**20), host.record_failure,
                                   background_group=background_group, staging=staging)
-    covered = {id(layout.params[i]) for i in bucketed.indices}
+    covered = {id(view.params[i]) for i in bucketed.indices}
     # Tied weights are one Parameter object under several keys: gather it once
-    # and reuse the CPU copy, so the file stores it once, as torch.save would.
+    # and reuse the CPU host, so the file stores it once, as torch.save would.
     ready: dict[int, Optional[torch.Tensor]] = {}
     mismatches = PerParameterChecks(per_parameter_hint(engine))
     with torch.no_grad():
-        for key, tensor in layout.entries.items():
+        for key, tensor in view.entries.items():
             if id(tensor) not in covered and id(tensor) not in ready:
-                ready[id(tensor)] = gather_entry(key, tensor, layout.masters.get(id(tensor)), copy, mismatches)
+                ready[id(tensor)] = gather_entry(key, tensor, view.masters.get(id(tensor)), host, mismatches)
     mismatches.raise_if_any()
-    keys = [(key, id(tensor)) for key, tensor in layout.entries.items()]
-    index_of = {id(layout.params[i]): i for i in bucketed.indices}
-    return PendingWeights(keys, index_of, ready, bucketed, copy, started, _entries(layout, copy.target))
+    keys = [(key, id(tensor)) for key, tensor in view.entries.items()]
+    index_of = {id(view.params[i]): i for i in bucketed.indices}
+    return PendingWeights(keys, index_of, ready, bucketed, host, started, _entries(view, host.target))
 
 
-def _entries(layout: EngineLayout, target: torch.dtype) -> list[Entry]:
+def _entries(view: EngineView, target: torch.dtype) -> list[Entry]:
     """The file the gathered weights make, from shapes alone: keys in state_dict order, tied keys as
     aliases of their first (as ``torch.save`` stores a shared tensor once)."""
     first: dict[int, str] = {}
     entries = []
-    for key, tensor in layout.entries.items():
+    for key, tensor in view.entries.items():
         if id(tensor) in first and full_numel(tensor):
             entries.append(Entry(key, alias_of=first[id(tensor)]))
             continue
@@ -144,7 +144,7 @@ class PendingWeights:
     index_of: dict[int, int]  # id of a parameter gathered in buckets -> its index in the gather
     ready: dict[int, Optional[torch.Tensor]]  # id of a tensor gathered already -> its CPU copy (rank 0)
     bucketed: PendingGather
-    copy: HostCopies
+    host: ToHost
     started: float
     entries: list[Entry]  # the file these weights make (what write receives)
     peak_bytes: int = 0  # the most the bucketed gather held at once on rank 0 (after finish)
@@ -164,7 +164,7 @@ class PendingWeights:
         first_key: dict[int, str] = {}
         for key, tensor_id in self.keys:
             first_key.setdefault(tensor_id, key)
-        streamed = write if write is not None and self.copy.enabled else None
+        streamed = write if write is not None and self.host.enabled else None
         by_index = {index: first_key[tensor_id] for tensor_id, index in self.index_of.items()}
         if streamed is not None and write_part is not None:
             gathered = self.bucketed.run(
@@ -173,8 +173,8 @@ class PendingWeights:
             gathered = self.bucketed.run(
                 None if streamed is None else lambda index, tensor: streamed(by_index[index], tensor))
         self.peak_bytes = gathered.peak_bytes
-        self.copy.raise_if_failed()
-        if not self.copy.enabled:
+        self.host.raise_if_failed()
+        if not self.host.enabled:
             return None
         if streamed is not None:
             for tensor_id, value in self.ready.items():

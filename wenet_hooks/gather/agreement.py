@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from wenet_hooks.dist import all_reports
 from wenet_hooks.gather.engines import state_of
-from wenet_hooks.gather.masters import EngineLayout, Fragment, Partitions, full_numel
+from wenet_hooks.gather.masters import EngineView, Fragment, Partitions, full_numel
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +39,21 @@ class AgreedLayout:
 agreements_made = 0  # full agreements (all_gather_object of every fragment list) in this process
 
 
-def agree(layout: EngineLayout) -> Optional[AgreedLayout]:
+def agree(view: EngineView) -> Optional[AgreedLayout]:
     """Collective (unless this save agreed already): the layout if every rank's description is usable and
     complete, else None.
 
     Reused from the engine's last agreement while every rank's partitions are
     still described the same; agreed anew (and remembered) otherwise. Within one
-    save (one ``layout``) the ranks agree once: the save's plan
+    save (one ``view``) the ranks agree once: the save's plan
     (:func:`agree_with`), or the first gather that asks.
     """
-    if not layout.agreed:
-        agree_with(layout, None)
-    return layout.agreed[0]
+    if not view.agreed:
+        agree_with(view, None)
+    return view.agreed[0]
 
 
-def agree_with(layout: EngineLayout, mine: Any) -> list[Any]:
+def agree_with(view: EngineView, mine: Any) -> list[Any]:
     """Collective: agree on the layout as :func:`agree` does, exchanging each rank's ``mine`` in the same
     collective (a save's plan: its optimizer state keys); every rank's ``mine``, in rank order.
 
@@ -61,18 +61,18 @@ def agree_with(layout: EngineLayout, mine: Any) -> list[Any]:
     engine's last agreement; a second, of every rank's fragment list, when
     they are not (the first save of an engine, ``offload_states``...).
     """
-    described = describe(layout.partitions)
-    state = state_of(layout.engine)  # the engine's last agreement is kept with it
+    described = describe(view.partitions)
+    state = state_of(view.engine)  # the engine's last agreement is kept with it
     known = state.agreed
     unchanged = described is not None and known is not None and known[0] == described
     reports = all_reports((unchanged, mine))
     if known is not None and all(same for same, _ in reports):
         agreed: Optional[AgreedLayout] = known[1]
     else:
-        agreed = _agree_anew(described, layout.params)
+        agreed = _agree_anew(described, view.params)
         if agreed is not None and described is not None:
             state.agreed = (described, agreed)
-    layout.agreed[:] = [agreed]
+    view.agreed[:] = [agreed]
     return [theirs for _, theirs in reports]
 
 

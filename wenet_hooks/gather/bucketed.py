@@ -31,7 +31,7 @@ import torch.distributed as dist
 from wenet_hooks.dist import all_ok, is_distributed
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.gather.agreement import AgreedLayout, agree
-from wenet_hooks.gather.masters import EngineLayout, Fragment, full_numel, full_shape
+from wenet_hooks.gather.masters import EngineView, Fragment, full_numel, full_shape
 from wenet_hooks.gather.engines import snapshot_pool
 from wenet_hooks.gather.staging import Staging
 
@@ -70,7 +70,7 @@ class Gathered:
 
 
 def prepare_gather(
-    layout: EngineLayout,
+    view: EngineView,
     target: torch.dtype,
     bucket_bytes: int,
     record_failure: RecordFailure,
@@ -85,7 +85,7 @@ def prepare_gather(
     With ``state_key``, that optimizer state of each parameter (``exp_avg``...)
     instead: it lies in flat tensors of the masters' own layout.
 
-    Parameters (indices into ``layout.params``) not in the result's ``indices``
+    Parameters (indices into ``view.params``) not in the result's ``indices``
     are not gathered here (frozen, or a layout this does not know); the caller
     gets them the per-parameter way. Local failures go to ``record_failure``
     and the collectives continue.
@@ -98,12 +98,12 @@ def prepare_gather(
     """
     if not is_distributed() or bucket_bytes <= 0:
         return PendingGather(set())
-    agreed = agree(layout)
+    agreed = agree(view)
     if agreed is None:
         return PendingGather(set())
     # Every rank described its partitions. An optimizer state's flats share the masters' layout, and
     # every rank holds the state (the save's plan agreed on its keys first: optimizer.agreed_state_keys).
-    parts = layout.partitions if state_key is None else layout.state_partitions(state_key)
+    parts = view.partitions if state_key is None else view.state_partitions(state_key)
     # No chunk larger than the largest flat buffer: a small model's gather then holds kilobytes,
     # not a whole bucket, while it waits in the background.
     chunk = max(1, min(bucket_bytes // (_FP32_BYTES * dist.get_world_size()), max(agreed.flat_numels, default=1)))
@@ -114,11 +114,11 @@ def prepare_gather(
         flats, group = parts.flats, parts.process_group
         lent = background_group is not None and staging is None  # else the staging gives its buffers back
         if background_group is not None:
-            copy_of = staging.copy_of if staging is not None else snapshot_pool(layout.engine).copy_of
-            flats, group = [copy_of(flat) for flat in flats], background_group
-        moves = _Moves(flats, agreed, chunk, group, _Collective.for_group(group, agreed, layout.params, target, chunk,
+            host_copy = staging.buffer_for if staging is not None else snapshot_pool(view.engine).snapshot
+            flats, group = [host_copy(flat) for flat in flats], background_group
+        moves = _Moves(flats, agreed, chunk, group, _Collective.for_group(group, agreed, view.params, target, chunk,
                                                                           record_failure),
-                       record_failure, snapshot=layout.engine if lent else None)
+                       record_failure, snapshot=view.engine if lent else None)
     except Exception as e:
         record_failure(ALLOCATING, e)
     # The ranks vote on the allocation when the gather runs (on the group it runs over), not now: a save
@@ -166,7 +166,7 @@ class _Moves:
     """Every rank's flat buffers, sent to rank 0 chunk by chunk in one fixed sequence of collectives."""
 
     flats: list[torch.Tensor]
-    layout: AgreedLayout
+    agreed: AgreedLayout
     chunk: int
     group: Any
     collective: _Collective
@@ -177,8 +177,8 @@ class _Moves:
         failed = False
         receiver = self.collective.receiver
         for group, flat in enumerate(self.flats):
-            for lo in range(0, self.layout.flat_numels[group], self.chunk):
-                numel = min(self.chunk, self.layout.flat_numels[group] - lo)
+            for lo in range(0, self.agreed.flat_numels[group], self.chunk):
+                numel = min(self.chunk, self.agreed.flat_numels[group] - lo)
                 send, failed = _chunk_to_send(flat, lo, numel, self.collective, failed, self.record_failure)
                 received = self.collective.exchange(send, numel)
                 if receiver is not None:
@@ -214,12 +214,12 @@ class _Collective:
         self.zeros = torch.zeros(chunk, dtype=torch.float32, device=device)  # sent in place of a part that failed
 
     @classmethod
-    def for_group(cls, group: Any, layout: AgreedLayout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
+    def for_group(cls, group: Any, agreed: AgreedLayout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
                   chunk: int, record_failure: RecordFailure) -> _Collective:
         device = _comm_device(group)
         # Rank 0's host tensors and receive buffer: allocated before the first chunk, so running
         # out of memory here cannot strand the others mid-loop.
-        receiver = _Receiver(layout, params, target, record_failure) if dist.get_rank() == 0 else None
+        receiver = _Receiver(agreed, params, target, record_failure) if dist.get_rank() == 0 else None
         collective = cls(group, chunk, device, use_all_gather(group), receiver)
         if receiver is not None and collective.out is not None and collective.out.device.type == "cpu":
             receiver.hold(collective.out.numel() * collective.out.element_size())  # host memory it holds
@@ -286,13 +286,13 @@ class _Receiver:
     consolidate's tensors would then all share one storage.)
     """
 
-    def __init__(self, layout: AgreedLayout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
+    def __init__(self, agreed: AgreedLayout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
                  record_failure: RecordFailure) -> None:
         self.record_failure = record_failure
         self.failed = False
         self.target = target
-        self.shapes = {index: full_shape(params[index]) for index in layout.by_param}
-        self.remaining = {index: full_numel(params[index]) for index in layout.by_param}
+        self.shapes = {index: full_shape(params[index]) for index in agreed.by_param}
+        self.remaining = {index: full_numel(params[index]) for index in agreed.by_param}
         self.tensors: dict[int, torch.Tensor] = {}  # in flight; without on_complete, every one
         self.on_complete: Optional[OnComplete] = None
         self.on_fragment: Optional[OnFragment] = None
@@ -300,7 +300,7 @@ class _Receiver:
         # Per group and rank, fragments in flat order with a cursor: each chunk
         # only looks at the fragments it overlaps.
         self.queues: dict[tuple[int, int], list[Fragment]] = defaultdict(list)
-        for rank, fragments in enumerate(layout.by_rank):
+        for rank, fragments in enumerate(agreed.by_rank):
             for f in sorted(fragments, key=lambda f: f.offset):
                 self.queues[(f.group, rank)].append(f)
         self.cursors: dict[tuple[int, int], int] = defaultdict(int)

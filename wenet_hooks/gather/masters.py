@@ -1,7 +1,7 @@
 """Where DeepSpeed keeps the fp32 master weights: the one place that reads its layout.
 
 :func:`inspect_engine` looks at the engine once per save (or restore) and
-returns an :class:`EngineLayout`; the weights' gather, the optimizer state's
+returns an :class:`EngineView`; the weights' gather, the optimizer state's
 gather and the restore all read that one description.
 
 Partitioned (ZeRO-1/2/3 and DeepSpeed's bf16 optimizer), each rank holds flat
@@ -25,7 +25,7 @@ the data really is, not from DeepSpeed's bookkeeping alone:
 Each fragment also carries the training weight's elements it must equal
 (:mod:`wenet_hooks.gather.check`). Optimizer states (Adam's ``exp_avg``...)
 lie in flat tensors of the masters' own layout, keyed by the flat master in
-the base optimizer's ``state`` (:meth:`EngineLayout.state_partitions`).
+the base optimizer's ``state`` (:meth:`EngineView.state_partitions`).
 
 Unpartitioned (bf16/fp16 without ZeRO): :mod:`wenet_hooks.gather.fp16_masters`.
 Anything not recognised (NVMe-swapped optimizer states, a process group that
@@ -79,7 +79,7 @@ class Partitions:
 
 
 @dataclass
-class EngineLayout:
+class EngineView:
     """One save's view of a DeepSpeed engine (or a plain module), inspected once."""
 
     engine: Any
@@ -117,7 +117,7 @@ class EngineLayout:
         return self.partitions.with_flats(flats)
 
 
-def inspect_engine(engine: Any) -> EngineLayout:
+def inspect_engine(engine: Any) -> EngineView:
     """Read the engine's layout once (local: no collective). Any error reading DeepSpeed's
     partitions is logged and read as "unknown layout", so every rank still reaches the next
     collective (the ranks then agree on whether to use it)."""
@@ -134,7 +134,7 @@ def inspect_engine(engine: Any) -> EngineLayout:
     except Exception:
         logger.warning("wenet_hooks: could not read DeepSpeed's fp32 partitions here", exc_info=True)
         partitions = None
-    return EngineLayout(engine, module, entries, params, names, unpartitioned_masters(engine), partitions,
+    return EngineView(engine, module, entries, params, names, unpartitioned_masters(engine), partitions,
                         zero_stage(engine), base_optimizer(engine))
 
 

@@ -18,7 +18,7 @@ import torch
 
 from wenet_hooks.dist import get_rank, get_world_size, is_rank0
 from wenet_hooks.errors import ConsolidationError
-from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.writer import Entry
 from wenet_hooks.file.optimizer_file import (
     ENGINE_COUNTERS,
     LOSS_SCALER_FIELDS,
@@ -30,8 +30,8 @@ from wenet_hooks.file.optimizer_file import (
 )
 from wenet_hooks.gather.agreement import agree_with
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
-from wenet_hooks.gather.masters import EngineLayout, full_shape, inspect_engine
-from wenet_hooks.gather.per_param import HostCopies
+from wenet_hooks.gather.masters import EngineView, full_shape, inspect_engine
+from wenet_hooks.gather.per_param import ToHost
 from wenet_hooks.gather.staging import Staging
 
 # Optimizers whose state has the same meaning (Adam's two moments and a step):
@@ -59,11 +59,11 @@ def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> 
         ConsolidationError: the ranks do not all keep it in DeepSpeed's partitioned layout (on every
             rank alike), or gathering it failed on this rank (after every collective ran on every rank).
     """
-    layout = inspect_engine(engine)
-    keys = agreed_state_keys(agree_with(layout, state_keys(layout)))
+    view = inspect_engine(engine)
+    keys = agreed_state_keys(agree_with(view, state_keys(view)))
     if isinstance(keys, str):
         raise ConsolidationError(f"the optimizer state cannot be gathered: {keys}")
-    return prepare_optimizer(layout, keys, bucket_mb).finish()
+    return prepare_optimizer(view, keys, bucket_mb).finish()
 
 
 @dataclass
@@ -72,7 +72,7 @@ class PendingOptimizer:
 
     names: dict[int, str]  # layout index -> key of each trainable parameter, in state_dict order
     gathers: dict[str, PendingGather]  # state key -> its prepared gather
-    copy: HostCopies
+    host: ToHost
     meta: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]  # each trainable parameter's full shape, by key
 
@@ -91,27 +91,27 @@ class PendingOptimizer:
         Raises:
             ConsolidationError: something failed on this rank (after every collective ran).
         """
-        if write is not None and self.copy.enabled:
+        if write is not None and self.host.enabled:
             for state_key, pending in self.gathers.items():  # every gather's collectives run, whatever failed
                 if write_part is not None:
                     pending.run(on_fragment=lambda index, start, values: write_part(
                         file_key(state_key, self.names[index]), start, values))
                 else:
                     pending.run(lambda index, tensor: write(file_key(state_key, self.names[index]), tensor))
-            self.copy.raise_if_failed()
+            self.host.raise_if_failed()
             write(META_KEY, meta_tensor(self.meta))
             return None
         state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.names.values()}
         for state_key, pending in self.gathers.items():
             gathered = pending.run()
             for index, name in self.names.items():
-                if self.copy.enabled and index in gathered.tensors:  # absent: a failure, raised below
+                if self.host.enabled and index in gathered.tensors:  # absent: a failure, raised below
                     state[name][state_key] = gathered.tensors[index]
-        self.copy.raise_if_failed()
-        return GatheredOptimizer(state, self.meta) if self.copy.enabled else None
+        self.host.raise_if_failed()
+        return GatheredOptimizer(state, self.meta) if self.host.enabled else None
 
 
-def prepare_optimizer(layout: EngineLayout, keys: list[str], bucket_mb: float = DEFAULT_BUCKET_MB,
+def prepare_optimizer(view: EngineView, keys: list[str], bucket_mb: float = DEFAULT_BUCKET_MB,
                       background_group: Any = None, staging: Optional[Staging] = None) -> PendingOptimizer:
     """Collective unless the save agreed on the layout already: take the meta (step, scheduler...) now, allocate
     the gather of each state in ``keys`` (:func:`agreed_state_keys`: the same on every rank).
@@ -124,12 +124,12 @@ def prepare_optimizer(layout: EngineLayout, keys: list[str], bucket_mb: float = 
     Raises:
         ConsolidationError: the state is not in DeepSpeed's flat layout (on every rank alike).
     """
-    names = {i: layout.names[i] for i in layout.trainable()}
-    copy = HostCopies(torch.float32, enabled=is_rank0())
+    names = {i: view.names[i] for i in view.trainable()}
+    host = ToHost(torch.float32, enabled=is_rank0())
     gathers = {}
     with torch.no_grad():
         for state_key in keys:
-            pending = prepare_gather(layout, torch.float32, int(bucket_mb * 2**20), copy.record_failure,
+            pending = prepare_gather(view, torch.float32, int(bucket_mb * 2**20), host.record_failure,
                                      state_key=state_key, background_group=background_group, staging=staging)
             if pending.indices != set(names):  # the layout every rank agreed on
                 raise ConsolidationError(
@@ -137,8 +137,8 @@ def prepare_optimizer(layout: EngineLayout, keys: list[str], bucket_mb: float = 
                     "ZeRO-1/2/3 or bf16 optimizer for every trainable parameter (NVMe-swapped states, ZeRO-0?); "
                     "HINT: its sharded checkpoint holds it; set save_states: model+optimizer with keep_sharded: all")
             gathers[state_key] = pending
-    shapes = {name: tuple(full_shape(layout.params[i])) for i, name in names.items()}
-    return PendingOptimizer(names, gathers, copy, _meta(layout, list(names.values()), keys) if copy.enabled else {},
+    shapes = {name: tuple(full_shape(view.params[i])) for i, name in names.items()}
+    return PendingOptimizer(names, gathers, host, _meta(view, list(names.values()), keys) if host.enabled else {},
                             shapes)
 
 
@@ -152,30 +152,30 @@ def agreed_state_keys(reports: list[Union[list[str], str]]) -> Union[list[str], 
     return reports[0]
 
 
-def state_keys(layout: EngineLayout) -> Union[list[str], str]:
+def state_keys(view: EngineView) -> Union[list[str], str]:
     """The state tensors kept for every flat partition, in the partitions' own shape (none before the
     first step), or where else the state is kept (a reason why it cannot be gathered)."""
-    parts = layout.partitions
+    parts = view.partitions
     if parts is None:
         return "a layout wenet_hooks does not know (ZeRO-0, NVMe-swapped optimizer states)"
-    elsewhere = _kept_elsewhere(layout)
+    elsewhere = _kept_elsewhere(view)
     if elsewhere:
         return elsewhere
-    state = getattr(layout.optimizer, "state", {})
+    state = getattr(view.optimizer, "state", {})
     per_flat = [sorted(k for k, v in state.get(flat, {}).items() if torch.is_tensor(v) and v.shape == flat.shape)
                 for flat in parts.flats]
     if any(keys != per_flat[0] for keys in per_flat):
         return "a place wenet_hooks does not read for some of its flat partitions (their state keys differ)"
-    step = optimizer_step(layout.optimizer)
+    step = optimizer_step(view.optimizer)
     if per_flat and not per_flat[0] and step > 0:
-        return (f"a place wenet_hooks does not read: {type(layout.optimizer).__name__} has taken {step:g} steps "
+        return (f"a place wenet_hooks does not read: {type(view.optimizer).__name__} has taken {step:g} steps "
                 "but its state holds no tensor shaped like DeepSpeed's flat partitions")
     return per_flat[0] if per_flat else []
 
 
-def _kept_elsewhere(layout: EngineLayout) -> Optional[str]:
+def _kept_elsewhere(view: EngineView) -> Optional[str]:
     """Optimizer state DeepSpeed keeps outside the base optimizer's ``state``."""
-    wrapper = getattr(layout.engine, "optimizer", None)
+    wrapper = getattr(view.engine, "optimizer", None)
     if "SuperOffload" in type(wrapper).__name__:
         return "another process (DeepSpeed's SuperOffload)"
     backup = getattr(wrapper, "backup_optimizer", None)
@@ -186,8 +186,8 @@ def _kept_elsewhere(layout: EngineLayout) -> Optional[str]:
     return None
 
 
-def _meta(layout: EngineLayout, names: list[str], keys: list[str]) -> dict[str, Any]:
-    engine, optimizer = layout.engine, layout.optimizer
+def _meta(view: EngineView, names: list[str], keys: list[str]) -> dict[str, Any]:
+    engine, optimizer = view.engine, view.optimizer
     wrapper = getattr(engine, "optimizer", None)
     scheduler = getattr(engine, "lr_scheduler", None)
     scaler = getattr(wrapper, "loss_scaler", None)
@@ -204,7 +204,7 @@ def _meta(layout: EngineLayout, names: list[str], keys: list[str]) -> dict[str, 
         "loss_scaler": ({f: plain(getattr(scaler, f)) for f in LOSS_SCALER_FIELDS if hasattr(scaler, f)}
                         if scaler is not None else None),
         "world_size": get_world_size(),
-        "zero_stage": layout.stage,
+        "zero_stage": view.stage,
     }
 
 

@@ -18,8 +18,8 @@ from wenet_hooks.gather.check import mismatch_message, rank_slice, same_after_ca
 from wenet_hooks.gather.masters import full_shape
 
 
-class HostCopies:
-    """Rank 0's host copies of the gathered tensors, and this rank's first failure.
+class ToHost:
+    """Gathered tensors moved to rank 0's host memory (in the file's dtype), and this rank's first failure.
 
     A failure here (host memory exhausted, say) must not leave the other ranks
     alone in the next collective: it is recorded, the gather goes on with the
@@ -77,24 +77,24 @@ class PerParameterChecks:
 
 
 def gather_entry(key: str, tensor: torch.Tensor, master: Optional[torch.Tensor],
-                 copy: HostCopies, checks: PerParameterChecks) -> Optional[torch.Tensor]:
+                 host: ToHost, checks: PerParameterChecks) -> Optional[torch.Tensor]:
     """Collective for parameters: the full value of one state-dict entry as a CPU tensor on rank 0."""
     try:
         if master is not None:
             checks.check(key, tensor, master)
-            return copy(key, master, fresh=False)
+            return host(key, master, fresh=False)
         if isinstance(tensor, nn.Parameter):
-            return _gather_parameter(key, tensor, copy, checks)
+            return _gather_parameter(key, tensor, host, checks)
         # Buffers are never partitioned; rank 0's copy is the one to keep
         # (BatchNorm statistics differ between ranks).
-        return copy(key, tensor, fresh=False)
+        return host(key, tensor, fresh=False)
     except Exception as e:
         raise ConsolidationError(
             f"rank {get_rank()}: gathering '{key}' (shape {list(full_shape(tensor))}) failed: {error_text(e)}"
         ) from e
 
 
-def _gather_parameter(key: str, param: nn.Parameter, copy: HostCopies,
+def _gather_parameter(key: str, param: nn.Parameter, host: ToHost,
                       checks: PerParameterChecks) -> Optional[torch.Tensor]:
     """Collective: the fp32 master weight if DeepSpeed holds one, else the module's full value."""
     from deepspeed.utils import safe_get_full_fp32_param
@@ -103,16 +103,16 @@ def _gather_parameter(key: str, param: nn.Parameter, copy: HostCopies,
     if master is not None:
         # (An all-reduce under ZeRO-1/2 through param._hp_mapping, which round_robin_gradients mislinks.)
         checks.check(key, param, master)
-        return copy(key, master.view(full_shape(param)), fresh=True)
+        return host(key, master.view(full_shape(param)), fresh=True)
     if hasattr(param, "ds_id"):
         # A ZeRO-3 parameter without a master copy (frozen): materialise it
         # from the partitions, in training precision, while the context lasts.
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
         with GatheredParameters([param], modifier_rank=None):
-            return copy(key, param.data, fresh=False)
+            return host(key, param.data, fresh=False)
     # ZeRO-0/1/2 keep every parameter whole on every rank.
-    return copy(key, param, fresh=False)
+    return host(key, param, fresh=False)
 
 
 def _to_cpu(tensor: torch.Tensor, target: torch.dtype, fresh: bool) -> torch.Tensor:

@@ -35,7 +35,7 @@ class SnapshotPool:
         self._lock = threading.Lock()  # given back by the background thread
         self.nbytes = 0  # host memory the pool's buffers hold, lent or free
 
-    def copy_of(self, flat: torch.Tensor) -> torch.Tensor:
+    def snapshot(self, flat: torch.Tensor) -> torch.Tensor:
         """A host copy of ``flat`` (a flat partition), taken now."""
         return self.take(flat).copy_(flat.detach().reshape(-1))
 

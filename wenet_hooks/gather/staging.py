@@ -68,7 +68,7 @@ class Staging:
         self.done = threading.Event()  # set once :meth:`run` has ended, however it ended
         self.error: Optional[BaseException] = None
 
-    def copy_of(self, flat: torch.Tensor) -> torch.Tensor:
+    def buffer_for(self, flat: torch.Tensor) -> torch.Tensor:
         """A host buffer that holds ``flat``'s values once :meth:`run` has run."""
         entry = self._entry(flat)
         if entry.buffer is None:

@@ -1,7 +1,7 @@
 """Reading a DeepSpeed ZeRO-1/2/3 sharded checkpoint ``<model_dir>/<tag>/`` tensor by tensor.
 
 Shards are memory-mapped and each parameter is described by the slices of the
-ranks' flat fp32 partitions that hold it (:class:`~wenet_hooks.file.layout.Pieces`):
+ranks' flat fp32 partitions that hold it (:class:`~wenet_hooks.file.writer.Pieces`):
 the writer writes those slices straight from the mappings to their places in
 the file, so no parameter is assembled in memory (DeepSpeed's ``zero_to_fp32``
 concatenates every rank's optimizer state at once). The layout follows DeepSpeed's own
@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from wenet_hooks.errors import CheckpointReadError
-from wenet_hooks.file.layout import Entry, Pieces, Value
+from wenet_hooks.file.writer import Entry, Pieces, Value
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, LOSS_SCALER_FIELDS, plain
 from wenet_hooks.file.pages import release_pages
 from wenet_hooks.readers.safe_load import load_shard

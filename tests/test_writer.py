@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import assert_state_dicts_equal
-from wenet_hooks.file.layout import Entry
+from wenet_hooks.file.writer import Entry
 from wenet_hooks.file.publish import write_entries
 
 
@@ -34,7 +34,7 @@ def test_streamed_file_equals_torch_save_content(tmp_path):
 def test_values_given_as_pieces_load_as_the_whole_tensors(tmp_path):
     """How the converter hands over a parameter (its ranks' slices, never assembled): both writers
     write the tensor the pieces make up, the verified manifest's checksums included."""
-    from wenet_hooks.file.layout import Pieces
+    from wenet_hooks.file.writer import Pieces
 
     weight, frozen = torch.randn(6, 4), torch.randn(5).to(torch.bfloat16)
     flat = torch.cat([weight.reshape(-1), torch.zeros(2)])  # one rank's partition, padded
