@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import wenet_hooks.gather.staging as staging_module
 from wenet_hooks.gather.check import ChunkCheck
 from wenet_hooks.gather.engines import known_state
 from wenet_hooks.gather.masters import Fragment, Partitions
 from wenet_hooks.gather.snapshots import SnapshotPool
+import wenet_hooks.gather.staging as staging_module
 from wenet_hooks.gather.staging import Staging, new_staging, step_wait_seconds, torch_optimizers, wait_for_copies
 
 

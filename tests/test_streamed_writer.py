@@ -11,8 +11,8 @@ import torch
 
 from wenet_hooks import CheckpointWriteError
 from wenet_hooks.compat import can_stream
-from wenet_hooks.file.writer import Entry
 from wenet_hooks.file.publish import write_entries
+from wenet_hooks.file.writer import Entry
 
 pytestmark = pytest.mark.skipif(not can_stream(), reason="the streamed writer needs "
                                 "torch.serialization.skip_data (torch >= 2.6)")

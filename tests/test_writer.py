@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helpers import assert_state_dicts_equal
-from wenet_hooks.file.writer import Entry
 from wenet_hooks.file.publish import write_entries
+from wenet_hooks.file.writer import Entry
 
 
 # Every test runs against both writers: the streamed one (torch >= 2.6) and torch.save.

@@ -24,14 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-import torch
-
 from wenet_hooks.dist import Failure, all_ok, first_failure, get_rank, is_rank0
 from wenet_hooks.errors import ConsolidationError, PhaseError
 from wenet_hooks.file.commit import Commit, fingerprint
-from wenet_hooks.file.writer import Entry
 from wenet_hooks.file.optimizer_file import legacy_optimizer_path, optimizer_path
 from wenet_hooks.file.publish import PendingFile
+from wenet_hooks.file.writer import Entry
 from wenet_hooks.gather import PendingWeights
 from wenet_hooks.gather.optimizer import PendingOptimizer
 from wenet_hooks.gather.staging import Staging
@@ -160,38 +158,23 @@ class SaveJob:
                 file = PendingFile(path, entries(), verify=self.verify)
             except Exception as e:  # rank 0 still takes its part in the gather below
                 failure = PhaseError(f"writing {path}", e)
-        sink = _Sink(file) if is_rank0() else None
+        # Rank 0 hands each tensor or fragment to the file as it arrives; a file that could not be opened
+        # drops them (the gather's collectives still go on to their end on every rank).
+        write, write_part = (file.receive, file.receive_part) if file is not None else (_drop, _drop)
         try:
-            finish(sink.write if sink is not None else None, sink.write_part if sink is not None else None)
+            if is_rank0():
+                finish(write, write_part)
+            else:
+                finish(None, None)
         except Exception as e:
             failure = failure or PhaseError(phase, e)
-        if sink is not None and sink.error is not None:
-            failure = failure or PhaseError(f"writing {path}", sink.error)
+        if file is not None and file.error is not None:
+            failure = failure or PhaseError(f"writing {path}", file.error)
         return file, failure
 
 
-class _Sink:
-    """Rank 0's end of a gather: each tensor, or fragment, into the file. A write that fails is kept,
-    and what follows is dropped: the gather's collectives go on to their end on every rank."""
-
-    def __init__(self, file: Optional[PendingFile]) -> None:
-        self.file, self.error = file, None
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        if self.file is None or self.error is not None:
-            return
-        try:
-            self.file.write(key, tensor)
-        except Exception as e:  # the file removed its .tmp; reported after the gather
-            self.error = e
-
-    def write_part(self, key: str, start: int, part: torch.Tensor) -> None:
-        if self.file is None or self.error is not None:
-            return
-        try:
-            self.file.write_part(key, start, part)
-        except Exception as e:  # as write
-            self.error = e
+def _drop(*_: Any) -> None:
+    """Rank 0's end of a gather whose file could not be opened (the failure is reported after it)."""
 
 
 def _remove_stale(optim: Path) -> None:

@@ -51,8 +51,8 @@ from wenet_hooks.file.optimizer_file import meta_tensor, to_file_dict
 from wenet_hooks.gather.masters import inspect_engine
 from wenet_hooks.gather.optimizer import consolidate_optimizer, prepare_optimizer, state_keys
 from wenet_hooks.gather.staging import Staging, step_wait_seconds
-from wenet_hooks.save import settle_background
 from wenet_hooks.resume import restore
+from wenet_hooks.save import settle_background
 
 TAG = "step_3"
 SLOW_COPIES_S = 0.5

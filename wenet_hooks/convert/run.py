@@ -26,11 +26,11 @@ from wenet_hooks.convert.plan import ASIDE_SUFFIX, SHARDED, Source, has_valid_si
 from wenet_hooks.convert.report import Outcome, Progress, print_plan, print_summary
 from wenet_hooks.dtypes import dtype_name, resolve_dtype
 from wenet_hooks.errors import VerificationError, WenetHooksError, first_line
-from wenet_hooks.file.writer import Entry, OnTensor, Value
-from wenet_hooks.file.manifest import Manifest, TensorSpec, spec_differences
 from wenet_hooks.file.commit import fingerprint
+from wenet_hooks.file.manifest import Manifest, TensorSpec, spec_differences
 from wenet_hooks.file.optimizer_file import META_KEY, file_key, optimizer_path, to_file_dict
 from wenet_hooks.file.publish import tmp_path_for, write_entries, write_state_dict
+from wenet_hooks.file.writer import Entry, OnTensor, Value
 from wenet_hooks.readers.folder import FolderCheckpoint
 from wenet_hooks.readers.sharded import ShardedCheckpoint
 

@@ -42,8 +42,8 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-import wenet_hooks.file.publish as publish
 from wenet_hooks.file.optimizer_file import optimizer_path
+import wenet_hooks.file.publish as publish
 from wenet_hooks.file.publish import PendingFile, tmp_path_for
 
 logger = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from typing import Iterable, Mapping, Optional, Union
 import torch
 
 from wenet_hooks.errors import CheckpointWriteError, VerificationError
-from wenet_hooks.file.writer import Entry, FileWriter, OnTensor, Value, entries_for
 from wenet_hooks.file.manifest import Manifest
 from wenet_hooks.file.verify import verify as verify_file
+from wenet_hooks.file.writer import Entry, FileWriter, OnTensor, Value, entries_for
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class PendingFile:
         self.started = time.perf_counter()
         self.writer: Optional[FileWriter] = None
         self.sealed = False
+        self.error: Optional[BaseException] = None  # the first failure of receive / receive_part
         _check_target(self.path)
         try:
             self.writer = open_writer(self.tmp, entries, verify and expected is None)
@@ -137,6 +138,23 @@ class PendingFile:
             self.writer.write_part(key, start, part)
         except BaseException as e:
             self._fail(e)
+
+    def receive(self, key: str, value: Value) -> None:
+        """:meth:`write` for a gather, which must go on to its end on every rank: the first failure is
+        kept in :attr:`error` (``.tmp`` removed) and what follows is dropped."""
+        if self.error is None:
+            try:
+                self.write(key, value)
+            except Exception as e:
+                self.error = e
+
+    def receive_part(self, key: str, start: int, part: torch.Tensor) -> None:
+        """:meth:`write_part` as :meth:`receive` does :meth:`write`."""
+        if self.error is None:
+            try:
+                self.write_part(key, start, part)
+            except Exception as e:
+                self.error = e
 
     def publish(self) -> Path:
         """fsync, verify, rename, fsync the folder: the file at ``path``."""

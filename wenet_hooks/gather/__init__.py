@@ -27,9 +27,9 @@ from typing import Any, Optional
 import torch
 from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
+from wenet_hooks.file.writer import Entry
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
 from wenet_hooks.gather.check import ChunkCheck, check_masters, per_parameter_hint
-from wenet_hooks.file.writer import Entry
 from wenet_hooks.gather.masters import EngineView, full_numel, full_shape, inspect_engine, unwrap_model
 from wenet_hooks.gather.per_param import ToHost, PerParameterChecks, gather_entry
 from wenet_hooks.gather.staging import Staging

@@ -31,8 +31,8 @@ import torch.distributed as dist
 from wenet_hooks.dist import all_ok, is_distributed
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.gather.agreement import AgreedLayout, agree
-from wenet_hooks.gather.masters import EngineView, Fragment, full_numel, full_shape
 from wenet_hooks.gather.engines import snapshot_pool
+from wenet_hooks.gather.masters import EngineView, Fragment, full_numel, full_shape
 from wenet_hooks.gather.staging import Staging
 
 logger = logging.getLogger(__name__)

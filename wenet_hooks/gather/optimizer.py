@@ -19,7 +19,6 @@ import torch
 from wenet_hooks.dist import get_rank, get_world_size, is_rank0
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.file.writer import Entry
-from wenet_hooks.file.optimizer_file import (
     ENGINE_COUNTERS,
     LOSS_SCALER_FIELDS,
     META_KEY,

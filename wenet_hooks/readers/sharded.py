@@ -32,9 +32,9 @@ from typing import Any, Iterator, Optional
 import torch
 
 from wenet_hooks.errors import CheckpointReadError
-from wenet_hooks.file.writer import Entry, Pieces, Value
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS, LOSS_SCALER_FIELDS, plain
 from wenet_hooks.file.pages import release_pages
+from wenet_hooks.file.writer import Entry, Pieces, Value
 from wenet_hooks.readers.safe_load import load_shard
 
 OSD = "optimizer_state_dict"

@@ -1,0 +1,131 @@
+"""The shape of one save, traced at run time: how many of the package's modules and classes a
+model+optimizer background save runs through, how often it comes back to a module it had left,
+and how many collectives the training thread makes.
+
+    python bench/save_path.py                   # the installed wenet_hooks
+    PYTHONPATH=/path/to/other/checkout python bench/save_path.py   # another version, for the same table
+
+It launches itself on 2 CPU ranks (torchrun, gloo, the tiny model of tests/support), saves three
+times with ``save_consolidated(..., SaveOptions(optimizer=True), writer=...)`` and traces the third
+(the steady state: layout agreed, background group made) on rank 0, both threads:
+
+- modules: the package's modules whose functions ran;
+- entries: times the running code moved into a module of the package from another one (a call or a
+  return), counted as the trace sees frames; returns: those entries into a module the save had left
+  before;
+- classes: the package's classes a method of which ran, or that were made;
+- collectives: torch.distributed calls on the training thread during the save's call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent / "tests"
+
+
+def _module_of(frame) -> str | None:
+    name = frame.f_globals.get("__name__", "")
+    return name if name == "wenet_hooks" or name.startswith("wenet_hooks.") else None
+
+
+class Trace:
+    """A profile function for every thread: the package's module transitions and classes, in order."""
+
+    def __init__(self) -> None:
+        self.sequence: list[str] = []
+        self.classes: set[str] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, frame, event, arg):
+        if event not in ("call", "return"):
+            return
+        target = frame.f_back if event == "return" else frame
+        module = _module_of(target) if target is not None else None
+        if module is None:
+            return
+        if event == "call":
+            owner = frame.f_locals.get("self") if frame.f_code.co_varnames[:1] == ("self",) else None
+            if owner is not None and type(owner).__module__.startswith("wenet_hooks"):
+                self.classes.add(f"{type(owner).__module__}.{type(owner).__qualname__}")
+        with self.lock:
+            if not self.sequence or self.sequence[-1] != module:
+                self.sequence.append(module)
+
+    def summary(self) -> dict:
+        left, entries, returns = set(), 0, 0
+        for previous, module in zip(self.sequence, self.sequence[1:]):
+            entries += 1
+            left.add(previous)
+            returns += module in left
+        return {"modules": len(set(self.sequence)), "entries": entries, "returns": returns,
+                "classes": len(self.classes), "class_names": sorted(self.classes)}
+
+
+def worker(out: Path) -> None:
+    sys.path.insert(0, str(TESTS))
+    import deepspeed
+    import torch.distributed as dist
+
+    from support.tiny_model import build_model
+    from support.tiny_training import ds_config, init_engine, train_steps
+    from wenet_hooks import BackgroundWriter, SaveOptions, save_consolidated
+    from wenet_hooks.save import settle_background
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    engine = init_engine(build_model(), ds_config(2))
+    writer = BackgroundWriter()
+    folder = out / "saves"
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(3):
+        train_steps(engine, 1, first_step=n)
+        settle_background(writer)
+        traced = n == 2 and dist.get_rank() == 0
+        trace, collectives, real = Trace(), [], dist.all_gather_object
+        if n == 2:
+            def counting(*args, **kwargs):
+                if threading.current_thread() is threading.main_thread():
+                    collectives.append("all_gather_object")
+                return real(*args, **kwargs)
+            dist.all_gather_object = counting
+        if traced:
+            threading.setprofile(trace)
+            sys.setprofile(trace)
+        save_consolidated(engine, folder, f"step_{n}", SaveOptions(optimizer=True), writer=writer)
+        sys.setprofile(None)
+        dist.all_gather_object = real
+        settle_background(writer)  # the background job's frames were traced too (threading.setprofile)
+        threading.setprofile(None)
+        if traced:
+            (out / "trace.json").write_text(json.dumps({**trace.summary(), "collectives": len(collectives)}))
+    dist.barrier()
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        worker(Path(sys.argv[2]))
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        __file__, "--worker", tmp], check=True, env=env, capture_output=True)
+        found = json.loads((Path(tmp) / "trace.json").read_text())
+    import wenet_hooks
+
+    print(f"wenet_hooks from {Path(wenet_hooks.__file__).parent}")
+    print("| measure | value |\n| --- | --- |")
+    for key in ("modules", "entries", "returns", "classes", "collectives"):
+        print(f"| {key} | {found[key]} |")
+    print("classes:", ", ".join(name.removeprefix("wenet_hooks.") for name in found["class_names"]))
+
+
+if __name__ == "__main__":
+    main()
