@@ -6,6 +6,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from wenet_hooks.dtypes import Dtype
+from wenet_hooks.wenet.config import (
     CONFIG_MODULE,
     ConsolidateConfig,
     OnError,

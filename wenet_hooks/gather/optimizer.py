@@ -18,7 +18,7 @@ import torch
 
 from wenet_hooks.dist import get_rank, get_world_size, is_rank0
 from wenet_hooks.errors import ConsolidationError
-from wenet_hooks.file.writer import Entry
+from wenet_hooks.file.optimizer_file import (
     ENGINE_COUNTERS,
     LOSS_SCALER_FIELDS,
     META_KEY,
@@ -27,6 +27,7 @@ from wenet_hooks.file.writer import Entry
     meta_tensor,
     plain,
 )
+from wenet_hooks.file.writer import Entry
 from wenet_hooks.gather.agreement import agree_with
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
 from wenet_hooks.gather.masters import EngineView, full_shape, inspect_engine
