@@ -10,6 +10,9 @@
   ``latest_save``...): between the renames of one save.
 - ``WENET_HOOKS_TEST_DIE_AT_STEP=<n>``: rank 0 kills itself (SIGKILL) before the
   n-th ``engine.step()`` of the process: a preemption in the middle of training.
+- ``WENET_HOOKS_TEST_SLOW_COPIES=<seconds>``: each background save's host copies start
+  that much later (its next optimizer step waits for them): a save still in flight
+  when the training loop moves on.
 - ``WENET_HOOKS_TEST_WRITERS=<folder>``: each rank appends ``RANK LOCAL_RANK GROUP_RANK
   file`` to ``<folder>/writes<rank>.txt`` for every file it publishes.
 - ``WENET_HOOKS_TEST_PROBE=<folder>``: after each save, every rank records its
@@ -84,6 +87,19 @@ if os.environ.get("WENET_HOOKS_TEST_DIE_AT_STEP") and os.environ.get("RANK") == 
         return _engine_step(self, *args, **kwargs)
 
     _Engine.step = _step_or_die
+
+if os.environ.get("WENET_HOOKS_TEST_SLOW_COPIES"):
+    import time as _time
+
+    import wenet_hooks.gather.staging as _staging
+
+    _delay, _run_copies = float(os.environ["WENET_HOOKS_TEST_SLOW_COPIES"]), _staging.Staging.run
+
+    def _late_copies(self):
+        _time.sleep(_delay)
+        _run_copies(self)
+
+    _staging.Staging.run = _late_copies
 
 if os.environ.get("WENET_HOOKS_TEST_PROBE"):
     import atexit
