@@ -198,3 +198,15 @@ def test_files_only_a_checkpoint_that_never_committed_is_named_with_the_newest_c
             f"{RECORD_KEY} record (the save never committed); the newest committed save in that folder is "
             f"{tmp_path / 'step_5.pt'}; HINT: pass --checkpoint {tmp_path / 'step_5.pt'}, or set "
             "wenet_hooks.consolidate.resume: auto") in caplog.text
+    # A pretrained model from elsewhere (no optimizer file, no committed save beside it) is not named.
+    elsewhere = tmp_path / "pretrained"
+    elsewhere.mkdir()
+    (elsewhere / "whisper.pt").write_bytes((tmp_path / "step_5.pt").read_bytes())
+    caplog.clear()
+    hook._session.active = ConsolidateConfig(enabled=True, sharded=False)
+    try:
+        with caplog.at_level("WARNING", logger="wenet_hooks.wenet.hook"):
+            hook._warn_if_not_committed(str(elsewhere / "whisper.pt"))
+    finally:
+        hook._session.active = saved
+    assert caplog.text == ""

@@ -213,12 +213,15 @@ def _resume(engine: Any) -> None:
 
 def _warn_if_not_committed(checkpoint: str) -> None:
     """With ``sharded: false`` the files are the only copy: a ``--checkpoint`` whose save never committed
-    (cut off mid-commit) is named, with the newest committed save beside it."""
+    (cut off mid-commit) is named, with the newest committed save beside it. A model from elsewhere (a
+    pretrained one to fine-tune: no optimizer file beside it, no committed save in its folder) is not."""
     config = _session.active
     reason = committed(checkpoint)
     if config is None or config.sharded or reason is None:
         return
     newest = newest_committed(Path(checkpoint).parent)
+    if newest is None and find_optimizer_file(checkpoint) is None:
+        return
     log_rank0(logger, logging.WARNING, "wenet_hooks: --checkpoint %s is not a committed save: %s; the newest "
               "committed save in that folder is %s; HINT: pass --checkpoint %s, or set wenet_hooks.consolidate.resume:"
               " auto", checkpoint, reason, newest or "none", newest or "<a committed save>")
