@@ -35,3 +35,83 @@ def test_receiver_places_every_fragment_whatever_the_chunk_size(chunk):
     assert failures == []
     for index, value in enumerate(values):
         assert torch.equal(receiver.tensors[index], value)
+
+
+def two_ranks():
+    """The layout of the test above: what rank 0 receives chunk by chunk, and the truth."""
+    values = [torch.arange(8.0).view(2, 4), torch.tensor([10.0, 11.0, 12.0])]
+    flats = [torch.tensor([0.0, 1, 2, 3, 4, -1]), torch.tensor([5.0, 6, 7, 10, 11, 12])]
+    by_rank = [[Fragment(0, 0, 0, 0, 5)], [Fragment(0, 0, 5, 0, 3), Fragment(0, 1, 0, 3, 3)]]
+    agreed = AgreedLayout([6], by_rank, {0: [by_rank[0][0], by_rank[1][0]], 1: [by_rank[1][1]]})
+    params = [torch.nn.Parameter(torch.empty(2, 4)), torch.nn.Parameter(torch.empty(3))]
+    return values, flats, agreed, params
+
+
+@pytest.mark.parametrize("target", [torch.float32, torch.bfloat16])
+def test_receiver_hands_each_fragment_over_as_it_arrives_and_holds_one_chunk(target):
+    """With on_fragment (a file's receive_part) nothing is assembled: each fragment, cast to the file's
+    dtype, goes to its element offset; the receiver holds at most one cast fragment at a time."""
+    values, flats, agreed, params = two_ranks()
+    failures, parts = [], []
+    receiver = _Receiver(agreed, params, target, lambda what, e: failures.append(what))
+    receiver.on_fragment = lambda index, start, piece: parts.append((index, start, piece.clone()))
+    for lo in range(0, 6, 4):
+        receiver.place(0, lo, [flats[rank][lo:lo + 4].clone() for rank in range(2)])
+    assert failures == [] and receiver.tensors == {}  # never assembled
+    for index, value in enumerate(values):
+        got = torch.empty(value.numel(), dtype=target)
+        for i, start, piece in (p for p in parts if p[0] == index):
+            assert piece.dtype == target
+            got[start:start + piece.numel()] = piece
+        assert torch.equal(got, value.reshape(-1).to(target))
+    assert receiver.peak_bytes <= (0 if target == torch.float32 else 4 * 2)  # one cast fragment (<= a chunk)
+
+
+def test_receiver_hands_each_tensor_over_once_complete_and_keeps_the_first_failure():
+    values, flats, agreed, params = two_ranks()
+    failures, complete = [], {}
+    receiver = _Receiver(agreed, params, torch.float32, lambda what, e: failures.append(what))
+    receiver.on_complete = lambda index, tensor: complete.setdefault(index, tensor)
+    receiver.place(0, 0, [flats[rank][0:3].clone() for rank in range(2)])
+    receiver.place(0, 3, [flats[rank][3:6].clone() for rank in range(2)])
+    assert sorted(complete) == [0, 1] and receiver.tensors == {} and failures == []
+    assert all(torch.equal(complete[i], v) for i, v in enumerate(values))
+    # A chunk that cannot be placed (here: the wrong size) is recorded once; what follows is dropped.
+    broken = _Receiver(agreed, params, torch.float32, lambda what, e: failures.append(what))
+    broken.place(0, 0, [torch.zeros(2, 2), torch.zeros(2, 2)])
+    broken.place(0, 4, [flats[rank][4:6].clone() for rank in range(2)])
+    assert failures == ["copying gathered weights (partition 0, offset 0) to host memory"]
+
+
+def engine_view(engine, fragments):
+    """What agreement reads of an EngineView: the engine, its parameters and this rank's partitions."""
+    from types import SimpleNamespace
+
+    from wenet_hooks.gather.masters import Partitions
+
+    params = [torch.nn.Parameter(torch.empty(2, 4)), torch.nn.Parameter(torch.empty(3))]
+    flat = torch.zeros(11)
+    return SimpleNamespace(engine=engine, params=params, agreed=[],
+                           partitions=Partitions([flat], fragments, None, [flat[:8], flat[8:]]))
+
+
+def test_the_plan_is_one_exchange_and_the_agreement_is_kept_with_the_engine_while_unchanged():
+    """agree_with exchanges each rank's word (the optimizer state keys) with its "unchanged" in one
+    collective (one process here: a world of one); the fragments are agreed anew only when they change."""
+    from wenet_hooks.gather import agreement
+    from wenet_hooks.gather.engines import known_state
+
+    engine = torch.nn.Linear(1, 1)  # any object with weak references
+    whole = [Fragment(0, 0, 0, 0, 8), Fragment(0, 1, 0, 8, 3)]
+    made = agreement.agreements_made
+    first = engine_view(engine, whole)
+    assert agreement.agree_with(first, ["exp_avg", "exp_avg_sq"]) == [["exp_avg", "exp_avg_sq"]]
+    assert agreement.agreements_made == made + 1 and first.agreed[0].flat_numels == [11]
+    again = engine_view(engine, whole)
+    assert agreement.agree_with(again, None) == [None] and agreement.agreements_made == made + 1  # kept
+    assert again.agreed[0] is first.agreed[0] and agreement.agree(again) is first.agreed[0]
+    assert known_state(engine).agreed[1] is first.agreed[0]
+    # Fragments that no longer cover parameter 1: agreed anew, and the gather falls back (None).
+    changed = engine_view(engine, [Fragment(0, 0, 0, 0, 8), Fragment(0, 1, 0, 8, 2)])
+    agreement.agree_with(changed, None)
+    assert agreement.agreements_made == made + 2 and changed.agreed == [None]

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from wenet_hooks.dist import all_reports
+from wenet_hooks.dist import all_reports, log_rank0
 from wenet_hooks.gather.engines import state_of
 from wenet_hooks.gather.masters import EngineView, Fragment, Partitions, full_numel
 
@@ -110,6 +109,5 @@ def _covers(fragments: list[Fragment], numel: int) -> bool:
 
 
 def _unusable(why: str) -> None:
-    if dist.get_rank() == 0:
-        logger.warning("wenet_hooks: gathering parameter by parameter: %s", why)
+    log_rank0(logger, logging.WARNING, "wenet_hooks: gathering parameter by parameter: %s", why)
     return None
