@@ -210,3 +210,31 @@ def test_files_only_a_checkpoint_that_never_committed_is_named_with_the_newest_c
     finally:
         hook._session.active = saved
     assert caplog.text == ""
+
+
+def test_a_save_job_commits_its_files_and_record_or_nothing(tmp_path, monkeypatch):
+    """One process (a world of one): the job's steps stage -> gather -> vote -> commit, then a commit whose
+    rename fails: SaveError, nothing under a final name, no temporary file left."""
+    import errno
+
+    import wenet_hooks.file.publish as publish
+    from support.tiny_model import build_model
+    from wenet_hooks import SaveOptions, save_consolidated
+    from wenet_hooks.errors import SaveError
+
+    model = build_model()
+    info = {"tag": "step_1", "step": 1, "loss_dict": {"loss": 2.5}}
+    save_consolidated(model, tmp_path, "step_1", SaveOptions(), record=info)
+    info["tag"] = "TRAIN"  # the caller's dict moves on; the save took a copy at the call
+    assert committed(tmp_path / "step_1.pt") is None and (tmp_path / LATEST).read_text() == "step_1\n"
+    written = yaml.safe_load((tmp_path / "step_1.yaml").read_text())
+    assert written["tag"] == "step_1" and written[RECORD_KEY]["optimizer"] is None
+
+    def broken_rename(tmp, path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(publish, "replace_file", broken_rename)
+    with pytest.raises(SaveError, match=r"^save 'step_2' failed on rank 0 while writing .*step_2\.pt: could not "
+                                         r"write .*step_2\.pt: Input/output error \(OSError\)$"):
+        save_consolidated(model, tmp_path, "step_2", SaveOptions(), record={"tag": "step_2"})
+    assert sorted(p.name for p in tmp_path.iterdir() if "step_2" in p.name) == []

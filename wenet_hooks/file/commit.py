@@ -42,8 +42,9 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from wenet_hooks.file.optimizer_file import optimizer_path
 import wenet_hooks.file.publish as publish
+from wenet_hooks.errors import CheckpointWriteError
+from wenet_hooks.file.optimizer_file import optimizer_path
 from wenet_hooks.file.publish import PendingFile, tmp_path_for
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ class Commit:
         """Seal every file, write the record, rename them all, the record last; fsync the folder.
 
         Raises:
-            CheckpointWriteError, VerificationError: a file failed to seal; nothing was renamed.
+            CheckpointWriteError, VerificationError: a file failed to seal (nothing was renamed), or the
+                file system refused a rename (what was renamed has no record: not committed).
         """
         files = [f for f in (self.weights, self.optimizer) if f is not None]
         for f in files:
@@ -97,16 +99,21 @@ class Commit:
                             fingerprint(self.optimizer.tmp) if self.optimizer is not None else None)
         yaml_path = record_path(self.weights.path)
         if self.info is not None:
-            _write_synced(tmp_path_for(yaml_path), yaml.dump({**self.info, RECORD_KEY: record.as_yaml()}))
+            with publish.naming(yaml_path):
+                _write_synced(tmp_path_for(yaml_path), yaml.dump({**self.info, RECORD_KEY: record.as_yaml()}))
         for f in files:
             f.rename()
-        if self.info is not None:
-            publish.replace_file(tmp_path_for(yaml_path), yaml_path)
-        publish.fsync_dir(yaml_path.parent)
+        with publish.naming(yaml_path):
+            if self.info is not None:
+                publish.replace_file(tmp_path_for(yaml_path), yaml_path)
+            publish.fsync_dir(yaml_path.parent)
         for f in files:
             f.log_published()
         if self.info is not None and yaml_path.stem != INIT_TAG:  # the save a resume would take
-            write_latest(yaml_path.parent, yaml_path.stem)
+            try:
+                write_latest(yaml_path.parent, yaml_path.stem)
+            except CheckpointWriteError as e:  # committed all the same: resume: auto reads the records
+                logger.warning("wenet_hooks: %s; the save is committed, the pointer names an older one", e)
         return record
 
     def discard(self) -> None:
@@ -130,9 +137,10 @@ def _write_synced(path: Path, text: str) -> None:
 def write_latest(model_dir: Path, tag: str) -> None:
     """``model_dir/latest_save`` replaced atomically by one line naming ``tag``."""
     path = Path(model_dir) / LATEST
-    _write_synced(tmp_path_for(path), tag + "\n")
-    publish.replace_file(tmp_path_for(path), path)
-    publish.fsync_dir(path.parent)
+    with publish.naming(path):
+        _write_synced(tmp_path_for(path), tag + "\n")
+        publish.replace_file(tmp_path_for(path), path)
+        publish.fsync_dir(path.parent)
 
 
 def record_path(weights: Union[str, Path]) -> Path:

@@ -8,13 +8,14 @@ system), and the folder is fsynced so the rename itself survives a power loss.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Union
+from typing import Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -183,8 +184,13 @@ class PendingFile:
         self.sealed = True
 
     def rename(self) -> None:
-        """The sealed ``<path>.tmp`` to ``path`` (the folder's fsync is the caller's)."""
-        replace_file(self.tmp, self.path)
+        """The sealed ``<path>.tmp`` to ``path`` (the folder's fsync is the caller's).
+
+        Raises:
+            CheckpointWriteError: the file system refused (the ``.tmp`` is the caller's to discard).
+        """
+        with naming(self.path):
+            replace_file(self.tmp, self.path)
 
     def log_published(self) -> None:
         size, seconds = self.path.stat().st_size, time.perf_counter() - self.started
@@ -231,6 +237,16 @@ def _verify_as(tmp: Path, expected: Manifest, path: Path) -> None:
         verify_file(tmp, expected)
     except VerificationError as e:
         raise VerificationError(path, e.problems) from e
+
+
+@contextlib.contextmanager
+def naming(path: Path, needed: int = 0) -> Iterator[None]:
+    """An ``OSError`` raised inside becomes a :class:`CheckpointWriteError` naming ``path`` (with a hint
+    for a full or read-only disk)."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointWriteError(path, _os_error_text(e, path, needed)) from e
 
 
 def replace_file(tmp: Path, path: Path) -> None:
