@@ -35,6 +35,27 @@ def _always() -> bool:
     return True
 
 
+# DeepSpeed's optimizers that write the masters during backward, where the installed DeepSpeed has them.
+WRITE_DURING_BACKWARD = {
+    "deepspeed.runtime.superoffload.superoffload_stage3": "SuperOffloadOptimizer_Stage3",
+    "deepspeed.runtime.zenflow.zenflow_stage_1_and_2": "ZenFlowZeroOptimizer",
+}
+
+
+def write_during_backward_classes() -> list[type]:
+    import importlib
+    import importlib.util
+
+    found = []
+    for module, name in WRITE_DURING_BACKWARD.items():
+        try:
+            if importlib.util.find_spec(module) is not None:
+                found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
 DECLARED = [
     Declared(r"fp16 is refused by DeepSpeed on CPU", _always,
              "DeepSpeed's CPU accelerator refuses fp16; the same code runs bf16 (and fp16 on a GPU)"),
@@ -64,6 +85,8 @@ DECLARED = [
              "fused AdamW runs on the CPU from torch 2.4"),
     Declared(r"zero_hpz_partition_size 2 needs an even number of ranks", _always,
              "hpz runs at 2 ranks; at 3 the secondary group cannot divide the world"),
+    Declared(r"this DeepSpeed has neither SuperOffload nor ZenFlow", lambda: not write_during_backward_classes(),
+             "older DeepSpeed releases have neither optimizer: nothing writes the masters during backward there"),
     Declared(r"cannot mount a tmpfs here", lambda: os.geteuid() != 0,
              "a full disk is simulated with a small tmpfs, which needs root (CI runs as root)"),
 ]

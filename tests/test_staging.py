@@ -177,10 +177,12 @@ def test_deepspeeds_writers_outside_a_step_wait_for_the_copies_and_are_unwrapped
 def test_saves_of_optimizers_that_write_the_masters_during_backward_take_their_copies_at_the_call():
     """SuperOffload (its CPU sub-groups stepped in a worker process during backward) and ZenFlow (masters
     overwritten in backward_prologue): DeepSpeed's own classes, recognised by name across versions."""
-    from deepspeed.runtime.superoffload.superoffload_stage3 import SuperOffloadOptimizer_Stage3
-    from deepspeed.runtime.zenflow.zenflow_stage_1_and_2 import ZenFlowZeroOptimizer
+    from declared_skips import write_during_backward_classes
 
-    for cls in (SuperOffloadOptimizer_Stage3, ZenFlowZeroOptimizer):
+    classes = write_during_backward_classes()
+    if not classes:
+        pytest.skip("this DeepSpeed has neither SuperOffload nor ZenFlow")
+    for cls in classes:
         engine = Engine()
         engine.optimizer = object.__new__(cls)  # the class is what is read; nothing of it runs
         assert staging_module.writes_masters_during_backward(engine)
