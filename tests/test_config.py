@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_module
 
 from wenet_hooks.dtypes import Dtype
@@ -70,3 +71,15 @@ def test_every_problem_reported_with_its_full_key():
 def test_section_that_is_not_a_mapping():
     with pytest.raises(ConfigError, match=r"wenet_hooks.consolidate: expected a mapping of options; found True$"):
         compose_section({"consolidate": True})
+
+
+def test_resume_off_unquoted_is_off_and_auto_is_auto():
+    """WeNet reads train.yaml with YAML 1.1, where an unquoted ``off`` is false."""
+    from wenet_hooks.wenet.config import Resume, compose_section
+
+    written = yaml.safe_load("consolidate:\n  enabled: true\n  resume: off\n")
+    assert written["consolidate"]["resume"] is False
+    assert compose_section(written).consolidate.resume is Resume.off
+    assert compose_section({"consolidate": {"resume": "auto"}}).consolidate.resume is Resume.auto
+    with pytest.raises(ConfigError, match=r"wenet_hooks\.consolidate\.resume: expected one of off, auto; found 'yes'"):
+        compose_section({"consolidate": {"resume": "yes"}})

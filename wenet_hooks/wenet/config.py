@@ -101,11 +101,19 @@ def compose_section(section: Optional[Mapping[str, Any]]) -> WenetHooksConfig:
     from omegaconf import OmegaConf
 
     defaults = _compose_defaults()
-    section = {} if section is None else section
+    section = _resume_off_as_written({} if section is None else section)
     problems = _section_problems(defaults, section, WenetHooksConfig, SECTION)
     if problems:
         raise ConfigError(problems)
     return OmegaConf.to_object(OmegaConf.merge(defaults, section))
+
+
+def _resume_off_as_written(section: Any) -> Any:
+    """``resume: off`` as the user wrote it: YAML 1.1 (WeNet's loader) reads an unquoted ``off`` as false."""
+    consolidate = section.get("consolidate") if isinstance(section, Mapping) else None
+    if isinstance(consolidate, Mapping) and consolidate.get("resume") is False:
+        return {**section, "consolidate": {**consolidate, "resume": Resume.off.value}}
+    return section
 
 
 def _compose_defaults():
