@@ -181,35 +181,31 @@ def test_resume_auto_takes_the_newest_committed_save_and_says_why(tmp_path, capl
            "(its step_5.yaml records the files beside it; instead of --checkpoint pretrained.pt)" in caplog.text
 
 
-def test_files_only_a_checkpoint_that_never_committed_is_named_with_the_newest_committed(tmp_path, caplog):
+def files_only_warning(checkpoint: Path, caplog, monkeypatch) -> str:
+    """What the hook warns about ``checkpoint`` at a ``sharded: false`` resume."""
     from wenet_hooks.wenet import hook
     from wenet_hooks.wenet.config import ConsolidateConfig
 
+    monkeypatch.setattr(hook._session, "active", ConsolidateConfig(enabled=True, sharded=False))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wenet_hooks.wenet.hook"):
+        hook._warn_if_not_committed(str(checkpoint))
+    return caplog.text
+
+
+def test_files_only_a_checkpoint_that_never_committed_is_named_with_the_newest_committed(tmp_path, caplog,
+                                                                                          monkeypatch):
     commit_here(tmp_path, "step_5", 5.0, 5)
     (tmp_path / "step_7.pt").write_bytes((tmp_path / "step_5.pt").read_bytes())  # its yaml never renamed
-    saved = hook._session.active
-    hook._session.active = ConsolidateConfig(enabled=True, sharded=False)
-    try:
-        with caplog.at_level("WARNING", logger="wenet_hooks.wenet.hook"):
-            hook._warn_if_not_committed(str(tmp_path / "step_7.pt"))
-    finally:
-        hook._session.active = saved
     assert (f"--checkpoint {tmp_path / 'step_7.pt'} is not a committed save: step_7.yaml is missing or holds no "
             f"{RECORD_KEY} record (the save never committed); the newest committed save in that folder is "
             f"{tmp_path / 'step_5.pt'}; HINT: pass --checkpoint {tmp_path / 'step_5.pt'}, or set "
-            "wenet_hooks.consolidate.resume: auto") in caplog.text
+            "wenet_hooks.consolidate.resume: auto") in files_only_warning(tmp_path / "step_7.pt", caplog, monkeypatch)
     # A pretrained model from elsewhere (no optimizer file, no committed save beside it) is not named.
     elsewhere = tmp_path / "pretrained"
     elsewhere.mkdir()
     (elsewhere / "whisper.pt").write_bytes((tmp_path / "step_5.pt").read_bytes())
-    caplog.clear()
-    hook._session.active = ConsolidateConfig(enabled=True, sharded=False)
-    try:
-        with caplog.at_level("WARNING", logger="wenet_hooks.wenet.hook"):
-            hook._warn_if_not_committed(str(elsewhere / "whisper.pt"))
-    finally:
-        hook._session.active = saved
-    assert caplog.text == ""
+    assert files_only_warning(elsewhere / "whisper.pt", caplog, monkeypatch) == ""
 
 
 def test_a_save_job_commits_its_files_and_record_or_nothing(tmp_path, monkeypatch):
