@@ -208,8 +208,8 @@ def test_files_only_a_checkpoint_that_never_committed_is_named_with_the_newest_c
     assert files_only_warning(elsewhere / "whisper.pt", caplog, monkeypatch) == ""
 
 
-def test_a_save_job_commits_its_files_and_record_or_nothing(tmp_path, monkeypatch):
-    """One process (a world of one): the job's steps stage -> gather -> vote -> commit, then a commit whose
+def test_a_save_commits_its_files_and_record_or_nothing(tmp_path, monkeypatch):
+    """One process (a world of one): the save's steps plan -> prepare -> gather -> vote -> commit, then a commit whose
     rename fails: SaveError, nothing under a final name, no temporary file left."""
     import errno
 

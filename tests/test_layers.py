@@ -21,12 +21,12 @@ ALLOWED = {
     "file": {"errors", "dtypes", "compat"},
     "gather": {"errors", "dtypes", "dist", "file"},
     "background": {"dist", "errors"},
-    "save_job": {"dist", "errors", "file", "gather"},
-    "save": {"background", "dist", "dtypes", "errors", "file", "gather", "save_job"},
+    "plan": {"dist", "dtypes", "file", "gather"},
+    "save": {"background", "dist", "errors", "file", "gather", "plan"},
     "resume": {"compat", "dist", "errors", "file", "gather"},
     "readers": {"errors", "compat", "file"},
     "convert": {"errors", "dtypes", "compat", "file", "readers", "wenet"},
-    "wenet": {"background", "compat", "dist", "dtypes", "errors", "file", "gather", "resume", "save"},
+    "wenet": {"background", "compat", "dist", "dtypes", "errors", "file", "gather", "plan", "resume", "save"},
     "train": {"wenet"},
 }
 

@@ -37,7 +37,7 @@ _EXPORTS = {
     "consolidate": "wenet_hooks.gather",
     "save_consolidated": "wenet_hooks.save",
     "settle_background": "wenet_hooks.save",
-    "SaveOptions": "wenet_hooks.save",
+    "SaveOptions": "wenet_hooks.plan",
     "restore": "wenet_hooks.resume",
     "RestoreError": "wenet_hooks.errors",
     "BackgroundWriter": "wenet_hooks.background",
@@ -94,7 +94,8 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imp
     from wenet_hooks.file.verify import load_state_dict_file, verify
     from wenet_hooks.gather import consolidate
     from wenet_hooks.resume import restore
-    from wenet_hooks.save import SaveOptions, save_consolidated, settle_background
+    from wenet_hooks.plan import SaveOptions
+    from wenet_hooks.save import save_consolidated, settle_background
 
 
 def __getattr__(name: str) -> Any:

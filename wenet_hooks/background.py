@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from wenet_hooks.dist import Failure
-from wenet_hooks.errors import PhaseError
 
 logger = logging.getLogger(__name__)
 
@@ -62,5 +61,4 @@ class BackgroundWriter:
         except Exception as e:  # reported to every rank at the next save
             logger.exception("wenet_hooks: %s failed in the background", what)
             if self._failed is None:
-                cause = e.cause if isinstance(e, PhaseError) else e  # where it really raised
-                self._failed = FailedWrite(tag, what, Failure.from_exception(cause))
+                self._failed = FailedWrite(tag, what, Failure.from_exception(e))

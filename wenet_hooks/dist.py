@@ -1,5 +1,6 @@
 """Rank helpers that also work in one process without torch.distributed, and the
-all-rank vote that keeps every rank raising (or going on) together."""
+one way a failure is shared: a collective step returns on every rank, or raises
+the same error on every rank (:func:`collective_step`, over :func:`first_failure`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import gc
 import logging
 import traceback
 from dataclasses import dataclass
-from typing import Optional, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch.distributed as dist
 
-from wenet_hooks.errors import error_text
+from wenet_hooks.errors import PhaseError, SaveError, error_text
 
 # Frames of a failing rank's traceback that travel to the other ranks.
 _TRACEBACK_FRAMES = 4
@@ -55,9 +56,26 @@ class Failure:
 
     @classmethod
     def from_exception(cls, error: BaseException, phase: str = "") -> Failure:
-        frames = traceback.format_tb(error.__traceback__)[-_TRACEBACK_FRAMES:]
-        summary = "".join(frames) + f"{type(error).__name__}: {error_text(error)}\n"
-        return cls(get_rank(), error_text(error), summary, phase)
+        """This rank's report of ``error``: a :class:`PhaseError` brings its phase and cause; a
+        :class:`SaveError` (voted already) the failing rank's own report."""
+        if isinstance(error, SaveError) and isinstance(error.origin, Failure):
+            return error.origin
+        if isinstance(error, PhaseError):
+            error, phase = error.cause, error.phase
+        return cls(get_rank(), error_text(error), _summary(error), phase)
+
+    def error(self, tag: str, phase: str = "") -> SaveError:
+        """The :class:`SaveError` every rank raises for this failure (``phase``: else the failing rank's)."""
+        # The failing rank logged its own traceback; the others carry its summary.
+        remote = self.traceback if self.rank != get_rank() else ""
+        error = SaveError(tag, self.rank, phase or self.phase, self.message, remote)
+        error.origin = self
+        return error
+
+
+def _summary(error: BaseException) -> str:
+    frames = traceback.format_tb(error.__traceback__)[-_TRACEBACK_FRAMES:]
+    return "".join(frames) + f"{type(error).__name__}: {error_text(error)}\n"
 
 
 Report = TypeVar("Report")
@@ -83,9 +101,28 @@ def first_failure(mine: Optional[Report], group: object = None) -> Optional[Repo
     return next((r for r in all_reports(mine, group) if r is not None), None)
 
 
-def all_ok(ok: bool, what: str, group: object = None) -> bool:
-    """Collective: whether every rank says ``ok`` (``what`` names the step in a failure)."""
-    return first_failure(None if ok else Failure(get_rank(), f"{what} failed"), group) is None
+Value = TypeVar("Value")
+
+
+def collective_step(tag: str, phase: str, work: Callable[[], Value], group: object = None) -> Value:
+    """Collective (over ``group``, the default group if None): one step of save ``tag``.
+
+    ``work()`` runs here, then the ranks share their outcome in one vote: its
+    value is returned on every rank, or every rank raises the same
+    :class:`SaveError`, the lowest failing rank's (``phase``, or the phase a
+    :class:`PhaseError` names). The one failure protocol of a save, on the
+    training thread and in the background alike.
+    """
+    try:
+        value: Optional[Value] = work()
+        mine = None
+    except Exception as e:  # shared with the other ranks below, then raised on every one
+        logging.getLogger(__name__).exception("wenet_hooks: save '%s' failed here", tag)
+        value, mine = None, Failure.from_exception(e, phase)
+    failure = first_failure(mine, group)
+    if failure is not None:
+        raise failure.error(tag, failure.phase or phase)
+    return value  # type: ignore[return-value]
 
 
 # (the default group it was made in, the gloo group of every rank)

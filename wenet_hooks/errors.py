@@ -58,6 +58,7 @@ class SaveError(WenetHooksError):
     def __init__(self, tag: str, rank: int, phase: str, reason: str, remote_traceback: str = "") -> None:
         self.tag, self.rank, self.phase, self.reason = tag, rank, phase, reason
         self.remote_traceback = remote_traceback
+        self.origin: object = None  # the failing rank's report (wenet_hooks.dist.Failure), shared again by a later vote
         message = f"save '{tag}' failed on rank {rank} while {phase}: {reason}"
         if remote_traceback:
             message += f"\n  where rank {rank} raised it:\n" + remote_traceback.rstrip()

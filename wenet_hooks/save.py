@@ -1,4 +1,4 @@
-"""One save, collectively: gather on every rank, write and verify on rank 0, agree.
+"""One save, collectively: gather on every rank, write and verify on rank 0, commit.
 
 This is the WeNet-free pipeline that the WeNet hook calls at each save; any
 DeepSpeed trainer can call it after ``engine.save_checkpoint``::
@@ -6,77 +6,55 @@ DeepSpeed trainer can call it after ``engine.save_checkpoint``::
     engine.save_checkpoint(model_dir, tag=tag)
     save_consolidated(engine, model_dir, tag)      # every rank; rank 0 writes <tag>.pt
 
-One save, in order, with the collectives each step makes:
+One save is one :class:`Save`, whose methods are its steps, in the order they run:
 
-1. plan (:func:`_prepare`): the engine inspected once; every rank's "my
-   partitions are as agreed" and its optimizer state keys exchanged in one
-   collective (a second, of every rank's fragments, at an engine's first save);
-2. prepare: the gathers allocated, the host copies registered; one vote;
-3. the job (:mod:`wenet_hooks.save_job`), now or in the background: stage
-   (copies taken, check voted) -> gather -> vote -> commit
-   (:mod:`wenet_hooks.file.commit`).
+=========  =============================================  ===================================
+step       what                                           collective (group)
+=========  =============================================  ===================================
+plan       the engine read once, the plan agreed          1 exchange (default), at the call
+           (:func:`wenet_hooks.plan.plan_save`)
+prepare    every gather allocated, host copies            1 vote (default), at the call
+           registered
+stage      each rank's host copies taken and checked      1 vote (the save's group)
+           against the training weights
+gather     the weights, then the optimizer state, each    the chunks (the save's group)
+           fragment to its place in rank 0's ``.tmp``
+vote       every rank's part arrived                      1 vote (the save's group)
+commit     rank 0: files sealed, renamed, record last     1 vote (the save's group)
+           (:mod:`wenet_hooks.file.commit`)
+=========  =============================================  ===================================
 
-A failure in any step raises :class:`~wenet_hooks.errors.SaveError` on every
-rank (in a background save, at the next save or :func:`settle_background`).
+With a writer, the steps after ``prepare`` run in the background while
+training goes on, over the package's gloo group. Each vote is
+:func:`~wenet_hooks.dist.collective_step`: it returns on every rank or raises
+the same :class:`~wenet_hooks.errors.SaveError` on every rank (in a background
+save, at the next save or :func:`settle_background`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
 from wenet_hooks.background import BackgroundWriter
-from wenet_hooks.dist import Failure, background_group, first_failure, get_rank, log_rank0
-from wenet_hooks.dtypes import DtypeLike
-from wenet_hooks.errors import PhaseError, SaveError
+from wenet_hooks.dist import collective_step, first_failure, is_rank0
+from wenet_hooks.errors import ConsolidationError, PhaseError
+from wenet_hooks.file.commit import Commit, fingerprint
+from wenet_hooks.file.optimizer_file import legacy_optimizer_path
+from wenet_hooks.file.publish import PendingFile
+from wenet_hooks.file.writer import Entry
 from wenet_hooks.gather import DEFAULT_BUCKET_MB, PendingWeights, prepare_consolidate
-from wenet_hooks.gather.agreement import agree_with
-from wenet_hooks.gather.masters import EngineView, inspect_engine
-from wenet_hooks.gather.optimizer import PendingOptimizer, agreed_state_keys, prepare_optimizer, state_keys
-from wenet_hooks.gather.staging import Staging, new_staging, torch_optimizers
-from wenet_hooks.save_job import GATHERING_OPTIMIZER, GATHERING_WEIGHTS, SaveJob
+from wenet_hooks.gather.optimizer import PendingOptimizer, prepare_optimizer
+from wenet_hooks.plan import SaveOptions, SavePlan, plan_save
+
+__all__ = ["Save", "SaveOptions", "save_consolidated", "settle_background"]
 
 logger = logging.getLogger(__name__)
-_said: set[str] = set()  # warnings already logged in this process
 
-
-@dataclass(frozen=True)
-class SaveOptions:
-    """How :func:`save_consolidated` makes ``<tag>.pt``.
-
-    Attributes:
-        dtype: floating tensors are stored in this dtype. ``"fp32"`` (the
-            default) holds DeepSpeed's fp32 master weights bit for bit;
-            ``"bf16"`` or ``"fp16"`` halve the file. Integer buffers keep theirs.
-        verify: reopen the written file and check every key, shape, dtype and
-            CRC32 before publishing it (default ``True``).
-        bucket_mb: megabytes rank 0 receives per collective while gathering
-            DeepSpeed's flat fp32 partitions, which is also the gather's extra
-            accelerator memory (default 16). ``0`` uses DeepSpeed's
-            per-parameter ``safe_get_full_fp32_param`` instead.
-        optimizer: also write ``<tag>.optim``, the optimizer state under
-            the model's key names, for an exact resume at any world size and
-            ZeRO stage (:func:`wenet_hooks.resume.restore`). Default ``False``.
-        background_gather: with a ``writer``, each rank's copy of its
-            partitions of the masters (and of the optimizer state) to host
-            memory, with the check of the masters, is taken by the save's
-            background job, and the next optimizer step waits for it
-            (:mod:`wenet_hooks.gather.staging`); the gathers to rank 0 and its
-            writing follow there, over a gloo group of the package's own
-            (default ``True``). Call
-            :func:`settle_background` before ``destroy_process_group``, which
-            takes that group with it. ``False``: gathered and written before
-            returning, as without a writer.
-    """
-
-    dtype: DtypeLike = "fp32"
-    verify: bool = True
-    bucket_mb: float = DEFAULT_BUCKET_MB
-    optimizer: bool = False
-    background_gather: bool = True
+GATHERING_WEIGHTS = "gathering the weights"
+GATHERING_OPTIMIZER = "gathering the optimizer state"
+STAGING = "copying and checking the masters"
 
 
 def save_consolidated(
@@ -96,7 +74,7 @@ def save_consolidated(
     its place in ``<tag>.pt.tmp`` as it arrives (it never holds the whole
     model), and, with ``options.verify``, reopens the file and checks every
     tensor before publishing it; then rank 0 calls ``on_written``. After each
-    phase the ranks share their outcome, so a failure anywhere raises on every
+    step the ranks share their outcome, so a failure anywhere raises on every
     rank. With a ``writer`` (and ``options.background_gather``), the copies of
     each rank's partitions, the check, the gathers and the writing go on in
     the background (the next optimizer step waits for this rank's copies);
@@ -112,64 +90,22 @@ def save_consolidated(
         The path of the file (on every rank).
 
     Raises:
-        SaveError: on every rank, naming the rank and phase that failed, with
+        SaveError: on every rank, naming the rank and step that failed, with
             the failing rank's message and where it raised.
     """
-    path = Path(model_dir) / f"{tag}.pt"
-    # The caller may change its dict as soon as this returns (WeNet's executor does): the save owns a copy.
-    record = copy.deepcopy(dict(record)) if record is not None else None
-    view = inspect_engine(engine)  # once per save: the weights' gather and the optimizer's read it
-    # With a writer, the gathers run in the background, from host copies of each rank's partitions, over
-    # the package's own gloo group (made collectively here the first time).
-    deferred = writer is not None and options.background_gather
-    group = background_group() if deferred else None
-    # The host copies (and the check that reads them) are taken by the background job, the next optimizer
-    # step waiting for them, where the partitions lie in host memory (else now, before returning).
-    staging = new_staging(engine, _on_host(view), torch_optimizers(engine)) if deferred else None
+    background = writer is not None and options.background_gather
+    save = Save(plan_save(engine, model_dir, tag, options, background=background, record=record), on_written)
     try:
-        job = _prepare(engine, path, tag, options, view, group, staging, on_written, record)
-        if staging is not None and not staging.deferred:
-            staging.run()
-        if deferred:
-            writer.submit(job, tag, f"gathering {job.what} and writing {path}")
+        save.prepare()
+        if background:
+            assert writer is not None
+            writer.submit(save, tag, f"gathering {save.plan.what} and writing {save.plan.path}")
     except BaseException:
-        if staging is not None:  # never taken: the next step must not wait for it
-            staging.cancel()
-            staging.release()
+        save.release()  # never run: the next step must not wait for its copies
         raise
-    if not deferred:  # gathered and written before training goes on
-        _, failure = _run_phase(job, tag)
-        _raise_if_any_failed(failure, tag, f"writing {path}")
-    return path
-
-
-def _prepare(engine: Any, path: Path, tag: str, options: SaveOptions, view: EngineView, group: Any,
-             staging: Optional[Staging], on_written: Optional[Callable[[], None]],
-             record: Optional[Mapping[str, Any]]) -> SaveJob:
-    """Collective: the save's plan agreed in one exchange (the flat layout and the optimizer state's
-    keys), every gather prepared, one vote; what remains of the save, as a job."""
-    keys = agree_with(view, state_keys(view) if options.optimizer else None)
-    weights: Optional[PendingWeights] = None
-    pending: Optional[PendingOptimizer] = None
-    phase = GATHERING_WEIGHTS
-    try:
-        weights = prepare_consolidate(engine, options.dtype, options.bucket_mb, view, group, staging)
-        if options.optimizer:
-            phase = GATHERING_OPTIMIZER
-            pending = _prepare_optimizer(view, agreed_state_keys(keys), options.bucket_mb, group, staging)
-        failure = None
-    except Exception as e:  # voted on below, with every rank's
-        logger.exception("wenet_hooks: save '%s' failed here", tag)
-        failure = Failure.from_exception(e.cause if isinstance(e, PhaseError) else e, phase=phase)
-    _raise_if_any_failed(failure, tag, phase)
-    assert weights is not None
-    return SaveJob(path, weights, pending, group, options.verify, on_written, staging, record)
-
-
-def _on_host(view: EngineView) -> bool:
-    """Whether every flat partition (and so its optimizer state) lies in host memory."""
-    parts = view.partitions
-    return parts is not None and all(flat.device.type == "cpu" for flat in parts.flats)
+    if not background:  # gathered and written before training goes on
+        save()
+    return save.plan.path
 
 
 def settle_background(writer: BackgroundWriter) -> None:
@@ -180,42 +116,163 @@ def settle_background(writer: BackgroundWriter) -> None:
     """
     failed = first_failure(writer.wait())
     if failed is not None:
-        raise _save_error(failed.tag, f"{failed.what} in the background", failed.failure)
+        raise failed.failure.error(failed.tag, f"{failed.what} in the background")
 
 
-def _prepare_optimizer(view: EngineView, keys: Union[list[str], str], bucket_mb: float, group: Any,
-                       staging: Optional[Staging]) -> Optional[PendingOptimizer]:
-    """The optimizer state, ready to gather; None where it cannot be gathered (``keys`` says why: ZeRO-0,
-    NVMe-swapped states, state kept outside the base optimizer): the save goes on without it, as WeNet's
-    own would."""
-    if isinstance(keys, str):
-        reason = keys
-        if reason not in _said:  # once per run, not at every save
-            _said.add(reason)
-            log_rank0(logger, logging.WARNING, "wenet_hooks: no <tag>.optim is written: %s; a resume from "
-                      "these saves restarts the optimizer", reason)
-        return None
-    # never per parameter: no such path
-    return prepare_optimizer(view, keys, bucket_mb or DEFAULT_BUCKET_MB, group, staging)
+class Save:
+    """One save, from its plan to its commit; each method is one step (the module's table)."""
+
+    def __init__(self, plan: SavePlan, on_written: Optional[Callable[[], None]] = None) -> None:
+        self.plan, self.on_written = plan, on_written
+        self.weights: Optional[PendingWeights] = None
+        self.optimizer: Optional[PendingOptimizer] = None
+        self.files: list[PendingFile] = []  # rank 0: the weights' file, then the optimizer's
+        self.failure: Optional[PhaseError] = None  # this rank's first failure in the gathers
+
+    def prepare(self) -> None:
+        """Collective (default group, at the call): every gather allocated, the host copies registered
+        (taken now where they cannot wait for the background); one vote."""
+        collective_step(self.plan.tag, GATHERING_WEIGHTS, self._allocate)
+        staging = self.plan.staging
+        if staging is not None and not staging.deferred:
+            staging.run()
+
+    def __call__(self) -> None:
+        """The steps after :meth:`prepare`, now or in the background (a :class:`BackgroundWriter` job)."""
+        try:
+            self.stage()
+            self.gather()
+            self.vote()
+            self.commit()
+        finally:
+            for file in self.files:  # what was not committed (idempotent)
+                file.discard()
+            self.release()
+
+    def stage(self) -> None:
+        """Collective: the host copies taken if the save left them to this job (the next step waits for
+        them), every rank's check of its masters voted on: nothing is gathered from a wrong read."""
+        if self.plan.staging is not None:
+            self._step(STAGING, self._copy_and_check)
+
+    def gather(self) -> None:
+        """Collective: the weights, then the optimizer state, each written into its file on rank 0 as it
+        arrives (the weights sealed in between, so the optimizer file's meta names them). A failure is
+        kept (:attr:`failure`) and every rank runs every collective whatever failed."""
+        assert self.weights is not None
+        weights = self._gather(self.plan.path, lambda: self.weights.entries, self.weights.finish,
+                               GATHERING_WEIGHTS)
+        if self.optimizer is not None:
+            if weights is not None and self.failure is None:
+                self._seal_weights(weights)
+            self._gather(self.plan.optimizer_path, self.optimizer.entries, self.optimizer.finish,
+                         GATHERING_OPTIMIZER)
+
+    def vote(self) -> None:
+        """Collective: every rank's part arrived (a rank that failed sent zeros), before anything is
+        published; else the same SaveError on every rank."""
+        self._step(f"sending {self.plan.what}", self._raise_failure)
+
+    def commit(self) -> None:
+        """Collective: rank 0 commits the save's files as a whole (:mod:`wenet_hooks.file.commit`);
+        every rank learns whether it did."""
+        self._step(f"writing {self.plan.path}", self._commit_files if is_rank0() else lambda: None)
+
+    def release(self) -> None:
+        """The host copies given back; a staging never taken no longer holds the next step."""
+        staging = self.plan.staging
+        if staging is not None:
+            staging.cancel()
+            staging.release()
+
+    def _step(self, phase: str, work: Callable[[], Any]) -> None:
+        collective_step(self.plan.tag, phase, work, self.plan.group)
+
+    def _allocate(self) -> None:
+        plan = self.plan
+        self.weights = prepare_consolidate(plan.view, plan.options.dtype, plan.options.bucket_mb, plan.group,
+                                           plan.staging)
+        self.weights.host.raise_if_failed()
+        if plan.optimizer_keys is not None:
+            try:  # never per parameter: no such path
+                self.optimizer = prepare_optimizer(plan.view, plan.optimizer_keys,
+                                                   plan.options.bucket_mb or DEFAULT_BUCKET_MB, plan.group,
+                                                   plan.staging)
+                self.optimizer.host.raise_if_failed()
+            except Exception as e:
+                raise PhaseError(GATHERING_OPTIMIZER, e) from e
+
+    def _copy_and_check(self) -> None:
+        staging = self.plan.staging
+        assert staging is not None
+        if not staging.done.is_set():
+            staging.run()
+        if staging.error is not None:
+            raise staging.error
+        if staging.problem() is not None:
+            raise ConsolidationError(staging.problem())
+
+    def _gather(self, path: Path, entries: Callable[[], list[Entry]], finish: Callable[..., Any],
+                phase: str) -> Optional[PendingFile]:
+        """Collective: one gather; on rank 0 into ``path.tmp`` as the tensors complete."""
+        file = None
+        if is_rank0():
+            try:
+                file = PendingFile(path, entries(), verify=self.plan.options.verify)
+                self.files.append(file)
+            except Exception as e:  # rank 0 still takes its part in the gather below
+                self._record(f"writing {path}", e)
+        # Rank 0 hands each tensor or fragment to the file as it arrives; a file that could not be opened
+        # drops them (the gather's collectives still go on to their end on every rank).
+        receivers = (file.receive, file.receive_part) if file is not None else (_drop, _drop)
+        try:
+            finish(*receivers) if is_rank0() else finish(None, None)
+        except Exception as e:
+            self._record(phase, e)
+        if file is not None and file.error is not None:
+            self._record(f"writing {path}", file.error)
+        return file
+
+    def _seal_weights(self, weights: PendingFile) -> None:
+        """Rank 0, between the two gathers: the weights sealed, so the optimizer file's meta can name them
+        (a resume refuses an optimizer file beside weights of another save)."""
+        assert self.optimizer is not None
+        try:
+            weights.seal()
+            self.optimizer.meta["weights"] = fingerprint(weights.tmp)  # the save's id
+        except Exception as e:  # rank 0 still takes its part in the optimizer's gather
+            self._record(f"writing {self.plan.path}", e)
+
+    def _record(self, phase: str, error: Exception) -> None:
+        if self.failure is None:  # the first one; what follows from it is dropped
+            self.failure = PhaseError(phase, error)
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def _commit_files(self) -> None:
+        """Rank 0: the files sealed, renamed, the record last; stale files of this tag removed."""
+        commit = Commit(self.files[0], self.files[1] if len(self.files) > 1 else None, self.plan.record)
+        try:
+            commit.commit()
+        except Exception:
+            commit.discard()
+            raise
+        if self.optimizer is None:
+            _remove_stale(self.plan.optimizer_path)  # the optimizer file of an earlier save of this tag
+        _remove_stale(legacy_optimizer_path(self.plan.path))
+        if self.on_written is not None:
+            self.on_written()
 
 
-def _run_phase(work: Callable[[], Any], tag: str) -> tuple[Any, Optional[Failure]]:
-    try:
-        return work(), None
-    except Exception as e:  # shared with the other ranks, then re-raised there
-        logger.exception("wenet_hooks: save '%s' failed here", tag)
-        if isinstance(e, PhaseError):  # the phase it happened in travels with it
-            return None, Failure.from_exception(e.cause, phase=e.phase)
-        return None, Failure.from_exception(e)
+def _drop(*_: Any) -> None:
+    """Rank 0's end of a gather whose file could not be opened (the failure is reported after it)."""
 
 
-def _raise_if_any_failed(mine: Optional[Failure], tag: str, phase: str) -> None:
-    failure = first_failure(mine)
-    if failure is not None:
-        raise _save_error(tag, failure.phase or phase, failure)
-
-
-def _save_error(tag: str, phase: str, failure: Failure) -> SaveError:
-    # The failing rank logged its own traceback; the others carry its summary.
-    remote = failure.traceback if failure.rank != get_rank() else ""
-    return SaveError(tag, failure.rank, phase, failure.message, remote)
+def _remove_stale(optim: Path) -> None:
+    """An older save's optimizer file of this tag: it does not belong to the weights just written,
+    and a resume would pair them."""
+    if optim.is_file():
+        optim.unlink()
+        logger.info("wenet_hooks: removed %s, which belonged to an earlier save of the same tag", optim)

@@ -118,7 +118,7 @@ def run_case(case: str, out_dir: Path) -> None:
     # counted by the receiver itself: what it held at most at once, against the parameters' sizes.
     peaks = []
     for dtype, name in (("fp32", "streamed"), ("bf16", "streamed_bf16")):
-        streamed = prepare_consolidate(engine, dtype=dtype, bucket_mb=1 / 1024)
+        streamed = prepare_consolidate(inspect_engine(engine), dtype=dtype, bucket_mb=1 / 1024)
         file = PendingFile(case_dir / f"{TAG}.{name}.pt", streamed.entries) if dist.get_rank() == 0 else None
         streamed.finish(file.write if file else None, file.write_part if file else None)
         if file is not None:

@@ -75,12 +75,14 @@ def consolidate(
             anything else failed, after every collective of the gather has run
             on every rank.
     """
-    return prepare_consolidate(engine, dtype, bucket_mb, view).finish()
+    pending = prepare_consolidate(view or inspect_engine(engine), dtype, bucket_mb)
+    pending.host.raise_if_failed_anywhere()  # every rank allocated its part, or none gathers
+    return pending.finish()
 
 
 def prepare_consolidate(
-    engine: Any, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB,
-    view: Optional[EngineView] = None, background_group: Any = None, staging: Optional[Staging] = None,
+    view: EngineView, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB,
+    background_group: Any = None, staging: Optional[Staging] = None,
 ) -> PendingWeights:
     """Collective: :func:`consolidate` up to the bucketed gather, which :meth:`PendingWeights.finish` runs.
 
@@ -92,12 +94,13 @@ def prepare_consolidate(
     that group (see :func:`wenet_hooks.gather.bucketed.prepare_gather`). With
     ``staging`` as well, those copies, and the check with them, are taken when
     the staging runs (:mod:`wenet_hooks.gather.staging`): its caller votes on
-    the check's finding before ``finish``.
+    the check's finding before ``finish``. A failure to allocate is kept in the
+    result's ``host``: the caller votes on it before ``finish``
+    (:meth:`~wenet_hooks.gather.per_param.ToHost.raise_if_failed_anywhere`).
 
     Raises:
         ConsolidationError: as :func:`consolidate`, for what is done now.
     """
-    view = view or inspect_engine(engine)
     host = ToHost(resolve_dtype(dtype), enabled=is_rank0())
     started = time.perf_counter()
     with torch.no_grad():
@@ -111,7 +114,7 @@ def prepare_consolidate(
     # Tied weights are one Parameter object under several keys: gather it once
     # and reuse the CPU host, so the file stores it once, as torch.save would.
     ready: dict[int, Optional[torch.Tensor]] = {}
-    mismatches = PerParameterChecks(per_parameter_hint(engine))
+    mismatches = PerParameterChecks(per_parameter_hint(view.engine))
     with torch.no_grad():
         for key, tensor in view.entries.items():
             if id(tensor) not in covered and id(tensor) not in ready:

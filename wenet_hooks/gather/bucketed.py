@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from wenet_hooks.dist import all_ok, is_distributed
+from wenet_hooks.dist import is_distributed
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.gather.agreement import AgreedLayout, agree
 from wenet_hooks.gather.engines import snapshot_pool
@@ -79,8 +79,8 @@ def prepare_gather(
     staging: Optional[Staging] = None,
 ) -> PendingGather:
     """The gather of the fp32 masters that DeepSpeed partitions, agreed on by every rank (a collective
-    unless this save's plan agreed already) and allocated here; :meth:`PendingGather.run` votes on the
-    allocations and moves them to rank 0.
+    unless this save's plan agreed already) and allocated here (the caller votes on every rank's
+    allocations); :meth:`PendingGather.run` moves them to rank 0.
 
     With ``state_key``, that optimizer state of each parameter (``exp_avg``...)
     instead: it lies in flat tensors of the masters' own layout.
@@ -121,9 +121,9 @@ def prepare_gather(
                        record_failure, snapshot=view.engine if lent else None)
     except Exception as e:
         record_failure(ALLOCATING, e)
-    # The ranks vote on the allocation when the gather runs (on the group it runs over), not now: a save
-    # prepares all its gathers and votes once (wenet_hooks.save).
-    return PendingGather(set(agreed.by_param), moves, background_group)
+    # The ranks vote on the allocations before any gather runs: a save prepares all its gathers and votes
+    # once (wenet_hooks.save); consolidate votes on its own.
+    return PendingGather(set(agreed.by_param), moves)
 
 
 @dataclass
@@ -132,7 +132,6 @@ class PendingGather:
 
     indices: set[int]
     moves: Optional[_Moves] = None  # None: nothing to move here (no layout, or allocating failed on this rank)
-    vote_group: Any = None  # the group the run's first vote goes over (None: the default group)
 
     def run(self, on_complete: Optional[OnComplete] = None, on_fragment: Optional[OnFragment] = None) -> Gathered:
         """Collective over the group it was prepared with: the full tensors, on rank 0; with
@@ -140,16 +139,14 @@ class PendingGather:
         the tensors in flight); with ``on_fragment``, each fragment as it arrives, never assembled
         (rank 0's memory then holds its receive buffer, one bucket, whatever the tensors' sizes).
 
-        It starts with the ranks' vote on their allocations: where one failed, nothing moves
-        anywhere, and the rank that failed raises from its record."""
+        The ranks have voted on their allocations (every rank holds its moves) before any runs."""
         # Run once, then let go: the receive buffers (and, through on_complete, whatever its closure
         # holds) are freed now, not whenever a reference cycle through a caller is collected.
         moves, self.moves = self.moves, None
-        if not self.indices or not all_ok(moves is not None, ALLOCATING, self.vote_group):
+        if moves is None or not self.indices:
             if moves is not None:
                 moves.release()
             return Gathered(self.indices)
-        assert moves is not None
         receiver = moves.collective.receiver
         if receiver is not None:
             receiver.on_complete, receiver.on_fragment = on_complete, on_fragment

@@ -63,7 +63,9 @@ def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> 
     keys = agreed_state_keys(agree_with(view, state_keys(view)))
     if isinstance(keys, str):
         raise ConsolidationError(f"the optimizer state cannot be gathered: {keys}")
-    return prepare_optimizer(view, keys, bucket_mb).finish()
+    pending = prepare_optimizer(view, keys, bucket_mb)
+    pending.host.raise_if_failed_anywhere()  # every rank allocated its part, or none gathers
+    return pending.finish()
 
 
 @dataclass

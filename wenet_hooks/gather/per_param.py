@@ -49,6 +49,17 @@ class ToHost:
             what, e = self.failure
             raise ConsolidationError(f"rank {get_rank()}: {what} failed: {error_text(e)}") from e
 
+    def raise_if_failed_anywhere(self) -> None:
+        """Collective: :meth:`raise_if_failed`, then on every other rank too (the failing rank's message)."""
+        try:
+            self.raise_if_failed()
+            mine = None
+        except ConsolidationError as e:
+            mine = Failure.from_exception(e)
+        failure = first_failure(mine)
+        if failure is not None:
+            raise ConsolidationError(failure.message)
+
 
 class PerParameterChecks:
     """The masters gathered whole (DeepSpeed's per-parameter path, FP16_Optimizer's unpartitioned

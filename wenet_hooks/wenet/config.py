@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Mapping, Optional
 from wenet_hooks.dtypes import Dtype
 from wenet_hooks.errors import ConfigError
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB
-from wenet_hooks.save import SaveOptions
+from wenet_hooks.plan import SaveOptions
 
 SECTION = "wenet_hooks"
 SCHEMA_NAME = "wenet_hooks_schema"

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.compat import describe_environment, environment_problems
-from wenet_hooks.dist import all_ok, all_reports, background_group, is_rank0, log_rank0
+from wenet_hooks.dist import Failure, all_reports, background_group, first_failure, get_rank, is_rank0, log_rank0
 from wenet_hooks.errors import ResumeChoiceError, SaveError
 from wenet_hooks.file.commit import committed, newest_committed, record_path
 from wenet_hooks.file.optimizer_file import find_optimizer_file, optimizer_path
@@ -201,7 +201,8 @@ def _resume(engine: Any) -> None:
     _warn_if_not_committed(checkpoint)
     optim = find_optimizer_file(checkpoint)
     # Every rank must take the same way (restore is collective): it is there for all, or it is not used.
-    if not all_ok(optim is not None, f"finding {optimizer_path(checkpoint)}"):
+    missing = None if optim is not None else Failure(get_rank(), f"no {optimizer_path(checkpoint)}")
+    if first_failure(missing) is not None:
         log_rank0(logger, logging.WARNING, "wenet_hooks: %s has no %s beside it (on every rank): weights-only "
                   "resume, the optimizer starts afresh", checkpoint, optimizer_path(checkpoint).name)
         return
