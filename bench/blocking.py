@@ -84,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
 
     def counted_run(self, *args, **kwargs):
         gathered = real_run(self, *args, **kwargs)
-        peaks.append(gathered.peak_bytes)
+        peaks.append(gathered)  # the most rank 0's receiving held at once
         return gathered
 
     bucketed.PendingGather.run = counted_run

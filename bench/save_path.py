@@ -14,7 +14,11 @@ times with ``save_consolidated(..., SaveOptions(optimizer=True), writer=...)`` a
   return), counted as the trace sees frames; returns: those entries into a module the save had left
   before;
 - classes: the package's classes a method of which ran, or that were made;
-- collectives: torch.distributed calls on the training thread during the save's call.
+- collectives: torch.distributed calls on the training thread during the save's call;
+- the engine's path (the issue's measure): only the calls that are handed the engine or an object
+  derived from it (one that holds it, or holds such an object: the engine's view, the save's plan,
+  the save itself), in the order they run, and the returns from them: the modules entered, and the
+  entries into a module the path had left before.
 """
 
 from __future__ import annotations
@@ -59,13 +63,57 @@ class Trace:
                 self.sequence.append(module)
 
     def summary(self) -> dict:
-        left, entries, returns = set(), 0, 0
-        for previous, module in zip(self.sequence, self.sequence[1:]):
-            entries += 1
-            left.add(previous)
-            returns += module in left
+        entries, returns = _moves(self.sequence)
         return {"modules": len(set(self.sequence)), "entries": entries, "returns": returns,
                 "classes": len(self.classes), "class_names": sorted(self.classes)}
+
+
+def _moves(sequence: list[str]) -> tuple[int, int]:
+    """(moves from one module to another, moves into a module left before)."""
+    left, entries, returns = set(), 0, 0
+    for previous, module in zip(sequence, sequence[1:]):
+        entries += 1
+        left.add(previous)
+        returns += module in left
+    return entries, returns
+
+
+class EnginePath:
+    """A profile function: the modules of the calls handed the engine or an object derived from it."""
+
+    def __init__(self, engine) -> None:
+        self.derived = {id(engine)}
+        self.frames: set[int] = set()  # the frames of such calls, to follow their returns
+        self.sequence: list[str] = []
+
+    def _is_derived(self, value) -> bool:
+        if id(value) in self.derived:
+            return True
+        if type(value).__module__.startswith("wenet_hooks") and hasattr(value, "__dict__"):
+            if any(id(v) in self.derived for v in vars(value).values()):
+                self.derived.add(id(value))
+                return True
+        return False
+
+    def _add(self, module: str | None) -> None:
+        if module is not None and (not self.sequence or self.sequence[-1] != module):
+            self.sequence.append(module)
+
+    def __call__(self, frame, event, arg):
+        if event == "call":
+            code = frame.f_code
+            names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+            if _module_of(frame) and any(self._is_derived(frame.f_locals.get(n)) for n in names):
+                self.frames.add(id(frame))
+                self._add(_module_of(frame))
+        elif event == "return" and id(frame) in self.frames:
+            self.frames.discard(id(frame))
+            if frame.f_back is not None:
+                self._add(_module_of(frame.f_back))
+
+    def summary(self) -> dict:
+        entries, returns = _moves(self.sequence)
+        return {"path_modules": len(set(self.sequence)), "path_returns": returns, "path": self.sequence}
 
 
 def worker(out: Path) -> None:
@@ -87,7 +135,8 @@ def worker(out: Path) -> None:
         train_steps(engine, 1, first_step=n)
         settle_background(writer)
         traced = n == 2 and dist.get_rank() == 0
-        trace, collectives, real = Trace(), [], dist.all_gather_object
+        trace, path, collectives, real = Trace(), EnginePath(engine), [], dist.all_gather_object
+        both = (lambda frame, event, arg: (trace(frame, event, arg), path(frame, event, arg))) if traced else None
         if n == 2:
             def counting(*args, **kwargs):
                 if threading.current_thread() is threading.main_thread():
@@ -95,15 +144,16 @@ def worker(out: Path) -> None:
                 return real(*args, **kwargs)
             dist.all_gather_object = counting
         if traced:
-            threading.setprofile(trace)
-            sys.setprofile(trace)
+            threading.setprofile(both)
+            sys.setprofile(both)
         save_consolidated(engine, folder, f"step_{n}", SaveOptions(optimizer=True), writer=writer)
         sys.setprofile(None)
         dist.all_gather_object = real
         settle_background(writer)  # the background job's frames were traced too (threading.setprofile)
         threading.setprofile(None)
         if traced:
-            (out / "trace.json").write_text(json.dumps({**trace.summary(), "collectives": len(collectives)}))
+            (out / "trace.json").write_text(json.dumps({**trace.summary(), **path.summary(),
+                                                        "collectives": len(collectives)}))
     dist.barrier()
 
 
@@ -122,9 +172,10 @@ def main() -> None:
 
     print(f"wenet_hooks from {Path(wenet_hooks.__file__).parent}")
     print("| measure | value |\n| --- | --- |")
-    for key in ("modules", "entries", "returns", "classes", "collectives"):
+    for key in ("path_modules", "path_returns", "modules", "entries", "returns", "classes", "collectives"):
         print(f"| {key} | {found[key]} |")
     print("classes:", ", ".join(name.removeprefix("wenet_hooks.") for name in found["class_names"]))
+    print("the engine's path:", " -> ".join(name.removeprefix("wenet_hooks.") for name in found["path"]))
 
 
 if __name__ == "__main__":

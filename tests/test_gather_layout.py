@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from wenet_hooks.gather.agreement import AgreedLayout, _covers
+from wenet_hooks.file.writer import Entry, InMemory
 from wenet_hooks.gather.bucketed import _Receiver
+from wenet_hooks.gather.engines import state_of
 from wenet_hooks.gather.masters import Fragment
 
 
@@ -18,23 +20,23 @@ def test_covers_exactly_once():
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8])
-def test_receiver_places_every_fragment_whatever_the_chunk_size(chunk):
+def test_receiver_places_every_fragment_into_the_sink_whatever_the_chunk_size(chunk):
     """Two ranks, one flat group of 6 each; parameter 0 (2x4) is split across the ranks,
-    parameter 1 (3,) lies wholly on rank 1, with padding between."""
-    values = [torch.arange(8.0).view(2, 4), torch.tensor([10.0, 11.0, 12.0])]
-    flats = [torch.tensor([0.0, 1, 2, 3, 4, -1]), torch.tensor([5.0, 6, 7, 10, 11, 12])]
-    by_rank = [[Fragment(0, 0, 0, 0, 5)], [Fragment(0, 0, 5, 0, 3), Fragment(0, 1, 0, 3, 3)]]
-    layout = AgreedLayout([6], by_rank, {0: [by_rank[0][0], by_rank[1][0]], 1: [by_rank[1][1]]})
+    parameter 1 (3,) lies wholly on rank 1, with padding between. The sink is consolidate()'s
+    in-memory one, filled by the same protocol as a file (receive_part)."""
+    values, flats, agreed, _ = two_ranks()
     failures = []
-    params = [torch.nn.Parameter(torch.empty(2, 4)), torch.nn.Parameter(torch.empty(3))]
-    receiver = _Receiver(layout, params, torch.float32, lambda what, e: failures.append((what, e)))
+    sink = InMemory([Entry("a", (2, 4)), Entry("b", (3,)), Entry("tied", alias_of="a")])
+    receiver = _Receiver(agreed, torch.float32, lambda what, e: failures.append((what, e)))
+    receiver.on_fragment = lambda index, start, piece: sink.receive_part("ab"[index], start, piece)
     for lo in range(0, 6, chunk):
         numel = min(chunk, 6 - lo)
         received = [flats[rank][lo:lo + numel].clone() for rank in range(2)]
         receiver.place(0, lo, received)
     assert failures == []
-    for index, value in enumerate(values):
-        assert torch.equal(receiver.tensors[index], value)
+    state = sink.state_dict()
+    assert list(state) == ["a", "b", "tied"] and state["tied"] is state["a"]
+    assert torch.equal(state["a"], values[0]) and torch.equal(state["b"], values[1])
 
 
 def two_ranks():
@@ -53,11 +55,11 @@ def test_receiver_hands_each_fragment_over_as_it_arrives_and_holds_one_chunk(tar
     dtype, goes to its element offset; the receiver holds at most one cast fragment at a time."""
     values, flats, agreed, params = two_ranks()
     failures, parts = [], []
-    receiver = _Receiver(agreed, params, target, lambda what, e: failures.append(what))
+    receiver = _Receiver(agreed, target, lambda what, e: failures.append(what))
     receiver.on_fragment = lambda index, start, piece: parts.append((index, start, piece.clone()))
     for lo in range(0, 6, 4):
         receiver.place(0, lo, [flats[rank][lo:lo + 4].clone() for rank in range(2)])
-    assert failures == [] and receiver.tensors == {}  # never assembled
+    assert failures == []
     for index, value in enumerate(values):
         got = torch.empty(value.numel(), dtype=target)
         for i, start, piece in (p for p in parts if p[0] == index):
@@ -67,20 +69,20 @@ def test_receiver_hands_each_fragment_over_as_it_arrives_and_holds_one_chunk(tar
     assert receiver.peak_bytes <= (0 if target == torch.float32 else 4 * 2)  # one cast fragment (<= a chunk)
 
 
-def test_receiver_hands_each_tensor_over_once_complete_and_keeps_the_first_failure():
-    values, flats, agreed, params = two_ranks()
-    failures, complete = [], {}
-    receiver = _Receiver(agreed, params, torch.float32, lambda what, e: failures.append(what))
-    receiver.on_complete = lambda index, tensor: complete.setdefault(index, tensor)
-    receiver.place(0, 0, [flats[rank][0:3].clone() for rank in range(2)])
-    receiver.place(0, 3, [flats[rank][3:6].clone() for rank in range(2)])
-    assert sorted(complete) == [0, 1] and receiver.tensors == {} and failures == []
-    assert all(torch.equal(complete[i], v) for i, v in enumerate(values))
-    # A chunk that cannot be placed (here: the wrong size) is recorded once; what follows is dropped.
-    broken = _Receiver(agreed, params, torch.float32, lambda what, e: failures.append(what))
-    broken.place(0, 0, [torch.zeros(2, 2), torch.zeros(2, 2)])
-    broken.place(0, 4, [flats[rank][4:6].clone() for rank in range(2)])
-    assert failures == ["copying gathered weights (partition 0, offset 0) to host memory"]
+def test_receiver_keeps_the_first_failure_and_drops_what_follows():
+    _, flats, agreed, _ = two_ranks()
+    failures, parts = [], []
+    # A chunk that cannot be placed (here: the sink refuses it) is recorded once; what follows is dropped.
+    broken = _Receiver(agreed, torch.float32, lambda what, e: failures.append(what))
+
+    def refuse(index, start, piece):
+        parts.append(index)
+        raise OSError("no space left on device")
+
+    broken.on_fragment = refuse
+    broken.place(0, 0, [flats[rank][0:3].clone() for rank in range(2)])
+    broken.place(0, 3, [flats[rank][3:6].clone() for rank in range(2)])
+    assert failures == ["copying gathered weights (partition 0, offset 0) to host memory"] and parts == [0]
 
 
 def engine_view(engine, fragments):
@@ -91,7 +93,7 @@ def engine_view(engine, fragments):
 
     params = [torch.nn.Parameter(torch.empty(2, 4)), torch.nn.Parameter(torch.empty(3))]
     flat = torch.zeros(11)
-    return SimpleNamespace(engine=engine, params=params, agreed=[],
+    return SimpleNamespace(state=state_of(engine), params=params, agreed=[],
                            partitions=Partitions([flat], fragments, None, [flat[:8], flat[8:]]))
 
 

@@ -109,7 +109,9 @@ def run_case(case: str, out_dir: Path) -> None:
     fp32 = consolidate(engine)
     bf16 = consolidate(engine, dtype="bf16")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    bucketed = prepare_gather(inspect_engine(engine), torch.float32, 2**20, record_failure=_raise).run().indices
+    gather = prepare_gather(inspect_engine(engine), torch.float32, 2**20, record_failure=_raise)
+    bucketed = gather.indices
+    gather.release()
     variants = {"per_param": consolidate(engine, bucket_mb=0), "small_buckets": consolidate(engine, bucket_mb=1 / 1024),
                 "all_gather": with_all_gather(lambda: consolidate(engine, bucket_mb=1 / 1024))}
     agreements = agreement.agreements_made - agreements  # 5 bucketed gathers of one engine

@@ -104,7 +104,7 @@ def exact(out: Path, cases: list[str]) -> dict:
                 late = prepare_optimizer(layout, state_keys(layout), background_group=dist.new_group(backend="gloo"))
                 straight = train_steps(engine, 1, first_step=3)  # its step waits for the save's slow copies
             held = step_wait_seconds(engine)
-            late_state = late.finish()
+            late_state = late.in_memory()
             straight += train_steps(engine, 2, first_step=4)
             settle_background(writer)
             straight_lr = lr(engine)

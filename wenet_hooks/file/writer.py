@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
@@ -99,6 +100,30 @@ def entries_for(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[Entry], li
         entries.append(Entry(key, tuple(tensor.shape), tensor.dtype))
         tensors.append(tensor)
     return entries, tensors
+
+
+class InMemory:
+    """The sink a gather fills when no file is written (:func:`wenet_hooks.consolidate`): the same
+    protocol as a file's (:class:`~wenet_hooks.file.publish.PendingFile`), ``receive`` and
+    ``receive_part``; each entry's tensor is made at its first part, in the entry's dtype."""
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = entries
+        self.shapes = {e.key: (e.shape, e.dtype) for e in entries if not e.alias_of}
+        self.values: dict[str, torch.Tensor] = {}
+
+    def receive(self, key: str, value: Value) -> None:
+        self.values[key] = value.tensor() if isinstance(value, Pieces) else value
+
+    def receive_part(self, key: str, start: int, part: torch.Tensor) -> None:
+        if key not in self.values:
+            shape, dtype = self.shapes[key]
+            self.values[key] = torch.empty(shape, dtype=dtype)
+        self.values[key].view(-1).narrow(0, start, part.numel()).copy_(part.reshape(-1))
+
+    def state_dict(self) -> "OrderedDict[str, torch.Tensor]":
+        """Every entry's tensor, in order; an alias is its key's tensor itself (tied weights stay tied)."""
+        return OrderedDict((e.key, self.values[e.alias_of or e.key]) for e in self.entries)
 
 
 class FileWriter:

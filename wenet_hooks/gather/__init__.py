@@ -27,9 +27,9 @@ from typing import Any, Optional
 import torch
 from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
-from wenet_hooks.file.writer import Entry
+from wenet_hooks.file.writer import Entry, InMemory
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
-from wenet_hooks.gather.check import ChunkCheck, check_masters, per_parameter_hint
+from wenet_hooks.gather.check import ChunkCheck, check_masters
 from wenet_hooks.gather.masters import EngineView, full_numel, full_shape, inspect_engine, unwrap_model
 from wenet_hooks.gather.per_param import ToHost, PerParameterChecks, gather_entry
 from wenet_hooks.gather.staging import Staging
@@ -75,9 +75,16 @@ def consolidate(
             anything else failed, after every collective of the gather has run
             on every rank.
     """
+    started = time.perf_counter()
     pending = prepare_consolidate(view or inspect_engine(engine), dtype, bucket_mb)
     pending.host.raise_if_failed_anywhere()  # every rank allocated its part, or none gathers
-    return pending.finish()
+    sink = InMemory(pending.entries) if is_rank0() else None
+    pending.finish(sink and sink.receive, sink and sink.receive_part)
+    if sink is None:
+        return None
+    result = sink.state_dict()
+    _log_summary(result, time.perf_counter() - started)
+    return result
 
 
 def prepare_consolidate(
@@ -102,7 +109,6 @@ def prepare_consolidate(
         ConsolidationError: as :func:`consolidate`, for what is done now.
     """
     host = ToHost(resolve_dtype(dtype), enabled=is_rank0())
-    started = time.perf_counter()
     with torch.no_grad():
         if staging is not None:
             staging.add_check(ChunkCheck(view))
@@ -114,7 +120,7 @@ def prepare_consolidate(
     # Tied weights are one Parameter object under several keys: gather it once
     # and reuse the CPU host, so the file stores it once, as torch.save would.
     ready: dict[int, Optional[torch.Tensor]] = {}
-    mismatches = PerParameterChecks(per_parameter_hint(view.engine))
+    mismatches = PerParameterChecks(view.hint)
     with torch.no_grad():
         for key, tensor in view.entries.items():
             if id(tensor) not in covered and id(tensor) not in ready:
@@ -122,7 +128,7 @@ def prepare_consolidate(
     mismatches.raise_if_any()
     keys = [(key, id(tensor)) for key, tensor in view.entries.items()]
     index_of = {id(view.params[i]): i for i in bucketed.indices}
-    return PendingWeights(keys, index_of, ready, bucketed, host, started, _entries(view, host.target))
+    return PendingWeights(keys, index_of, ready, bucketed, host, _entries(view, host.target))
 
 
 def _entries(view: EngineView, target: torch.dtype) -> list[Entry]:
@@ -141,25 +147,21 @@ def _entries(view: EngineView, target: torch.dtype) -> list[Entry]:
 
 @dataclass
 class PendingWeights:
-    """The weights as they were at :func:`prepare_consolidate`; :meth:`finish` assembles them on rank 0."""
+    """The weights as they were at :func:`prepare_consolidate`; :meth:`finish` sends them to rank 0's sink."""
 
     keys: list[tuple[str, int]]  # state_dict order: (key, id of its tensor)
     index_of: dict[int, int]  # id of a parameter gathered in buckets -> its index in the gather
     ready: dict[int, Optional[torch.Tensor]]  # id of a tensor gathered already -> its CPU copy (rank 0)
     bucketed: PendingGather
     host: ToHost
-    started: float
-    entries: list[Entry]  # the file these weights make (what write receives)
+    entries: list[Entry]  # the file (or state dict) these weights make: what the sink receives
     peak_bytes: int = 0  # the most the bucketed gather held at once on rank 0 (after finish)
 
-    def finish(self, write: Optional[Write] = None,
-               write_part: Optional[WritePart] = None) -> Optional["OrderedDict[str, torch.Tensor]"]:
-        """Collective over the group the gather was prepared with: the state dict on rank 0, None elsewhere.
-
-        With ``write`` (rank 0), each tensor is handed to ``write(key, tensor)`` under its entry's
-        key as it completes, and nothing is kept: rank 0 never holds the whole model. With
-        ``write_part`` too, what the bucketed gather moves goes to ``write_part(key, start, values)``
-        fragment by fragment as it arrives: rank 0 never holds even a whole parameter.
+    def finish(self, write: Optional[Write], write_part: Optional[WritePart]) -> None:
+        """Collective over the group the gather was prepared with: on rank 0, each tensor gathered
+        already goes to ``write(key, tensor)`` and each fragment of the partitions to
+        ``write_part(key, start, values)`` as it arrives (a sink's ``receive`` and ``receive_part``):
+        rank 0 never holds the whole model, nor even a whole parameter. Elsewhere both are None.
 
         Raises:
             ConsolidationError: something failed on this rank (after every collective ran).
@@ -167,28 +169,15 @@ class PendingWeights:
         first_key: dict[int, str] = {}
         for key, tensor_id in self.keys:
             first_key.setdefault(tensor_id, key)
-        streamed = write if write is not None and self.host.enabled else None
         by_index = {index: first_key[tensor_id] for tensor_id, index in self.index_of.items()}
-        if streamed is not None and write_part is not None:
-            gathered = self.bucketed.run(
-                on_fragment=lambda index, start, values: write_part(by_index[index], start, values))
-        else:
-            gathered = self.bucketed.run(
-                None if streamed is None else lambda index, tensor: streamed(by_index[index], tensor))
-        self.peak_bytes = gathered.peak_bytes
+        place = None if write_part is None else lambda index, start, values: write_part(by_index[index], start, values)
+        self.peak_bytes = self.bucketed.run(place)
         self.host.raise_if_failed()
-        if not self.host.enabled:
-            return None
-        if streamed is not None:
-            for tensor_id, value in self.ready.items():
-                streamed(first_key[tensor_id], value)
-            return None
-        result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        for key, tensor_id in self.keys:
-            index = self.index_of.get(tensor_id)
-            result[key] = gathered.tensors.get(index) if index is not None else self.ready[tensor_id]
-        _log_summary(result, time.perf_counter() - self.started)
-        return result
+        if write is not None and self.host.enabled:
+            stored = {e.key for e in self.entries if not e.alias_of}
+            for key, tensor_id in self.keys:
+                if tensor_id in self.ready and key in stored:
+                    write(key, self.ready[tensor_id])
 
 
 def _log_summary(state_dict: "OrderedDict[str, torch.Tensor]", seconds: float) -> None:

@@ -18,7 +18,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from wenet_hooks.dist import all_reports, log_rank0
-from wenet_hooks.gather.engines import state_of
 from wenet_hooks.gather.masters import EngineView, Fragment, Partitions, full_numel
 
 logger = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def agree_with(view: EngineView, mine: Any) -> list[Any]:
     they are not (the first save of an engine, ``offload_states``...).
     """
     described = describe(view.partitions)
-    state = state_of(view.engine)  # the engine's last agreement is kept with it
+    state = view.state  # the engine's last agreement is kept with it
     known = state.agreed
     unchanged = described is not None and known is not None and known[0] == described
     reports = all_reports((unchanged, mine))

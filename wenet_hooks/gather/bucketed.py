@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,8 +30,8 @@ import torch.distributed as dist
 from wenet_hooks.dist import is_distributed
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.gather.agreement import AgreedLayout, agree
-from wenet_hooks.gather.engines import snapshot_pool
-from wenet_hooks.gather.masters import EngineView, Fragment, full_numel, full_shape
+from wenet_hooks.gather.masters import EngineView, Fragment
+from wenet_hooks.gather.snapshots import SnapshotPool
 from wenet_hooks.gather.staging import Staging
 
 logger = logging.getLogger(__name__)
@@ -46,27 +45,13 @@ _FP32_BYTES = 4
 ALLOCATING = "allocating memory for the gathered weights"
 # Where a rank records a local failure (what it was doing, the error) and goes on.
 RecordFailure = Callable[[str, Exception], None]
-
-
-# Rank 0 hands each gathered tensor over as it completes: (its index in the gather, its full value on CPU).
-OnComplete = Callable[[int, torch.Tensor], None]
-# Or each fragment as it arrives: (its tensor's index in the gather, the element it starts at, its values on CPU).
+# Where rank 0 hands each fragment as it arrives: (its tensor's index in the gather, the element it starts at,
+# its values on CPU in the target dtype).
 OnFragment = Callable[[int, int, torch.Tensor], None]
-# Where rank 0 hands each finished tensor under its file's key: a PendingFile's write.
+# Where rank 0 hands each finished tensor under its file's key: a sink's receive (PendingFile, InMemory).
 Write = Callable[[str, torch.Tensor], None]
-# Where rank 0 hands each fragment under its file's key: a PendingFile's write_part.
+# Where rank 0 hands each fragment under its file's key: a sink's receive_part.
 WritePart = Callable[[str, int, torch.Tensor], None]
-
-
-@dataclass
-class Gathered:
-    """The parameters gathered from partitions: their indices (on every rank) and, on rank 0, their
-    full values on CPU (those not handed over as they completed or arrived), and the most rank 0's
-    gather held at once (its receive buffer included)."""
-
-    indices: set[int] = field(default_factory=set)
-    tensors: dict[int, torch.Tensor] = field(default_factory=dict)
-    peak_bytes: int = 0
 
 
 def prepare_gather(
@@ -101,97 +86,29 @@ def prepare_gather(
     agreed = agree(view)
     if agreed is None:
         return PendingGather(set())
+    gather = PendingGather(set(agreed.by_param))
     # Every rank described its partitions. An optimizer state's flats share the masters' layout, and
     # every rank holds the state (the save's plan agreed on its keys first: optimizer.agreed_state_keys).
     parts = view.partitions if state_key is None else view.state_partitions(state_key)
-    # No chunk larger than the largest flat buffer: a small model's gather then holds kilobytes,
-    # not a whole bucket, while it waits in the background.
-    chunk = max(1, min(bucket_bytes // (_FP32_BYTES * dist.get_world_size()), max(agreed.flat_numels, default=1)))
-    moves = None
     try:
-        if parts is None:  # reported after the vote that starts the run, which every rank reaches
+        if parts is None:  # reported at the caller's vote, which every rank reaches
             raise ConsolidationError(f"optimizer state '{state_key}' is missing on rank {dist.get_rank()}")
         flats, group = parts.flats, parts.process_group
-        lent = background_group is not None and staging is None  # else the staging gives its buffers back
         if background_group is not None:
-            host_copy = staging.buffer_for if staging is not None else snapshot_pool(view.engine).snapshot
+            if staging is None:  # lent by the engine's pool until sent (else the staging gives its buffers back)
+                gather.pool = view.state.pool
+            host_copy = staging.buffer_for if staging is not None else gather.pool.snapshot
             flats, group = [host_copy(flat) for flat in flats], background_group
-        moves = _Moves(flats, agreed, chunk, group, _Collective.for_group(group, agreed, view.params, target, chunk,
-                                                                          record_failure),
-                       record_failure, snapshot=view.engine if lent else None)
+        gather.allocate(flats, agreed, bucket_bytes, group, target, record_failure)
     except Exception as e:
         record_failure(ALLOCATING, e)
-    # The ranks vote on the allocations before any gather runs: a save prepares all its gathers and votes
-    # once (wenet_hooks.save); consolidate votes on its own.
-    return PendingGather(set(agreed.by_param), moves)
+        gather.release()
+    return gather
 
 
-@dataclass
 class PendingGather:
-    """A gather every rank has agreed on: the parameters it covers, and the bytes still to move."""
-
-    indices: set[int]
-    moves: Optional[_Moves] = None  # None: nothing to move here (no layout, or allocating failed on this rank)
-
-    def run(self, on_complete: Optional[OnComplete] = None, on_fragment: Optional[OnFragment] = None) -> Gathered:
-        """Collective over the group it was prepared with: the full tensors, on rank 0; with
-        ``on_complete``, each handed over there as it completes instead (rank 0's memory then holds
-        the tensors in flight); with ``on_fragment``, each fragment as it arrives, never assembled
-        (rank 0's memory then holds its receive buffer, one bucket, whatever the tensors' sizes).
-
-        The ranks have voted on their allocations (every rank holds its moves) before any runs."""
-        # Run once, then let go: the receive buffers (and, through on_complete, whatever its closure
-        # holds) are freed now, not whenever a reference cycle through a caller is collected.
-        moves, self.moves = self.moves, None
-        if moves is None or not self.indices:
-            if moves is not None:
-                moves.release()
-            return Gathered(self.indices)
-        receiver = moves.collective.receiver
-        if receiver is not None:
-            receiver.on_complete, receiver.on_fragment = on_complete, on_fragment
-        try:
-            tensors = moves.run()
-        finally:
-            if receiver is not None:
-                receiver.on_complete = receiver.on_fragment = None
-        return Gathered(self.indices, tensors, receiver.peak_bytes if receiver is not None else 0)
-
-
-@dataclass
-class _Moves:
-    """Every rank's flat buffers, sent to rank 0 chunk by chunk in one fixed sequence of collectives."""
-
-    flats: list[torch.Tensor]
-    agreed: AgreedLayout
-    chunk: int
-    group: Any
-    collective: _Collective
-    record_failure: RecordFailure
-    snapshot: Any = None  # the engine whose pool lent the flats (host copies), or None: DeepSpeed's own
-
-    def run(self) -> dict[int, torch.Tensor]:
-        failed = False
-        receiver = self.collective.receiver
-        for group, flat in enumerate(self.flats):
-            for lo in range(0, self.agreed.flat_numels[group], self.chunk):
-                numel = min(self.chunk, self.agreed.flat_numels[group] - lo)
-                send, failed = _chunk_to_send(flat, lo, numel, self.collective, failed, self.record_failure)
-                received = self.collective.exchange(send, numel)
-                if receiver is not None:
-                    receiver.place(group, lo, received)
-        self.release()
-        return receiver.tensors if receiver is not None else {}
-
-    def release(self) -> None:
-        """Sent, or never to be: the host copies lent by the engine's pool are free for the next save's."""
-        if self.snapshot is not None:
-            snapshot_pool(self.snapshot).give_back(self.flats)
-        self.flats = []
-
-
-class _Collective:
-    """One chunk from every rank to rank 0, with buffers allocated once.
+    """A gather every rank agreed on: the parameters it covers, and every rank's flat buffers still to
+    send to rank 0, chunk by chunk, in one fixed sequence of collectives with buffers allocated once.
 
     gloo (host memory): ``gather``, so only rank 0 receives. Accelerator
     backends: ``all_gather_into_tensor`` over the partitions' own group, the
@@ -202,31 +119,83 @@ class _Collective:
     memory is one bucket (``bucket_mb``) on every rank.
     """
 
-    def __init__(self, group: Any, chunk: int, device: torch.device, all_gather: bool,
-                 receiver: Optional[_Receiver]) -> None:
-        self.group, self.device, self.all_gather, self.receiver = group, device, all_gather, receiver
+    def __init__(self, indices: set[int]) -> None:
+        self.indices = indices
+        self.flats: list[torch.Tensor] = []
+        self.agreed: Optional[AgreedLayout] = None  # None: nothing to move (no layout, or allocating failed here)
+        self.pool: Optional[SnapshotPool] = None  # the engine's pool that lent ``flats`` (host copies), if it did
+        self.receiver: Optional[_Receiver] = None  # rank 0
+        self.out: Optional[torch.Tensor] = None  # the receive buffer: rank 0's (every rank's with all_gather)
+
+    def allocate(self, flats: list[torch.Tensor], agreed: AgreedLayout, bucket_bytes: int, group: Any,
+                 target: torch.dtype, record_failure: RecordFailure) -> None:
+        """Every buffer the run needs, before its first collective: running out of memory here cannot
+        strand the other ranks mid-loop."""
+        self.group, self.record_failure = group, record_failure
         self.world = dist.get_world_size(group=group)
-        receives = all_gather or dist.get_rank() == 0
-        self.out = torch.empty(self.world * chunk, dtype=torch.float32, device=device) if receives else None
-        self.zeros = torch.zeros(chunk, dtype=torch.float32, device=device)  # sent in place of a part that failed
+        # No chunk larger than the largest flat buffer: a small model's gather then holds kilobytes,
+        # not a whole bucket, while it waits in the background.
+        self.chunk = max(1, min(bucket_bytes // (_FP32_BYTES * self.world), max(agreed.flat_numels, default=1)))
+        self.device = _comm_device(group)
+        self.all_gather = use_all_gather(group)
+        rank0 = dist.get_rank() == 0
+        self.receiver = _Receiver(agreed, target, record_failure) if rank0 else None
+        if self.all_gather or rank0:
+            self.out = torch.empty(self.world * self.chunk, dtype=torch.float32, device=self.device)
+            if self.receiver is not None and self.out.device.type == "cpu":
+                self.receiver.hold(self.out.numel() * self.out.element_size())  # host memory it holds
+        self.zeros = torch.zeros(self.chunk, dtype=torch.float32, device=self.device)  # sent for a failed part
+        self.flats, self.agreed = flats, agreed
 
-    @classmethod
-    def for_group(cls, group: Any, agreed: AgreedLayout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
-                  chunk: int, record_failure: RecordFailure) -> _Collective:
-        device = _comm_device(group)
-        # Rank 0's host tensors and receive buffer: allocated before the first chunk, so running
-        # out of memory here cannot strand the others mid-loop.
-        receiver = _Receiver(agreed, params, target, record_failure) if dist.get_rank() == 0 else None
-        collective = cls(group, chunk, device, use_all_gather(group), receiver)
-        if receiver is not None and collective.out is not None and collective.out.device.type == "cpu":
-            receiver.hold(collective.out.numel() * collective.out.element_size())  # host memory it holds
-        return collective
+    def run(self, on_fragment: Optional[OnFragment] = None) -> int:
+        """Collective over the group it was prepared with (the ranks have voted on their allocations):
+        each fragment handed to ``on_fragment`` on rank 0 as it arrives, never assembled: rank 0's memory
+        holds its receive buffer, one bucket, whatever the tensors' sizes. Run once.
 
-    def exchange(self, send: torch.Tensor, numel: int) -> Optional[list[torch.Tensor]]:
+        Returns:
+            The most host memory rank 0's receiving held at once, its receive buffer included (0 elsewhere).
+        """
+        agreed, receiver = self.agreed, self.receiver
+        if agreed is None or not self.indices:
+            self.release()
+            return 0
+        if receiver is not None:
+            receiver.on_fragment = on_fragment
+        failed = False
+        try:
+            for group, flat in enumerate(self.flats):
+                for lo in range(0, agreed.flat_numels[group], self.chunk):
+                    numel = min(self.chunk, agreed.flat_numels[group] - lo)
+                    send, failed = self._chunk_to_send(flat, lo, numel, failed)
+                    received = self._exchange(send, numel)
+                    if receiver is not None:
+                        receiver.place(group, lo, received)
+        finally:
+            self.release()
+        return receiver.peak_bytes if receiver is not None else 0
+
+    def release(self) -> None:
+        """Sent, or never to be: the host copies lent by the engine's pool are free for the next save's,
+        and the buffers (and, through ``on_fragment``, whatever its closure holds) are freed now."""
+        if self.pool is not None:
+            self.pool.give_back(self.flats)
+        self.flats, self.agreed, self.receiver, self.out, self.pool = [], None, None, None, None
+
+    def _chunk_to_send(self, flat: torch.Tensor, lo: int, numel: int, failed: bool) -> tuple[torch.Tensor, bool]:
+        """This rank's contribution, or zeros (allocated in advance) once anything here has failed."""
+        if not failed:
+            try:
+                return _read_chunk(flat, lo, numel, self.device), False
+            except Exception as e:
+                self.record_failure(f"reading elements {lo}..{lo + numel} of the fp32 partition", e)
+        return self.zeros[:numel], True
+
+    def _exchange(self, send: torch.Tensor, numel: int) -> Optional[list[torch.Tensor]]:
         """Collective: rank 0 gets every rank's ``numel`` elements (in rank order); the others None."""
-        received = None if self.out is None else [self.out[r * numel:(r + 1) * numel] for r in range(self.world)]
+        out = self.out
+        received = None if out is None else [out[r * numel:(r + 1) * numel] for r in range(self.world)]
         if self.all_gather:
-            dist.all_gather_into_tensor(self.out[: self.world * numel], send, group=self.group)
+            dist.all_gather_into_tensor(out[: self.world * numel], send, group=self.group)
         else:
             dist.gather(send, gather_list=received, dst=0, group=self.group)
         return received if dist.get_rank() == 0 else None
@@ -247,51 +216,29 @@ def _comm_device(group: object) -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def _chunk_to_send(flat: torch.Tensor, lo: int, numel: int, collective: _Collective, failed: bool,
-                   record_failure: RecordFailure) -> tuple[torch.Tensor, bool]:
-    """This rank's contribution, or zeros (allocated in advance) once anything here has failed."""
-    if not failed:
-        try:
-            return _read_chunk(flat, lo, numel, collective.device), False
-        except Exception as e:
-            record_failure(f"reading elements {lo}..{lo + numel} of the fp32 partition", e)
-    return collective.zeros[:numel], True
-
-
 def _read_chunk(flat: torch.Tensor, lo: int, numel: int, device: torch.device) -> torch.Tensor:
     return flat.detach().narrow(0, lo, numel).to(device).contiguous()
 
 
 class _Receiver:
-    """Rank 0: each received fragment handed over as it arrives, or copied into its full tensor.
+    """Rank 0: each received fragment handed over as it arrives (to a sink's ``receive_part``).
 
-    With ``on_fragment`` (a file writer's ``write_part``), each fragment goes
-    straight from the receive buffer to its place, cast first where the file
-    wants another dtype: rank 0 holds its receive buffer (one bucket) and at
-    most one cast fragment, whatever the size of the model or of its largest
-    tensor, and whatever the world size.
-    Else a tensor is allocated at its first fragment and, with ``on_complete``,
-    handed over and dropped at its last: rank 0 then holds the parameters in
-    flight; one that straddles two ranks' partitions (ZeRO-1/2: at most one
-    per rank boundary and group) waits until the later rank's chunk arrives.
-    :attr:`peak_bytes` counts the most host memory it held at once, its receive
-    buffer included (on an accelerator the buffer is device memory, and each
-    rank's chunk is copied to the host one at a time).
+    Each fragment goes straight from the receive buffer to its place, cast
+    first where the sink wants another dtype: rank 0 holds its receive buffer
+    (one bucket) and at most one cast fragment, whatever the size of the model
+    or of its largest tensor, and whatever the world size. :attr:`peak_bytes`
+    counts the most host memory it held at once, its receive buffer included
+    (on an accelerator the buffer is device memory, and each rank's chunk is
+    copied to the host one at a time). After its first failure it places nothing.
 
     (Receiving straight into views of one big host buffer was tried: gloo
-    copies through a temporary of its own, so it saved nothing, and
-    consolidate's tensors would then all share one storage.)
+    copies through a temporary of its own, so it saved nothing.)
     """
 
-    def __init__(self, agreed: AgreedLayout, params: Sequence[torch.nn.Parameter], target: torch.dtype,
-                 record_failure: RecordFailure) -> None:
+    def __init__(self, agreed: AgreedLayout, target: torch.dtype, record_failure: RecordFailure) -> None:
         self.record_failure = record_failure
         self.failed = False
         self.target = target
-        self.shapes = {index: full_shape(params[index]) for index in agreed.by_param}
-        self.remaining = {index: full_numel(params[index]) for index in agreed.by_param}
-        self.tensors: dict[int, torch.Tensor] = {}  # in flight; without on_complete, every one
-        self.on_complete: Optional[OnComplete] = None
         self.on_fragment: Optional[OnFragment] = None
         self.held_bytes = self.peak_bytes = 0
         # Per group and rank, fragments in flat order with a cursor: each chunk
@@ -328,12 +275,7 @@ class _Receiver:
                 return
             start, end = max(f.offset, lo), min(f.offset + f.numel, hi)
             if start < end:
-                into = f.start + (start - f.offset)
-                if self.on_fragment is not None:
-                    self._hand_over(f.param, into, chunk[start - lo:end - lo])
-                else:
-                    self._tensor(f.param).view(-1).narrow(0, into, end - start).copy_(chunk[start - lo:end - lo])
-                self._count(f.param, end - start)
+                self._hand_over(f.param, f.start + (start - f.offset), chunk[start - lo:end - lo])
             if f.offset + f.numel > hi:
                 return  # continues in the next chunk
             self.cursors[key] += 1
@@ -344,7 +286,8 @@ class _Receiver:
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
 
     def _hand_over(self, index: int, start: int, piece: torch.Tensor) -> None:
-        assert self.on_fragment is not None
+        if self.on_fragment is None:
+            return
         if piece.dtype == self.target:  # a view of the receive buffer: written before the next exchange
             self.on_fragment(index, start, piece)
             return
@@ -354,17 +297,3 @@ class _Receiver:
             self.on_fragment(index, start, cast)
         finally:
             self.hold(-cast.numel() * cast.element_size())
-
-    def _tensor(self, index: int) -> torch.Tensor:
-        if index not in self.tensors:
-            tensor = torch.empty(self.shapes[index], dtype=self.target)
-            self.tensors[index] = tensor
-            self.hold(tensor.numel() * tensor.element_size())
-        return self.tensors[index]
-
-    def _count(self, index: int, numel: int) -> None:
-        self.remaining[index] -= numel
-        if self.remaining[index] == 0 and self.on_complete is not None:
-            tensor = self.tensors.pop(index)
-            self.hold(-tensor.numel() * tensor.element_size())
-            self.on_complete(index, tensor)

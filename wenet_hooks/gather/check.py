@@ -179,15 +179,6 @@ def mismatch_message(wrong: list[str], what: str, hint: str = "") -> str:
             f"weights once cast to their dtype: {named}; nothing was written or restored. HINT: {hint}")
 
 
-def per_parameter_hint(engine: object) -> str:
-    """What to do when DeepSpeed's own per-parameter gather reads the wrong slices, if the cause is known."""
-    round_robin = getattr(engine, "zero_round_robin_gradients", None)
-    if callable(round_robin) and round_robin():
-        return ("with round_robin_gradients: true DeepSpeed's safe_get_full_fp32_param (bucket_mb: 0) reads "
-                "other parameters' slices; set bucket_mb above 0, which reads where the data is")
-    return ""
-
-
 def rank_slice(param: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(this rank's elements of the full master, the training weight elements they must equal)``
     for a parameter gathered whole (DeepSpeed's per-parameter path)."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 
-def unpartitioned_masters(engine: Any) -> dict[int, torch.Tensor]:
+def unpartitioned_masters(optimizer: Any) -> dict[int, torch.Tensor]:
     """``id(param) -> fp32 master`` for DeepSpeed's FP16_Optimizer family.
 
     Without ZeRO, bf16/fp16 training wraps the optimizer in ``FP16_Optimizer``
@@ -16,7 +16,6 @@ def unpartitioned_masters(engine: Any) -> dict[int, torch.Tensor]:
     parameter). Neither links its parameters for ``safe_get_full_fp32_param``,
     which would then return ``None`` and leave only the 16-bit weights.
     """
-    optimizer = getattr(engine, "optimizer", None)
     groups = getattr(optimizer, "fp16_groups", None)
     if groups is None or hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3 names its groups so too
         return {}

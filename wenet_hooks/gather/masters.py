@@ -45,6 +45,8 @@ from torch import nn
 
 from wenet_hooks.dist import is_distributed
 from wenet_hooks.errors import ConsolidationError
+from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS
+from wenet_hooks.gather.engines import EngineState, state_of
 from wenet_hooks.gather.fp16_masters import unpartitioned_masters
 
 logger = logging.getLogger(__name__)
@@ -80,9 +82,10 @@ class Partitions:
 
 @dataclass
 class EngineView:
-    """One save's view of a DeepSpeed engine (or a plain module), inspected once."""
+    """One save's view of a DeepSpeed engine (or a plain module), inspected once: everything a save
+    reads of the engine (nothing after :func:`inspect_engine` reads the engine itself)."""
 
-    engine: Any
+    state: EngineState  # what the engine's saves share: host buffers, step guard, last agreement
     module: nn.Module
     entries: dict[str, torch.Tensor]  # state_dict(keep_vars=True): parameters as Parameter objects
     params: list[nn.Parameter]  # each parameter once (tied ones under their first key), state_dict order
@@ -91,6 +94,10 @@ class EngineView:
     partitions: Optional[Partitions]  # None: not partitioned, or a layout this module does not know
     stage: int
     optimizer: Any  # the base optimizer holding the state (torch's, DeepSpeed's CPU or fused Adam)
+    wrapper: Any  # DeepSpeed's optimizer around it (ZeRO's, FP16_Optimizer...), or None
+    scheduler: Any  # the engine's learning rate scheduler, or None
+    counters: dict[str, int]  # the engine's step counters (ENGINE_COUNTERS)
+    hint: str  # what to do when DeepSpeed's per-parameter gather reads the wrong slices, if the cause is known
     # What the ranks agreed on for this save (gather.agreement.agree, once per save: the weights'
     # gather and each optimizer state's share the layout); a one-element list once agreed.
     agreed: list[Any] = field(default_factory=list)
@@ -134,8 +141,19 @@ def inspect_engine(engine: Any) -> EngineView:
     except Exception:
         logger.warning("wenet_hooks: could not read DeepSpeed's fp32 partitions here", exc_info=True)
         partitions = None
-    return EngineView(engine, module, entries, params, names, unpartitioned_masters(engine), partitions,
-                        zero_stage(engine), base_optimizer(engine))
+    wrapper = getattr(engine, "optimizer", None)
+    counters = {name: int(getattr(engine, name)) for name in ENGINE_COUNTERS if hasattr(engine, name)}
+    return EngineView(state_of(engine), module, entries, params, names, unpartitioned_masters(wrapper), partitions,
+                      zero_stage(engine), base_optimizer(engine), wrapper, getattr(engine, "lr_scheduler", None),
+                      counters, _per_parameter_hint(engine))
+
+
+def _per_parameter_hint(engine: Any) -> str:
+    round_robin = getattr(engine, "zero_round_robin_gradients", None)
+    if callable(round_robin) and round_robin():
+        return ("with round_robin_gradients: true DeepSpeed's safe_get_full_fp32_param (bucket_mb: 0) reads "
+                "other parameters' slices; set bucket_mb above 0, which reads where the data is")
+    return ""
 
 
 def full_shape(tensor: torch.Tensor) -> torch.Size:

@@ -19,7 +19,6 @@ import torch
 from wenet_hooks.dist import get_rank, get_world_size, is_rank0
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.file.optimizer_file import (
-    ENGINE_COUNTERS,
     LOSS_SCALER_FIELDS,
     META_KEY,
     file_entries,
@@ -27,9 +26,9 @@ from wenet_hooks.file.optimizer_file import (
     meta_tensor,
     plain,
 )
-from wenet_hooks.file.writer import Entry
+from wenet_hooks.file.writer import Entry, InMemory
 from wenet_hooks.gather.agreement import agree_with
-from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
+from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, OnFragment, PendingGather, Write, WritePart, prepare_gather
 from wenet_hooks.gather.masters import EngineView, full_shape, inspect_engine
 from wenet_hooks.gather.per_param import ToHost
 from wenet_hooks.gather.staging import Staging
@@ -65,7 +64,7 @@ def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> 
         raise ConsolidationError(f"the optimizer state cannot be gathered: {keys}")
     pending = prepare_optimizer(view, keys, bucket_mb)
     pending.host.raise_if_failed_anywhere()  # every rank allocated its part, or none gathers
-    return pending.finish()
+    return pending.in_memory()
 
 
 @dataclass
@@ -82,35 +81,32 @@ class PendingOptimizer:
         """The optimizer file these states make (rank 0: the meta is known there)."""
         return file_entries(self.shapes, list(self.gathers), meta_tensor(self.meta))
 
-    def finish(self, write: Optional[Write] = None,
-               write_part: Optional[WritePart] = None) -> Optional[GatheredOptimizer]:
-        """Collective over the group it was prepared with: the state on rank 0, ``None`` elsewhere.
-
-        With ``write`` (rank 0), each state tensor goes to ``write(file key, tensor)`` as it
-        completes, then the meta; nothing is kept and ``None`` is returned. With ``write_part``
-        too, each fragment goes to ``write_part(file key, start, values)`` as it arrives instead.
+    def finish(self, write: Optional[Write], write_part: Optional[WritePart]) -> None:
+        """Collective over the group it was prepared with: on rank 0, each fragment of each state goes to
+        ``write_part(file key, start, values)`` as it arrives, then the meta to ``write`` (a sink's
+        ``receive_part`` and ``receive``); elsewhere both are None.
 
         Raises:
             ConsolidationError: something failed on this rank (after every collective ran).
         """
-        if write is not None and self.host.enabled:
-            for state_key, pending in self.gathers.items():  # every gather's collectives run, whatever failed
-                if write_part is not None:
-                    pending.run(on_fragment=lambda index, start, values: write_part(
-                        file_key(state_key, self.names[index]), start, values))
-                else:
-                    pending.run(lambda index, tensor: write(file_key(state_key, self.names[index]), tensor))
-            self.host.raise_if_failed()
-            write(META_KEY, meta_tensor(self.meta))
-            return None
-        state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.names.values()}
-        for state_key, pending in self.gathers.items():
-            gathered = pending.run()
-            for index, name in self.names.items():
-                if self.host.enabled and index in gathered.tensors:  # absent: a failure, raised below
-                    state[name][state_key] = gathered.tensors[index]
+        for state_key, pending in self.gathers.items():  # every gather's collectives run, whatever failed
+            pending.run(None if write_part is None else self._placing(state_key, write_part))
         self.host.raise_if_failed()
-        return GatheredOptimizer(state, self.meta) if self.host.enabled else None
+        if write is not None and self.host.enabled:
+            write(META_KEY, meta_tensor(self.meta))
+
+    def in_memory(self) -> Optional[GatheredOptimizer]:
+        """Collective: :meth:`finish` into rank 0's memory (the state under the model's keys); None elsewhere."""
+        sink = InMemory(self.entries()) if self.host.enabled else None
+        self.finish(sink and sink.receive, sink and sink.receive_part)
+        if sink is None:
+            return None
+        keys = list(self.gathers)
+        return GatheredOptimizer({name: {key: sink.values[file_key(key, name)] for key in keys}
+                                  for name in self.names.values()}, self.meta)
+
+    def _placing(self, state_key: str, write_part: WritePart) -> OnFragment:
+        return lambda index, start, values: write_part(file_key(state_key, self.names[index]), start, values)
 
 
 def prepare_optimizer(view: EngineView, keys: list[str], bucket_mb: float = DEFAULT_BUCKET_MB,
@@ -177,7 +173,7 @@ def state_keys(view: EngineView) -> Union[list[str], str]:
 
 def _kept_elsewhere(view: EngineView) -> Optional[str]:
     """Optimizer state DeepSpeed keeps outside the base optimizer's ``state``."""
-    wrapper = getattr(view.engine, "optimizer", None)
+    wrapper = view.wrapper
     if "SuperOffload" in type(wrapper).__name__:
         return "another process (DeepSpeed's SuperOffload)"
     backup = getattr(wrapper, "backup_optimizer", None)
@@ -189,10 +185,8 @@ def _kept_elsewhere(view: EngineView) -> Optional[str]:
 
 
 def _meta(view: EngineView, names: list[str], keys: list[str]) -> dict[str, Any]:
-    engine, optimizer = view.engine, view.optimizer
-    wrapper = getattr(engine, "optimizer", None)
-    scheduler = getattr(engine, "lr_scheduler", None)
-    scaler = getattr(wrapper, "loss_scaler", None)
+    optimizer, scheduler = view.optimizer, view.scheduler
+    scaler = getattr(view.wrapper, "loss_scaler", None)
     return {
         "optimizer": type(optimizer).__name__,
         "params": names,
@@ -202,7 +196,7 @@ def _meta(view: EngineView, names: list[str], keys: list[str]) -> dict[str, Any]
         "param_groups": [{k: plain(v) for k, v in group.items() if k not in ("params", "step")}
                          for group in optimizer.param_groups],
         "lr_scheduler": plain(scheduler.state_dict()) if scheduler is not None else None,
-        "engine": {name: int(getattr(engine, name)) for name in ENGINE_COUNTERS if hasattr(engine, name)},
+        "engine": view.counters,
         "loss_scaler": ({f: plain(getattr(scaler, f)) for f in LOSS_SCALER_FIELDS if hasattr(scaler, f)}
                         if scaler is not None else None),
         "world_size": get_world_size(),
