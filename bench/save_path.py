@@ -16,9 +16,10 @@ times with ``save_consolidated(..., SaveOptions(optimizer=True), writer=...)`` a
 - classes: the package's classes a method of which ran, or that were made;
 - collectives: torch.distributed calls on the training thread during the save's call;
 - the engine's path (the issue's measure): only the calls that are handed the engine or an object
-  derived from it (one that holds it, or holds such an object: the engine's view, the save's plan,
-  the save itself), in the order they run, and the returns from them: the modules entered, and the
-  entries into a module the path had left before.
+  derived from it (one of the package's objects that a call handed the engine itself returned, or
+  one holding such an object: the engine's view, its state, the save's plan, the save itself), in
+  the order they run, and the returns from them: the modules entered, and the entries into a module
+  the path had left before. Calls in loops count each time (two optimizer states: twice).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ class EnginePath:
     """A profile function: the modules of the calls handed the engine or an object derived from it."""
 
     def __init__(self, engine) -> None:
+        self.engine = engine
         self.derived = {id(engine)}
+        self.made: set[int] = set()  # the frames of calls handed the engine itself
         self.frames: set[int] = set()  # the frames of such calls, to follow their returns
         self.sequence: list[str] = []
 
@@ -105,9 +108,14 @@ class EnginePath:
             names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
             if _module_of(frame) and any(self._is_derived(frame.f_locals.get(n)) for n in names):
                 self.frames.add(id(frame))
+                if any(frame.f_locals.get(n) is self.engine for n in names):
+                    self.made.add(id(frame))
                 self._add(_module_of(frame))
         elif event == "return" and id(frame) in self.frames:
             self.frames.discard(id(frame))
+            if id(frame) in self.made and type(arg).__module__.startswith("wenet_hooks"):
+                self.derived.add(id(arg))  # made from the engine itself: derived (its view, its state...)
+            self.made.discard(id(frame))
             if frame.f_back is not None:
                 self._add(_module_of(frame.f_back))
 
