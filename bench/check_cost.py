@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
         if check:
             staging.add_check(ChunkCheck(layout))
         staging.run()
-        assert staging.error is None and staging.problem() is None, (staging.error, staging.problem())
+        assert not staging.failure and staging.problem() is None, (staging.failure.error, staging.problem())
         staging.release()
 
     timings = {name: [] for name in ("gather", "check", "copy", "copy+check")}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from wenet_hooks.gather.agreement import AgreedLayout, _covers
+from wenet_hooks.errors import FirstError
 from wenet_hooks.file.writer import Entry, InMemory
 from wenet_hooks.gather.bucketed import _Receiver
 from wenet_hooks.gather.engines import state_of
@@ -25,15 +26,15 @@ def test_receiver_places_every_fragment_into_the_sink_whatever_the_chunk_size(ch
     parameter 1 (3,) lies wholly on rank 1, with padding between. The sink is consolidate()'s
     in-memory one, filled by the same protocol as a file (receive_part)."""
     values, flats, agreed, _ = two_ranks()
-    failures = []
+    failure = FirstError()
     sink = InMemory([Entry("a", (2, 4)), Entry("b", (3,)), Entry("tied", alias_of="a")])
-    receiver = _Receiver(agreed, torch.float32, lambda what, e: failures.append((what, e)))
+    receiver = _Receiver(agreed, torch.float32, failure)
     receiver.on_fragment = lambda index, start, piece: sink.receive_part("ab"[index], start, piece)
     for lo in range(0, 6, chunk):
         numel = min(chunk, 6 - lo)
         received = [flats[rank][lo:lo + numel].clone() for rank in range(2)]
         receiver.place(0, lo, received)
-    assert failures == []
+    assert not failure
     state = sink.state_dict()
     assert list(state) == ["a", "b", "tied"] and state["tied"] is state["a"]
     assert torch.equal(state["a"], values[0]) and torch.equal(state["b"], values[1])
@@ -54,12 +55,12 @@ def test_receiver_hands_each_fragment_over_as_it_arrives_and_holds_one_chunk(tar
     """With on_fragment (a file's receive_part) nothing is assembled: each fragment, cast to the file's
     dtype, goes to its element offset; the receiver holds at most one cast fragment at a time."""
     values, flats, agreed, params = two_ranks()
-    failures, parts = [], []
-    receiver = _Receiver(agreed, target, lambda what, e: failures.append(what))
+    failure, parts = FirstError(), []
+    receiver = _Receiver(agreed, target, failure)
     receiver.on_fragment = lambda index, start, piece: parts.append((index, start, piece.clone()))
     for lo in range(0, 6, 4):
         receiver.place(0, lo, [flats[rank][lo:lo + 4].clone() for rank in range(2)])
-    assert failures == []
+    assert not failure
     for index, value in enumerate(values):
         got = torch.empty(value.numel(), dtype=target)
         for i, start, piece in (p for p in parts if p[0] == index):
@@ -71,9 +72,9 @@ def test_receiver_hands_each_fragment_over_as_it_arrives_and_holds_one_chunk(tar
 
 def test_receiver_keeps_the_first_failure_and_drops_what_follows():
     _, flats, agreed, _ = two_ranks()
-    failures, parts = [], []
+    failure, parts = FirstError(), []
     # A chunk that cannot be placed (here: the sink refuses it) is recorded once; what follows is dropped.
-    broken = _Receiver(agreed, torch.float32, lambda what, e: failures.append(what))
+    broken = _Receiver(agreed, torch.float32, failure)
 
     def refuse(index, start, piece):
         parts.append(index)
@@ -82,7 +83,8 @@ def test_receiver_keeps_the_first_failure_and_drops_what_follows():
     broken.on_fragment = refuse
     broken.place(0, 0, [flats[rank][0:3].clone() for rank in range(2)])
     broken.place(0, 3, [flats[rank][3:6].clone() for rank in range(2)])
-    assert failures == ["copying gathered weights (partition 0, offset 0) to host memory"] and parts == [0]
+    assert failure.what == "copying gathered weights (partition 0, offset 0) to host memory" and parts == [0]
+    assert isinstance(failure.error, OSError)
 
 
 def engine_view(engine, fragments):

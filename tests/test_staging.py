@@ -39,7 +39,7 @@ def test_copies_every_chunk_and_finds_a_wrong_element_in_a_later_chunk(small_chu
     copy = staging.buffer_for(flat)
     staging.add_check(ChunkCheck(layout_of(flat, good)))
     staging.run()
-    assert staging.done.is_set() and staging.error is None and staging.problem() is None
+    assert staging.done.is_set() and not staging.failure and staging.problem() is None
     assert torch.equal(copy, flat)
 
     bad = [good[0].clone(), good[1].clone()]
@@ -67,7 +67,7 @@ def test_an_error_while_copying_is_kept_and_still_releases_the_steps():
     staging.buffer_for(torch.zeros(4))
     staging._flats[next(iter(staging._flats))].buffer = torch.zeros(3)  # a buffer too small: copy_ raises
     staging.run()
-    assert isinstance(staging.error, RuntimeError) and staging.done.is_set()
+    assert isinstance(staging.failure.error, RuntimeError) and staging.done.is_set()
 
 
 class Engine:

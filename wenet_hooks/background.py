@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from wenet_hooks.dist import Failure
+from wenet_hooks.errors import SaveError
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class BackgroundWriter:
         try:
             job()
         except Exception as e:  # reported to every rank at the next save
-            logger.exception("wenet_hooks: %s failed in the background", what)
+            if isinstance(e, SaveError):  # voted on already: the failing rank logged where it raised
+                logger.error("wenet_hooks: %s failed in the background (rank %d: %s)", what, e.rank, e.reason)
+            else:
+                logger.exception("wenet_hooks: %s failed in the background", what)
             if self._failed is None:
                 self._failed = FailedWrite(tag, what, Failure.from_exception(e))

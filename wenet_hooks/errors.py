@@ -4,7 +4,7 @@ caller (the WeNet hook, the offline command) can report it without parsing."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 class WenetHooksError(Exception):
@@ -72,6 +72,23 @@ class CheckpointReadError(WenetHooksError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class FirstError:
+    """The one record of a failure on this rank: where a part of a collective step (a gather, its host
+    copies, the file it writes into) records what failed and goes on, since every rank must still reach
+    the step's vote. The first failure is kept, with what was being done; what follows from it is dropped."""
+
+    def __init__(self) -> None:
+        self.what = ""
+        self.error: Optional[BaseException] = None
+
+    def record(self, what: str, error: BaseException) -> None:
+        if self.error is None:
+            self.what, self.error = what, error
+
+    def __bool__(self) -> bool:
+        return self.error is not None
 
 
 def error_text(error: BaseException) -> str:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.dist import collective_step, first_failure, is_rank0
-from wenet_hooks.errors import ConsolidationError, PhaseError
+from wenet_hooks.errors import ConsolidationError, FirstError, PhaseError
 from wenet_hooks.file.commit import Commit, fingerprint
 from wenet_hooks.file.optimizer_file import legacy_optimizer_path
 from wenet_hooks.file.publish import PendingFile
@@ -127,7 +127,7 @@ class Save:
         self.weights: Optional[PendingWeights] = None
         self.optimizer: Optional[PendingOptimizer] = None
         self.files: list[PendingFile] = []  # rank 0: the weights' file, then the optimizer's
-        self.failure: Optional[PhaseError] = None  # this rank's first failure in the gathers
+        self.failure = FirstError()  # this rank's first failure in the gathers and their files: (phase, error)
 
     def prepare(self) -> None:
         """Collective (default group, at the call): every gather allocated, the host copies registered
@@ -163,7 +163,7 @@ class Save:
         weights = self._gather(self.plan.path, lambda: self.weights.entries, self.weights.finish,
                                GATHERING_WEIGHTS)
         if self.optimizer is not None:
-            if weights is not None and self.failure is None:
+            if weights is not None and not self.failure:
                 self._seal_weights(weights)
             self._gather(self.plan.optimizer_path, self.optimizer.entries, self.optimizer.finish,
                          GATHERING_OPTIMIZER)
@@ -207,8 +207,8 @@ class Save:
         assert staging is not None
         if not staging.done.is_set():
             staging.run()
-        if staging.error is not None:
-            raise staging.error
+        if staging.failure:
+            raise staging.failure.error  # type: ignore[misc]
         if staging.problem() is not None:
             raise ConsolidationError(staging.problem())
 
@@ -229,8 +229,8 @@ class Save:
             finish(*receivers) if is_rank0() else finish(None, None)
         except Exception as e:
             self._record(phase, e)
-        if file is not None and file.error is not None:
-            self._record(f"writing {path}", file.error)
+        if file is not None and file.failure:
+            self._record(file.failure.what, file.failure.error)
         return file
 
     def _seal_weights(self, weights: PendingFile) -> None:
@@ -243,13 +243,12 @@ class Save:
         except Exception as e:  # rank 0 still takes its part in the optimizer's gather
             self._record(f"writing {self.plan.path}", e)
 
-    def _record(self, phase: str, error: Exception) -> None:
-        if self.failure is None:  # the first one; what follows from it is dropped
-            self.failure = PhaseError(phase, error)
+    def _record(self, phase: str, error: BaseException) -> None:
+        self.failure.record(phase, error)  # the first one; what follows from it is dropped
 
     def _raise_failure(self) -> None:
-        if self.failure is not None:
-            raise self.failure
+        if self.failure:
+            raise PhaseError(self.failure.what, self.failure.error)
 
     def _commit_files(self) -> None:
         """Rank 0: the files sealed, renamed, the record last; stale files of this tag removed."""

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from support.tiny_model import NEGATIVE_ZERO, build_model, make_batch
 from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks import Manifest, consolidate, write_state_dict
+from wenet_hooks.errors import FirstError
 from wenet_hooks.file.publish import PendingFile
 from wenet_hooks.gather import agreement, prepare_consolidate
 from wenet_hooks.gather import bucketed
@@ -44,10 +45,6 @@ class DeepSpeedCannotTrain(Exception):
 def parse_case(case: str) -> tuple[int, str, bool]:
     stage, precision, offload = case.split("-")
     return int(stage[1:]), precision, offload == "offload"
-
-
-def _raise(what: str, error: Exception) -> None:
-    raise RuntimeError(what) from error
 
 
 def engine_output(engine) -> torch.Tensor:
@@ -109,9 +106,11 @@ def run_case(case: str, out_dir: Path) -> None:
     fp32 = consolidate(engine)
     bf16 = consolidate(engine, dtype="bf16")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    gather = prepare_gather(inspect_engine(engine), torch.float32, 2**20, record_failure=_raise)
+    failure = FirstError()
+    gather = prepare_gather(inspect_engine(engine), torch.float32, 2**20, failure)
     bucketed = gather.indices
     gather.release()
+    assert not failure, (failure.what, failure.error)
     variants = {"per_param": consolidate(engine, bucket_mb=0), "small_buckets": consolidate(engine, bucket_mb=1 / 1024),
                 "all_gather": with_all_gather(lambda: consolidate(engine, bucket_mb=1 / 1024))}
     agreements = agreement.agreements_made - agreements  # 5 bucketed gathers of one engine

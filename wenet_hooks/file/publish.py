@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 
-from wenet_hooks.errors import CheckpointWriteError, VerificationError
+from wenet_hooks.errors import CheckpointWriteError, FirstError, VerificationError
 from wenet_hooks.file.manifest import Manifest
 from wenet_hooks.file.verify import verify as verify_file
 from wenet_hooks.file.writer import Entry, FileWriter, OnTensor, Value, entries_for
@@ -117,7 +117,7 @@ class PendingFile:
         self.started = time.perf_counter()
         self.writer: Optional[FileWriter] = None
         self.sealed = False
-        self.error: Optional[BaseException] = None  # the first failure of receive / receive_part
+        self.failure = FirstError()  # of receive / receive_part: a gather's end, which must go on
         _check_target(self.path)
         try:
             self.writer = open_writer(self.tmp, entries, verify and expected is None)
@@ -142,20 +142,20 @@ class PendingFile:
 
     def receive(self, key: str, value: Value) -> None:
         """:meth:`write` for a gather, which must go on to its end on every rank: the first failure is
-        kept in :attr:`error` (``.tmp`` removed) and what follows is dropped."""
-        if self.error is None:
+        kept in :attr:`failure` (``.tmp`` removed) and what follows is dropped."""
+        if not self.failure:
             try:
                 self.write(key, value)
             except Exception as e:
-                self.error = e
+                self.failure.record(f"writing {self.path}", e)
 
     def receive_part(self, key: str, start: int, part: torch.Tensor) -> None:
         """:meth:`write_part` as :meth:`receive` does :meth:`write`."""
-        if self.error is None:
+        if not self.failure:
             try:
                 self.write_part(key, start, part)
             except Exception as e:
-                self.error = e
+                self.failure.record(f"writing {self.path}", e)
 
     def publish(self) -> Path:
         """fsync, verify, rename, fsync the folder: the file at ``path``."""

@@ -114,7 +114,7 @@ def prepare_consolidate(
             staging.add_check(ChunkCheck(view))
         else:
             check_masters(view)
-        bucketed = prepare_gather(view, host.target, int(bucket_mb * 2**20), host.record_failure,
+        bucketed = prepare_gather(view, host.target, int(bucket_mb * 2**20), host.failure,
                                   background_group=background_group, staging=staging)
     covered = {id(view.params[i]) for i in bucketed.indices}
     # Tied weights are one Parameter object under several keys: gather it once

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from wenet_hooks.dist import is_distributed
-from wenet_hooks.errors import ConsolidationError
+from wenet_hooks.errors import ConsolidationError, FirstError
 from wenet_hooks.gather.agreement import AgreedLayout, agree
 from wenet_hooks.gather.masters import EngineView, Fragment
 from wenet_hooks.gather.snapshots import SnapshotPool
@@ -43,8 +43,6 @@ DEFAULT_BUCKET_MB = 16.0
 _FP32_BYTES = 4
 
 ALLOCATING = "allocating memory for the gathered weights"
-# Where a rank records a local failure (what it was doing, the error) and goes on.
-RecordFailure = Callable[[str, Exception], None]
 # Where rank 0 hands each fragment as it arrives: (its tensor's index in the gather, the element it starts at,
 # its values on CPU in the target dtype).
 OnFragment = Callable[[int, int, torch.Tensor], None]
@@ -58,7 +56,7 @@ def prepare_gather(
     view: EngineView,
     target: torch.dtype,
     bucket_bytes: int,
-    record_failure: RecordFailure,
+    failure: FirstError,
     state_key: Optional[str] = None,
     background_group: Any = None,
     staging: Optional[Staging] = None,
@@ -72,7 +70,7 @@ def prepare_gather(
 
     Parameters (indices into ``view.params``) not in the result's ``indices``
     are not gathered here (frozen, or a layout this does not know); the caller
-    gets them the per-parameter way. Local failures go to ``record_failure``
+    gets them the per-parameter way. Local failures are recorded in ``failure``
     and the collectives continue.
 
     With ``background_group`` (a gloo group of every rank), each rank copies its
@@ -99,9 +97,9 @@ def prepare_gather(
                 gather.pool = view.state.pool
             host_copy = staging.buffer_for if staging is not None else gather.pool.snapshot
             flats, group = [host_copy(flat) for flat in flats], background_group
-        gather.allocate(flats, agreed, bucket_bytes, group, target, record_failure)
+        gather.allocate(flats, agreed, bucket_bytes, group, target, failure)
     except Exception as e:
-        record_failure(ALLOCATING, e)
+        failure.record(ALLOCATING, e)
         gather.release()
     return gather
 
@@ -128,10 +126,10 @@ class PendingGather:
         self.out: Optional[torch.Tensor] = None  # the receive buffer: rank 0's (every rank's with all_gather)
 
     def allocate(self, flats: list[torch.Tensor], agreed: AgreedLayout, bucket_bytes: int, group: Any,
-                 target: torch.dtype, record_failure: RecordFailure) -> None:
+                 target: torch.dtype, failure: FirstError) -> None:
         """Every buffer the run needs, before its first collective: running out of memory here cannot
         strand the other ranks mid-loop."""
-        self.group, self.record_failure = group, record_failure
+        self.group, self.failure = group, failure
         self.world = dist.get_world_size(group=group)
         # No chunk larger than the largest flat buffer: a small model's gather then holds kilobytes,
         # not a whole bucket, while it waits in the background.
@@ -139,7 +137,7 @@ class PendingGather:
         self.device = _comm_device(group)
         self.all_gather = use_all_gather(group)
         rank0 = dist.get_rank() == 0
-        self.receiver = _Receiver(agreed, target, record_failure) if rank0 else None
+        self.receiver = _Receiver(agreed, target, failure) if rank0 else None
         if self.all_gather or rank0:
             self.out = torch.empty(self.world * self.chunk, dtype=torch.float32, device=self.device)
             if self.receiver is not None and self.out.device.type == "cpu":
@@ -187,7 +185,7 @@ class PendingGather:
             try:
                 return _read_chunk(flat, lo, numel, self.device), False
             except Exception as e:
-                self.record_failure(f"reading elements {lo}..{lo + numel} of the fp32 partition", e)
+                self.failure.record(f"reading elements {lo}..{lo + numel} of the fp32 partition", e)
         return self.zeros[:numel], True
 
     def _exchange(self, send: torch.Tensor, numel: int) -> Optional[list[torch.Tensor]]:
@@ -229,15 +227,14 @@ class _Receiver:
     or of its largest tensor, and whatever the world size. :attr:`peak_bytes`
     counts the most host memory it held at once, its receive buffer included
     (on an accelerator the buffer is device memory, and each rank's chunk is
-    copied to the host one at a time). After its first failure it places nothing.
+    copied to the host one at a time).
 
     (Receiving straight into views of one big host buffer was tried: gloo
     copies through a temporary of its own, so it saved nothing.)
     """
 
-    def __init__(self, agreed: AgreedLayout, target: torch.dtype, record_failure: RecordFailure) -> None:
-        self.record_failure = record_failure
-        self.failed = False
+    def __init__(self, agreed: AgreedLayout, target: torch.dtype, failure: FirstError) -> None:
+        self.failure = failure  # the gather's record: nothing more is placed once anything failed here
         self.target = target
         self.on_fragment: Optional[OnFragment] = None
         self.held_bytes = self.peak_bytes = 0
@@ -250,7 +247,7 @@ class _Receiver:
         self.cursors: dict[tuple[int, int], int] = defaultdict(int)
 
     def place(self, group: int, lo: int, received: Optional[list[torch.Tensor]]) -> None:
-        if self.failed or received is None:
+        if self.failure or received is None:
             return
         try:
             for rank, chunk in enumerate(received):
@@ -263,8 +260,7 @@ class _Receiver:
                 finally:
                     self.hold(-copied)
         except Exception as e:
-            self.failed = True
-            self.record_failure(f"copying gathered weights (partition {group}, offset {lo}) to host memory", e)
+            self.failure.record(f"copying gathered weights (partition {group}, offset {lo}) to host memory", e)
 
     def _place_rank(self, group: int, rank: int, lo: int, chunk: torch.Tensor) -> None:
         hi = lo + chunk.numel()

@@ -127,7 +127,7 @@ def prepare_optimizer(view: EngineView, keys: list[str], bucket_mb: float = DEFA
     gathers = {}
     with torch.no_grad():
         for state_key in keys:
-            pending = prepare_gather(view, torch.float32, int(bucket_mb * 2**20), host.record_failure,
+            pending = prepare_gather(view, torch.float32, int(bucket_mb * 2**20), host.failure,
                                      state_key=state_key, background_group=background_group, staging=staging)
             if pending.indices != set(names):  # the layout every rank agreed on
                 raise ConsolidationError(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from wenet_hooks.dist import Failure, first_failure, get_rank
-from wenet_hooks.errors import ConsolidationError, error_text
+from wenet_hooks.errors import ConsolidationError, FirstError, error_text
 from wenet_hooks.gather.check import mismatch_message, rank_slice, same_after_cast
 from wenet_hooks.gather.masters import full_shape
 
@@ -29,25 +29,21 @@ class ToHost:
     def __init__(self, target: torch.dtype, enabled: bool) -> None:
         self.target = target
         self.enabled = enabled
-        self.failure: Optional[tuple[str, Exception]] = None
+        self.failure = FirstError()  # this gather's, its bucketed collectives' included
 
     def __call__(self, key: str, tensor: torch.Tensor, fresh: bool) -> Optional[torch.Tensor]:
-        if not self.enabled or self.failure is not None:
+        if not self.enabled or self.failure:
             return None
         try:
             return _to_cpu(tensor, self.target, fresh)
         except Exception as e:
-            self.record_failure(f"copying '{key}' to host memory", e)
+            self.failure.record(f"copying '{key}' to host memory", e)
             return None
 
-    def record_failure(self, what: str, error: Exception) -> None:
-        if self.failure is None:
-            self.failure = (what, error)
-
     def raise_if_failed(self) -> None:
-        if self.failure is not None:
-            what, e = self.failure
-            raise ConsolidationError(f"rank {get_rank()}: {what} failed: {error_text(e)}") from e
+        if self.failure:
+            e = self.failure.error
+            raise ConsolidationError(f"rank {get_rank()}: {self.failure.what} failed: {error_text(e)}") from e
 
     def raise_if_failed_anywhere(self) -> None:
         """Collective: :meth:`raise_if_failed`, then on every other rank too (the failing rank's message)."""

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
+from wenet_hooks.errors import FirstError
 from wenet_hooks.gather.engines import known_state, snapshot_pool, state_of
 from wenet_hooks.gather.snapshots import SnapshotPool
 
@@ -66,7 +67,7 @@ class Staging:
         self._checks: list[Check] = []
         self.deferred = deferred
         self.done = threading.Event()  # set once :meth:`run` has ended, however it ended
-        self.error: Optional[BaseException] = None
+        self.failure = FirstError()
 
     def buffer_for(self, flat: torch.Tensor) -> torch.Tensor:
         """A host buffer that holds ``flat``'s values once :meth:`run` has run."""
@@ -83,13 +84,13 @@ class Staging:
 
     def run(self) -> None:
         """Copy every flat and run the checks on the copied chunks (local: no collective). An error is
-        kept in :attr:`error`; :attr:`done` is set in every case, releasing the held steps."""
+        kept in :attr:`failure`; :attr:`done` is set in every case, releasing the held steps."""
         try:
             with torch.no_grad():
                 for entry in self._flats.values():
                     _copy_and_inspect(entry)
         except Exception as e:  # reported by the caller's vote, on every rank
-            self.error = e
+            self.failure.record("copying the masters to host memory", e)
         finally:
             self.done.set()
 
@@ -98,7 +99,7 @@ class Staging:
         self.done.set()
 
     def problem(self) -> Optional[str]:
-        """After :meth:`run`: the first check's finding, or None (an error is :attr:`error`)."""
+        """After :meth:`run`: the first check's finding, or None (an error is in :attr:`failure`)."""
         return next((p for p in (c.problem() for c in self._checks) if p is not None), None)
 
     def release(self) -> None:
