@@ -2,7 +2,7 @@
 whole and nothing uncommitted is taken for one.
 
 Each case runs a real process that writes a save through the package's own commit
-(``wenet_hooks.file.commit.Commit``), with every rename and folder fsync counted, and
+(``wenet_hooks.file.commit.commit``), with every rename and folder fsync counted, and
 kills itself just before the N-th of them (the seals' own fsyncs come first:
 ``kill_before_seal``). The folder already holds a committed save of the same tag
 (a rerun saving it again: the riskiest case) and an older tag.
@@ -28,7 +28,7 @@ WRITER = textwrap.dedent('''
     from pathlib import Path
     import torch
     import wenet_hooks.file.publish as publish
-    from wenet_hooks.file.commit import Commit
+    from wenet_hooks.file.commit import commit
     from wenet_hooks.file.writer import entries_for
 
     folder, tag, value, kill_at = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
@@ -62,7 +62,7 @@ WRITER = textwrap.dedent('''
 
     weights = pending(folder / f"{tag}.pt", {"w": torch.full((64,), value), "b": torch.arange(4.0) + value})
     optim = pending(folder / f"{tag}.optim", {"exp_avg/w": torch.full((64,), -value)})
-    Commit(weights, optim, {"tag": tag, "step": int(value)}).commit()
+    commit(weights, optim, {"tag": tag, "step": int(value)})
     print(" | ".join(steps))
 ''')
 
@@ -81,7 +81,7 @@ def save(folder: Path, tag: str, value: float, kill_at: str = "never") -> subpro
 
 def commit_here(folder: Path, tag: str, value: float, step: int) -> None:
     """A committed save of ``tag`` written in this process, through the package's commit."""
-    from wenet_hooks.file.commit import Commit
+    from wenet_hooks.file.commit import commit
     from wenet_hooks.file.writer import entries_for
     from wenet_hooks.file.publish import PendingFile
 
@@ -91,7 +91,7 @@ def commit_here(folder: Path, tag: str, value: float, step: int) -> None:
         entries, values = entries_for(tensors)
         files.append(PendingFile(path, entries))
         files[-1].write(entries[0].key, values[0])
-    Commit(files[0], files[1], {"tag": tag, "step": step, "epoch": 0}).commit()
+    commit(files[0], files[1], {"tag": tag, "step": step, "epoch": 0})
 
 
 def weights_value(path: Path) -> float:

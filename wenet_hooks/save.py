@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.dist import collective_step, first_failure, is_rank0
 from wenet_hooks.errors import ConsolidationError, FirstError, PhaseError
-from wenet_hooks.file.commit import Commit, fingerprint
+from wenet_hooks.file.commit import commit as commit_files, fingerprint
 from wenet_hooks.file.optimizer_file import legacy_optimizer_path
 from wenet_hooks.file.publish import PendingFile
 from wenet_hooks.file.writer import Entry
@@ -252,12 +252,7 @@ class Save:
 
     def _commit_files(self) -> None:
         """Rank 0: the files sealed, renamed, the record last; stale files of this tag removed."""
-        commit = Commit(self.files[0], self.files[1] if len(self.files) > 1 else None, self.plan.record)
-        try:
-            commit.commit()
-        except Exception:
-            commit.discard()
-            raise
+        commit_files(self.files[0], self.files[1] if len(self.files) > 1 else None, self.plan.record)
         if self.optimizer is None:
             _remove_stale(self.plan.optimizer_path)  # the optimizer file of an earlier save of this tag
         _remove_stale(legacy_optimizer_path(self.plan.path))

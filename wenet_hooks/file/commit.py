@@ -2,7 +2,7 @@
 
 A save writes up to three files: ``<tag>.pt`` (the weights), ``<tag>.optim``
 (the optimizer state) and ``<tag>.yaml`` (WeNet's epoch, step and loss, with
-the save's record). :meth:`Commit.commit` makes them appear in one order:
+the save's record). :func:`commit` makes them appear in one order:
 
 1. every file is sealed under its ``.tmp`` name: written, fsynced, verified
    (:meth:`~wenet_hooks.file.publish.PendingFile.seal`);
@@ -78,53 +78,44 @@ class SaveRecord:
         return {"weights": self.weights, "optimizer": self.optimizer}
 
 
-class Commit:
-    """Rank 0's end of one save: its sealed files and their record, renamed in one order (module docstring)."""
+def commit(weights: PendingFile, optimizer: Optional[PendingFile], info: Optional[Mapping[str, Any]]) -> SaveRecord:
+    """Rank 0's end of one save: seal every file, write the record, rename them all, the record last;
+    fsync the folder (the module docstring's order). On a failure what is left under a temporary name is
+    removed (what was renamed stays: without its record it is not committed).
 
-    def __init__(self, weights: PendingFile, optimizer: Optional[PendingFile],
-                 info: Optional[Mapping[str, Any]]) -> None:
-        self.weights, self.optimizer, self.info = weights, optimizer, info
-
-    def commit(self) -> SaveRecord:
-        """Seal every file, write the record, rename them all, the record last; fsync the folder.
-
-        Raises:
-            CheckpointWriteError, VerificationError: a file failed to seal (nothing was renamed), or the
-                file system refused a rename (what was renamed has no record: not committed).
-        """
-        files = [f for f in (self.weights, self.optimizer) if f is not None]
+    Raises:
+        CheckpointWriteError, VerificationError: a file failed to seal (nothing was renamed), or the
+            file system refused a rename.
+    """
+    files = [f for f in (weights, optimizer) if f is not None]
+    yaml_path = record_path(weights.path)
+    try:
         for f in files:
             f.seal()
-        record = SaveRecord(fingerprint(self.weights.tmp),
-                            fingerprint(self.optimizer.tmp) if self.optimizer is not None else None)
-        yaml_path = record_path(self.weights.path)
-        if self.info is not None:
+        record = SaveRecord(fingerprint(weights.tmp), fingerprint(optimizer.tmp) if optimizer is not None else None)
+        if info is not None:
             with publish.naming(yaml_path):
-                _write_synced(tmp_path_for(yaml_path), yaml.dump({**self.info, RECORD_KEY: record.as_yaml()}))
+                _write_synced(tmp_path_for(yaml_path), yaml.dump({**info, RECORD_KEY: record.as_yaml()}))
         for f in files:
             f.rename()
         with publish.naming(yaml_path):
-            if self.info is not None:
+            if info is not None:
                 publish.replace_file(tmp_path_for(yaml_path), yaml_path)
             publish.fsync_dir(yaml_path.parent)
+    except BaseException:
         for f in files:
-            f.log_published()
-        if self.info is not None and yaml_path.stem != INIT_TAG:  # the save a resume would take
-            try:
-                write_latest(yaml_path.parent, yaml_path.stem)
-            except CheckpointWriteError as e:  # committed all the same: resume: auto reads the records
-                logger.warning("wenet_hooks: %s; the save is committed, the pointer names an older one", e)
-        return record
-
-    def discard(self) -> None:
-        """Remove what is left under a temporary name (after a failure; what was renamed stays, and
-        without its record it is not committed)."""
-        for f in (self.weights, self.optimizer):
-            if f is not None:
-                f.discard()
-        tmp = tmp_path_for(record_path(self.weights.path))
-        if tmp.exists():
-            tmp.unlink()
+            f.discard()
+        if tmp_path_for(yaml_path).exists():
+            tmp_path_for(yaml_path).unlink()
+        raise
+    for f in files:
+        f.log_published()
+    if info is not None and yaml_path.stem != INIT_TAG:  # the save a resume would take
+        try:
+            write_latest(yaml_path.parent, yaml_path.stem)
+        except CheckpointWriteError as e:  # committed all the same: resume: auto reads the records
+            logger.warning("wenet_hooks: %s; the save is committed, the pointer names an older one", e)
+    return record
 
 
 def _write_synced(path: Path, text: str) -> None:
