@@ -13,9 +13,10 @@ or, step by step::
 
 The package is organised by stage of the pipeline, each depending only on
 those below it: ``wenet`` (the WeNet adapter) -> ``save`` (one collective
-save) and ``resume`` (exact resume) -> ``gather`` (DeepSpeed's masters and
-optimizer state to rank 0) -> ``file`` (layout, manifest and the optimizer
-file's format, verification, atomic publishing); ``convert`` (the offline
+save, its ``plan`` built and agreed once) and ``resume`` (exact resume) ->
+``gather`` (DeepSpeed's masters and optimizer state to rank 0) -> ``file``
+(writer, manifest and the optimizer file's format, verification, atomic
+publishing, the commit); ``convert`` (the offline
 command) -> ``readers`` (existing checkpoints) -> ``file``. The offline
 command's ``config=`` check borrows ``wenet.model`` (WeNet knowledge stays in
 the adapter). ``tests/test_layers.py`` holds the exact rules.

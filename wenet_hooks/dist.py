@@ -5,11 +5,12 @@ the same error on every rank (:func:`collective_step`, over :func:`first_failure
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Iterator, Optional, TypeVar
 
 import torch.distributed as dist
 
@@ -101,28 +102,28 @@ def first_failure(mine: Optional[Report], group: object = None) -> Optional[Repo
     return next((r for r in all_reports(mine, group) if r is not None), None)
 
 
-Value = TypeVar("Value")
+@contextlib.contextmanager
+def collective_step(tag: str, phase: str, group: object = None) -> Iterator[None]:
+    """Collective (over ``group``, the default group if None): one step of save ``tag``::
 
+        with collective_step(tag, "gathering the weights", group):
+            ...  # this rank's part
 
-def collective_step(tag: str, phase: str, work: Callable[[], Value], group: object = None) -> Value:
-    """Collective (over ``group``, the default group if None): one step of save ``tag``.
-
-    ``work()`` runs here, then the ranks share their outcome in one vote: its
-    value is returned on every rank, or every rank raises the same
-    :class:`SaveError`, the lowest failing rank's (``phase``, or the phase a
-    :class:`PhaseError` names). The one failure protocol of a save, on the
-    training thread and in the background alike.
+    The body runs here, then the ranks share their outcome in one vote: every
+    rank goes on, or every rank raises the same :class:`SaveError`, the lowest
+    failing rank's (``phase``, or the phase a :class:`PhaseError` names). The
+    one failure protocol of a save, on the training thread and in the
+    background alike.
     """
+    mine = None
     try:
-        value: Optional[Value] = work()
-        mine = None
+        yield
     except Exception as e:  # shared with the other ranks below, then raised on every one
         logging.getLogger(__name__).exception("wenet_hooks: save '%s' failed here", tag)
-        value, mine = None, Failure.from_exception(e, phase)
+        mine = Failure.from_exception(e, phase)
     failure = first_failure(mine, group)
     if failure is not None:
         raise failure.error(tag, failure.phase or phase)
-    return value  # type: ignore[return-value]
 
 
 # (the default group it was made in, the gloo group of every rank)

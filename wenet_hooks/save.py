@@ -132,7 +132,8 @@ class Save:
     def prepare(self) -> None:
         """Collective (default group, at the call): every gather allocated, the host copies registered
         (taken now where they cannot wait for the background); one vote."""
-        collective_step(self.plan.tag, GATHERING_WEIGHTS, self._allocate)
+        with collective_step(self.plan.tag, GATHERING_WEIGHTS):
+            self._allocate()
         staging = self.plan.staging
         if staging is not None and not staging.deferred:
             staging.run()
@@ -186,7 +187,8 @@ class Save:
             staging.release()
 
     def _step(self, phase: str, work: Callable[[], Any]) -> None:
-        collective_step(self.plan.tag, phase, work, self.plan.group)
+        with collective_step(self.plan.tag, phase, self.plan.group):
+            work()
 
     def _allocate(self) -> None:
         plan = self.plan

@@ -1,3 +1,3 @@
-"""The single file: how its bytes are laid out and written (``layout``), what it must
-hold (``manifest``), how that is checked (``verify``) and how it appears at its final
-path only once complete (``publish``)."""
+"""The single file: how its bytes are laid out and written (``writer``), what it must
+hold (``manifest``), how that is checked (``verify``), how it appears at its final
+path only once complete (``publish``) and how a save's files commit as a whole (``commit``)."""

@@ -1,5 +1,5 @@
 """The optimizer file ``<tag>.optim``: one flat ``dict[str, Tensor]``, so the same
-layout, manifest, verification and publishing serve it as ``<tag>.pt``.
+writer, manifest, verification and publishing serve it as ``<tag>.pt``.
 
 Its name does not end in ``.pt`` on purpose: WeNet's ``average_model.py``
 averages every ``model_dir/[!init]*.pt`` it finds (newest by mtime), and
