@@ -1,0 +1,137 @@
+"""What a background save costs the training thread, against a separate process writing the same bytes.
+
+    python bench/main_thread.py [--params 256e6] [--stage 2] [--ranks 1] [--repeats 3]
+
+One DeepSpeed job (CPU ranks, gloo), one AdamW step, then, alternating, ``--repeats`` times each, on
+rank 0, each after the disk has settled (``sync``, 2 s):
+- ``idle``: the main thread's rate of tiny torch ops (``add_`` on 16 floats: what launching kernels
+  costs a GPU host's training thread) for as long as the last save took;
+- ``save``: the same, from the call of a model+optimizer ``save_consolidated(..., writer=...)`` (the
+  hook's background save) until both files are published; that time too;
+- ``dd``: the same while ``dd`` (another process) copies the save's two files from the page cache,
+  each with ``conv=fdatasync``; that time too: the disk's floor for the save's bytes, in the same run.
+Prints the medians: the op rate's drop against ``idle`` during each, and the save's time against the
+floor (issue "The background save at the disk's speed": the save's drop should come within 2 points
+of dd's, and its time within 1.5x of the floor at 1 rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+_MB64 = 64 << 20
+
+
+def op_rate(done: Callable[[], bool]) -> float:
+    """Tiny torch ops per second on this thread until ``done()``."""
+    import torch
+
+    x = torch.zeros(16)
+    ops, started = 0, time.perf_counter()
+    while not done() or ops == 0:
+        for _ in range(50):
+            x.add_(1.0)
+        ops += 50
+    return ops / (time.perf_counter() - started)
+
+
+def settle() -> None:
+    os.sync()
+    time.sleep(float(os.environ.get("BENCH_SETTLE_S", "2")))
+
+
+def worker(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from common import median, sized_model, table
+    from support.tiny_training import ds_config, init_engine
+    from wenet_hooks import BackgroundWriter, SaveOptions, save_consolidated
+    from wenet_hooks.save import settle_background
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    engine = init_engine(sized_model(args.params), ds_config(args.stage))
+    x = torch.randn(2, engine.module[0].in_features)
+    engine.backward(F.mse_loss(engine(x), torch.zeros_like(x)))
+    engine.step()
+    out = Path(args.out)
+    writer = BackgroundWriter()
+    rank0 = dist.get_rank() == 0
+    rates: dict[str, list[float]] = {"idle": [], "save": [], "dd": []}
+    seconds: dict[str, list[float]] = {"save": [], "dd": []}
+    nbytes = 0
+    for repeat in range(args.repeats):
+        for f in out.glob("bench*"):
+            f.unlink()
+        settle()
+        dist.barrier()
+        started = time.perf_counter()
+        save_consolidated(engine, out, "bench", SaveOptions(optimizer=True), writer=writer)
+        job = writer._thread  # the background job of this save (private: a benchmark's look inside)
+        rates["save"].append(op_rate(lambda: job is None or not job.is_alive()))
+        seconds["save"].append(time.perf_counter() - started)
+        settle_background(writer)
+        nbytes = sum(f.stat().st_size for f in out.glob("bench.*") if f.suffix in (".pt", ".optim"))
+        if rank0:
+            settle()
+            until = time.perf_counter() + seconds["save"][-1]
+            rates["idle"].append(op_rate(lambda: time.perf_counter() >= until))
+            settle()
+            # The save's own files, copied by dd from the page cache: the same bytes (zeros may be cheaper to a
+            # virtual disk), each made durable as the save makes its files.
+            copies = " && ".join(f"dd if={f} of={f}.dd bs={_MB64} conv=fdatasync status=none"
+                                 for f in sorted(out.glob("bench.*")) if f.suffix in (".pt", ".optim"))
+            started = time.perf_counter()
+            dd = subprocess.Popen(["sh", "-c", copies])
+            rates["dd"].append(op_rate(lambda: dd.poll() is not None))
+            seconds["dd"].append(time.perf_counter() - started)
+            for f in out.glob("*.dd"):
+                f.unlink()
+        dist.barrier()
+    if rank0:
+        idle = median(rates["idle"])
+        drop = {k: 100 * (1 - median(rates[k]) / idle) for k in ("save", "dd")}
+        row = [f"{args.params / 1e6:.0f}M", f"ZeRO-{args.stage}", dist.get_world_size(), f"{nbytes / 1e9:.2f}",
+               f"{idle / 1e3:.0f}k", f"{drop['save']:.1f} %", f"{drop['dd']:.1f} %",
+               f"{median(seconds['save']):.2f}", f"{median(seconds['dd']):.2f}",
+               f"{median(seconds['save']) / median(seconds['dd']):.2f}"]
+        print(table(["model", "stage", "ranks", "files (GB)", "idle ops/s", "op-rate drop: save", "drop: dd",
+                     "call -> published (s)", "dd + fdatasync (s)", "save / floor"], [row]), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, default=256e6)
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out")
+    parser.add_argument("--worker", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               str(args.ranks), __file__, "--worker", "--out", tmp, "--params", str(args.params),
+                               "--stage", str(args.stage), "--repeats", str(args.repeats)],
+                              env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-3000:])
+    print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("|")))
+
+
+if __name__ == "__main__":
+    main()
