@@ -46,6 +46,9 @@ EXPECTED = {
     "background-optimizer@1": "save 'background_optimizer_at_1' failed on rank 1 while gathering the weights and "
     "the optimizer state and writing {dir}/background_optimizer_at_1.pt in the background: rank 1: reading "
     "elements 256..384 of the fp32 partition failed: injected: cannot read the copy",
+    "background-commit@0": "save 'background_commit_at_0' failed on rank 0 while gathering the weights and the "
+    "optimizer state and writing {dir}/background_commit_at_0.pt in the background: could not write "
+    "{dir}/background_commit_at_0.pt: Input/output error (OSError)",
 }
 # scenario -> the last line of the failing rank's traceback, which every rank's SaveError carries.
 RAISED = {
@@ -58,6 +61,7 @@ RAISED = {
     "background@0": "CheckpointWriteError: could not write",
     "background-gather@1": "ConsolidationError: rank 1: reading elements",
     "background-optimizer@1": "ConsolidationError: rank 1: reading elements",
+    "background-commit@0": "CheckpointWriteError: could not write",
 }
 
 
@@ -70,7 +74,7 @@ def message_pattern(template: str, model_dir) -> str:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_failure_on_one_rank_in_any_phase_ends_the_save_on_every_rank_in_seconds(tmp_path, stage):
     """tests/jobs/fault_job.py injects one failure per save (rank 1 or rank 0; gather, allocation,
-    host copy, write, verify, background write and gather), each followed by a save that must work."""
+    host copy, write, verify, background write, gather and commit), each followed by a save that must work."""
     run_torchrun(JOBS / "fault_job.py", str(tmp_path), str(stage), timeout=900)  # every rank exits 0
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert list(seen[0]) == list(EXPECTED)

@@ -89,17 +89,18 @@ def plan_save(engine: Any, model_dir: Union[str, Path], tag: str, options: SaveO
     Raises:
         ConsolidationError: the engine cannot be read (on every rank alike).
     """
+    path = Path(model_dir) / f"{tag}.pt"
     # The caller may change its dict as soon as the save returns (WeNet's executor does): the save owns a copy.
     record = copy.deepcopy(dict(record)) if record is not None else None
     view = inspect_engine(engine)
     group = background_group() if background else None
     reports = agree_with(view, state_keys(view) if options.optimizer else None)
     keys = _optimizer_keys(agreed_state_keys(reports)) if options.optimizer else None
-    # The host copies (and the check that reads them) are taken by the background job, the next optimizer
-    # step waiting for them, where the partitions lie in host memory (else at the call, before returning).
-    staging = new_staging(engine, _on_host(view), torch_optimizers(engine)) if background else None
-    path = Path(model_dir) / f"{tag}.pt"
     what = "the weights and the optimizer state" if keys is not None else "the weights"
+    # Last, once nothing else can fail: the host copies (and the check that reads them) are taken by the
+    # background job, the next optimizer step waiting for them, where the partitions lie in host memory
+    # (else at the call, before returning). From here the Save releases them, whatever happens.
+    staging = new_staging(engine, _on_host(view), torch_optimizers(engine)) if background else None
     return SavePlan(path, optimizer_path(path), tag, what, options, view, keys, group, staging, record)
 
 

@@ -11,24 +11,27 @@ One save is one :class:`Save`, whose methods are its steps, in the order they ru
 =========  =============================================  ===================================
 step       what                                           collective (group)
 =========  =============================================  ===================================
-plan       the engine read once, the plan agreed          1 exchange (default), at the call
-           (:func:`wenet_hooks.plan.plan_save`)
+plan       the engine read once, the plan agreed          1 exchange (default), at the call;
+           (:func:`wenet_hooks.plan.plan_save`)           at an engine's first save 1 more and
+                                                          the gloo group made
 prepare    every gather allocated, host copies            1 vote (default), at the call
            registered
-stage      each rank's host copies taken and checked      1 vote (the save's group)
-           against the training weights
+stage      each rank's host copies taken and checked      1 vote (the save's group); a
+           against the training weights                   background save only
 gather     the weights, then the optimizer state, each    the chunks (the save's group)
            fragment to its place in rank 0's ``.tmp``
 vote       every rank's part arrived                      1 vote (the save's group)
-commit     rank 0: files sealed, renamed, record last     1 vote (the save's group)
-           (:mod:`wenet_hooks.file.commit`)
+commit     rank 0: files sealed, renamed, record last     1 vote (default); in the
+           (:mod:`wenet_hooks.file.commit`)               background: the next save's
 =========  =============================================  ===================================
 
 With a writer, the steps after ``prepare`` run in the background while
 training goes on, over the package's gloo group. Each vote is
 :func:`~wenet_hooks.dist.collective_step`: it returns on every rank or raises
-the same :class:`~wenet_hooks.errors.SaveError` on every rank (in a background
-save, at the next save or :func:`settle_background`).
+the same :class:`~wenet_hooks.errors.SaveError` on every rank. In a background
+save, rank 0's commit is voted on at the next save or :func:`settle_background`
+(the other ranks' jobs do not wait for rank 0's fsync and verification), and
+so is any failure of the job.
 """
 
 from __future__ import annotations
@@ -146,9 +149,11 @@ class Save:
             self.vote()
             self.commit()
         finally:
-            for file in self.files:  # what was not committed (idempotent)
-                file.discard()
-            self.release()
+            try:
+                for file in self.files:  # what was not committed (idempotent)
+                    file.discard()
+            finally:
+                self.release()
 
     def stage(self) -> None:
         """Collective: the host copies taken if the save left them to this job (the next step waits for
@@ -175,12 +180,24 @@ class Save:
         self._step(f"sending {self.plan.what}", self._raise_failure)
 
     def commit(self) -> None:
-        """Collective: rank 0 commits the save's files as a whole (:mod:`wenet_hooks.file.commit`);
-        every rank learns whether it did."""
-        self._step(f"writing {self.plan.path}", self._commit_files if is_rank0() else lambda: None)
+        """Rank 0 commits the save's files as a whole (:mod:`wenet_hooks.file.commit`). Collective at
+        the call: every rank learns whether it did. In the background, only rank 0's job waits for it
+        (its fsyncs and verification may take minutes); the next save's vote shares the outcome."""
+        phase = f"writing {self.plan.path}"
+        if self.plan.group is None:
+            self._step(phase, self._commit_files if is_rank0() else lambda: None)
+        elif is_rank0():
+            try:
+                self._commit_files()
+            except Exception as e:  # settle_background's vote reports it on every rank
+                raise PhaseError(phase, e) from e
 
     def release(self) -> None:
-        """The host copies given back; a staging never taken no longer holds the next step."""
+        """Everything the save holds let go (idempotent): the gathers' buffers, the host copies; a
+        staging never taken no longer holds the next step."""
+        for pending in (self.weights, self.optimizer):
+            if pending is not None:
+                pending.release()
         staging = self.plan.staging
         if staging is not None:
             staging.cancel()

@@ -16,8 +16,11 @@ by a save that must work (the collectives stayed matched):
   weights' gather runs in the background: reported the same way; nothing is
   written (DeepSpeed's sharded save holds that step);
 - ``background-optimizer@1``: rank 1 cannot read its copy of the optimizer
-  state in the background: reported the same way; the weights are still
-  written, without an optimizer file.
+  state in the background: reported the same way; nothing is published (a save
+  commits whole or not at all);
+- ``background-commit@0``: rank 0's first rename of the commit fails (EIO) in
+  the background, after every rank's part arrived: the other ranks' jobs have
+  ended; reported the same way when the next save settles it.
 
 Writing and verifying happen on rank 0 only; rank 1's part of those phases is
 its vote. Writes ``OUT_DIR/rank<r>.json``: per scenario, the message each rank
@@ -131,6 +134,8 @@ SCENARIOS = {
     "background-gather@1": (bucketed, "_read_chunk",
                             fail_on(1, 3, RuntimeError("injected: cannot read the copy"), background_only=True)),
     "background-optimizer@1": (optimizer_gather.PendingOptimizer, "finish", reads_failing_in),
+    "background-commit@0": (publish, "replace_file",
+                            fail_on(0, 1, OSError(errno.EIO, "Input/output error"), background_only=True)),
 }
 
 

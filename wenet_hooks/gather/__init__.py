@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
+from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.file.writer import Entry, InMemory
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
 from wenet_hooks.gather.check import ChunkCheck, check_masters
@@ -71,13 +72,18 @@ def consolidate(
 
     Raises:
         ConsolidationError: on every rank when the masters read differ from
-            the training weights (naming the parameters); on the rank where
-            anything else failed, after every collective of the gather has run
-            on every rank.
+            the training weights (naming the parameters), or when allocating
+            (or a per-parameter copy to rank 0's host memory) failed on any
+            rank, before the bucketed gather; on the rank where anything else
+            failed, after every collective of the gather has run on every rank.
     """
     started = time.perf_counter()
     pending = prepare_consolidate(view or inspect_engine(engine), dtype, bucket_mb)
-    pending.host.raise_if_failed_anywhere()  # every rank allocated its part, or none gathers
+    try:
+        pending.host.raise_if_failed_anywhere()  # every rank allocated its part, or none gathers
+    except ConsolidationError:
+        pending.release()
+        raise
     sink = InMemory(pending.entries) if is_rank0() else None
     pending.finish(sink and sink.receive, sink and sink.receive_part)
     if sink is None:
@@ -166,6 +172,8 @@ class PendingWeights:
         Raises:
             ConsolidationError: something failed on this rank (after every collective ran).
         """
+        if write is not None and write_part is None:
+            raise ValueError("a sink takes fragments too: pass its receive_part as write_part")
         first_key: dict[int, str] = {}
         for key, tensor_id in self.keys:
             first_key.setdefault(tensor_id, key)
@@ -178,6 +186,10 @@ class PendingWeights:
             for key, tensor_id in self.keys:
                 if tensor_id in self.ready and key in stored:
                     write(key, self.ready[tensor_id])
+
+    def release(self) -> None:
+        """The gather's buffers freed (idempotent): never run, or run already."""
+        self.bucketed.release()
 
 
 def _log_summary(state_dict: "OrderedDict[str, torch.Tensor]", seconds: float) -> None:

@@ -150,7 +150,11 @@ def inspect_engine(engine: Any) -> EngineView:
 
 def _per_parameter_hint(engine: Any) -> str:
     round_robin = getattr(engine, "zero_round_robin_gradients", None)
-    if callable(round_robin) and round_robin():
+    try:
+        robin = callable(round_robin) and round_robin()
+    except Exception:  # only a hint: never a reason for one rank to leave the others
+        return ""
+    if robin:
         return ("with round_robin_gradients: true DeepSpeed's safe_get_full_fp32_param (bucket_mb: 0) reads "
                 "other parameters' slices; set bucket_mb above 0, which reads where the data is")
     return ""

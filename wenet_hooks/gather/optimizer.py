@@ -55,15 +55,20 @@ def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> 
     """Collective: must be called on all ranks. The optimizer state on rank 0; ``None`` elsewhere.
 
     Raises:
-        ConsolidationError: the ranks do not all keep it in DeepSpeed's partitioned layout (on every
-            rank alike), or gathering it failed on this rank (after every collective ran on every rank).
+        ConsolidationError: the ranks do not all keep it in DeepSpeed's partitioned layout, or
+            allocating failed on some rank (on every rank alike, before the gather); or gathering it
+            failed on this rank (after every collective ran on every rank).
     """
     view = inspect_engine(engine)
     keys = agreed_state_keys(agree_with(view, state_keys(view)))
     if isinstance(keys, str):
         raise ConsolidationError(f"the optimizer state cannot be gathered: {keys}")
     pending = prepare_optimizer(view, keys, bucket_mb)
-    pending.host.raise_if_failed_anywhere()  # every rank allocated its part, or none gathers
+    try:
+        pending.host.raise_if_failed_anywhere()  # every rank allocated its part, or none gathers
+    except ConsolidationError:
+        pending.release()
+        raise
     return pending.in_memory()
 
 
@@ -94,6 +99,11 @@ class PendingOptimizer:
         self.host.raise_if_failed()
         if write is not None and self.host.enabled:
             write(META_KEY, meta_tensor(self.meta))
+
+    def release(self) -> None:
+        """Every state's gather's buffers freed (idempotent): never run, or run already."""
+        for pending in self.gathers.values():
+            pending.release()
 
     def in_memory(self) -> Optional[GatheredOptimizer]:
         """Collective: :meth:`finish` into rank 0's memory (the state under the model's keys); None elsewhere."""
