@@ -188,3 +188,48 @@ def test_saves_of_optimizers_that_write_the_masters_during_backward_take_their_c
         assert staging_module.writes_masters_during_backward(engine)
         assert not new_staging(engine, True, [torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)]).deferred
     assert not staging_module.writes_masters_during_backward(Engine())
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """torch.distributed in this process, one rank (gloo): what a background save's group needs."""
+    import torch.distributed as dist
+
+    from wenet_hooks.dist import release_background_group
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        release_background_group()
+        dist.destroy_process_group()
+
+
+def test_a_save_refused_at_the_call_holds_no_step(tmp_path, monkeypatch, world_of_one):
+    """A background save that fails before its job starts (no model_dir; a failure while preparing)
+    leaves the next optimizer step free: nothing registered, or what was registered released."""
+    import wenet_hooks.plan as plan
+    import wenet_hooks.save as save
+    from wenet_hooks import BackgroundWriter, SaveOptions, save_consolidated
+    from wenet_hooks.errors import SaveError
+
+    model = torch.nn.Linear(2, 2)
+    model.optimizer = SimpleNamespace(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    monkeypatch.setattr(plan, "_on_host", lambda view: True)  # as DeepSpeed's CPU partitions are
+    writer = BackgroundWriter()
+    with pytest.raises(TypeError):
+        save_consolidated(model, None, "step_1", SaveOptions(), writer=writer)
+
+    def refuse(*args, **kwargs):
+        raise MemoryError("injected: no memory for the gather")
+
+    monkeypatch.setattr(save, "prepare_consolidate", refuse)
+    with pytest.raises(SaveError, match=r"^save 'step_2' failed on rank 0 while gathering the weights: injected"):
+        save_consolidated(model, tmp_path, "step_2", SaveOptions(), writer=writer)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    step = threading.Thread(target=model.optimizer.optimizer.step)
+    step.start()
+    step.join(timeout=5)
+    assert not step.is_alive(), "the next step waits for copies that no job will take"
+    assert writer.wait() is None and sorted(p.name for p in tmp_path.iterdir()) == ["store"]
