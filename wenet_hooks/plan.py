@@ -70,15 +70,22 @@ class SavePlan:
     """One save as every rank agreed on it (:func:`plan_save`)."""
 
     path: Path  # <model_dir>/<tag>.pt
-    optimizer_path: Path  # <model_dir>/<tag>.optim
     tag: str
-    what: str  # what the save gathers, for messages: "the weights" (and "the optimizer state")
     options: SaveOptions
     view: EngineView  # the engine, read once, and the layout every rank agreed on (view.agreed)
     optimizer_keys: Optional[list[str]]  # the optimizer state tensors gathered into <tag>.optim; None: no file
     group: Any = None  # the gloo group of a background save; None: the default group, before the call returns
     staging: Optional[Staging] = None  # a background save's host copies, and the check that reads them
     record: Optional[dict[str, Any]] = None  # written as <tag>.yaml at the commit; copied at the call
+
+    @property
+    def optimizer_path(self) -> Path:
+        return optimizer_path(self.path)
+
+    @property
+    def what(self) -> str:
+        """What the save gathers, for messages."""
+        return "the weights and the optimizer state" if self.optimizer_keys is not None else "the weights"
 
 
 def plan_save(engine: Any, model_dir: Union[str, Path], tag: str, options: SaveOptions, *, background: bool,
@@ -96,12 +103,11 @@ def plan_save(engine: Any, model_dir: Union[str, Path], tag: str, options: SaveO
     group = background_group() if background else None
     reports = agree_with(view, state_keys(view) if options.optimizer else None)
     keys = _optimizer_keys(agreed_state_keys(reports)) if options.optimizer else None
-    what = "the weights and the optimizer state" if keys is not None else "the weights"
     # Last, once nothing else can fail: the host copies (and the check that reads them) are taken by the
     # background job, the next optimizer step waiting for them, where the partitions lie in host memory
     # (else at the call, before returning). From here the Save releases them, whatever happens.
     staging = new_staging(engine, _on_host(view), torch_optimizers(engine)) if background else None
-    return SavePlan(path, optimizer_path(path), tag, what, options, view, keys, group, staging, record)
+    return SavePlan(path, tag, options, view, keys, group, staging, record)
 
 
 def _optimizer_keys(keys: Union[list[str], str]) -> Optional[list[str]]:

@@ -240,16 +240,16 @@ class Save:
                 file = PendingFile(path, entries(), verify=self.plan.options.verify)
                 self.files.append(file)
             except Exception as e:  # rank 0 still takes its part in the gather below
-                self._record(f"writing {path}", e)
+                self.failure.record(f"writing {path}", e)
         # Rank 0 hands each tensor or fragment to the file as it arrives; a file that could not be opened
         # drops them (the gather's collectives still go on to their end on every rank).
         receivers = (file.receive, file.receive_part) if file is not None else (_drop, _drop)
         try:
-            finish(*receivers) if is_rank0() else finish(None, None)
+            finish(*(receivers if is_rank0() else (None, None)))
         except Exception as e:
-            self._record(phase, e)
+            self.failure.record(phase, e)
         if file is not None and file.failure:
-            self._record(file.failure.what, file.failure.error)
+            self.failure.record(file.failure.what, file.failure.error)
         return file
 
     def _seal_weights(self, weights: PendingFile) -> None:
@@ -260,10 +260,7 @@ class Save:
             weights.seal()
             self.optimizer.meta["weights"] = fingerprint(weights.tmp)  # the save's id
         except Exception as e:  # rank 0 still takes its part in the optimizer's gather
-            self._record(f"writing {self.plan.path}", e)
-
-    def _record(self, phase: str, error: BaseException) -> None:
-        self.failure.record(phase, error)  # the first one; what follows from it is dropped
+            self.failure.record(f"writing {self.plan.path}", e)
 
     def _raise_failure(self) -> None:
         if self.failure:

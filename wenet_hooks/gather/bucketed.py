@@ -81,7 +81,7 @@ def prepare_gather(
     """
     if not is_distributed() or bucket_bytes <= 0:
         return PendingGather(set())
-    agreed = view.agreed[0] if view.agreed else agree(view)  # a save's plan agreed already
+    agreed = agree(view)  # no collective where the save's plan agreed already
     if agreed is None:
         return PendingGather(set())
     gather = PendingGather(set(agreed.by_param))
