@@ -10,7 +10,8 @@ rank 0, each after the disk has settled (``sync``, 2 s):
   hook's background save) until both files are published; that time too;
 - ``dd``: the same while ``dd`` (another process) copies the save's two files from the page cache,
   each with ``conv=fdatasync``; that time too: the disk's floor for the save's bytes, in the same run.
-Prints the medians: the op rate's drop against ``idle`` during each, and the save's time against the
+Then one more save, untimed, counting the calls into C on the background thread (see
+:func:`c_calls_of_a_save`). Prints the medians: the op rate's drop against ``idle`` during each, and the save's time against the
 floor (issue "The background save at the disk's speed": the save's drop should come within 2 points
 of dd's, and its time within 1.5x of the floor at 1 rank).
 """
@@ -41,6 +42,28 @@ def op_rate(done: Callable[[], bool]) -> float:
             x.add_(1.0)
         ops += 50
     return ops / (time.perf_counter() - started)
+
+
+def c_calls_of_a_save(save: Callable[[], None], settled: Callable[[], None]) -> int:
+    """Calls into C (torch ops, syscalls, CRCs...) on threads other than this one during one more save,
+    untimed. Each may give the GIL up and take it back from the training thread, which then waits for the
+    GIL itself: the count that the op rate's drop follows, without the noise of timing."""
+    import threading
+
+    calls = [0]
+    main = threading.current_thread()
+
+    def count(frame, event, arg):
+        if event == "c_call" and threading.current_thread() is not main:
+            calls[0] += 1
+
+    threading.setprofile(count)
+    try:
+        save()
+        settled()
+    finally:
+        threading.setprofile(None)
+    return calls[0]
 
 
 def settle() -> None:
@@ -99,15 +122,18 @@ def worker(args: argparse.Namespace) -> None:
             for f in out.glob("*.dd"):
                 f.unlink()
         dist.barrier()
+    calls = c_calls_of_a_save(lambda: save_consolidated(engine, out, "counted", SaveOptions(optimizer=True),
+                                                        writer=writer), lambda: settle_background(writer))
     if rank0:
         idle = median(rates["idle"])
         drop = {k: 100 * (1 - median(rates[k]) / idle) for k in ("save", "dd")}
         row = [f"{args.params / 1e6:.0f}M", f"ZeRO-{args.stage}", dist.get_world_size(), f"{nbytes / 1e9:.2f}",
                f"{idle / 1e3:.0f}k", f"{drop['save']:.1f} %", f"{drop['dd']:.1f} %",
                f"{median(seconds['save']):.2f}", f"{median(seconds['dd']):.2f}",
-               f"{median(seconds['save']) / median(seconds['dd']):.2f}"]
+               f"{median(seconds['save']) / median(seconds['dd']):.2f}", f"{calls:,}"]
         print(table(["model", "stage", "ranks", "files (GB)", "idle ops/s", "op-rate drop: save", "drop: dd",
-                     "call -> published (s)", "dd + fdatasync (s)", "save / floor"], [row]), flush=True)
+                     "call -> published (s)", "dd + fdatasync (s)", "save / floor", "C calls in the background"],
+                    [row]), flush=True)
 
 
 def main() -> None:

@@ -131,6 +131,68 @@ def test_dry_run_writes_nothing(tmp_path):
     assert snapshot(tmp_path / "exp") == before
 
 
+# --- plain key=value command lines are read without Hydra, into the same config ----------------------
+
+PLAIN = [  # what users type: read without Hydra
+    ["model_dir=exp/whisper"],
+    ["model_dir=/data/exp/whisper", "tag=epoch_7"],
+    ["model_dir=exp", "tag=latest", "dry_run=true"],
+    ["model_dir=exp", "dtype=bf16", "keep_sharded=none", "overwrite=True"],
+    ["model_dir=exp", "tag=null", "optimizer=false", "config=exp/train.yaml"],
+    ["model_dir=exp_1/sub-dir/v1.2", "tag=step_1000", "dry_run=FALSE"],
+]
+NOT_PLAIN = [  # Hydra's grammar gives these a meaning of its own, or reports them: Hydra reads them
+    ["model_dir=./exp"], ["model_dir=exp", "tag=7"], ["model_dir=exp", "tag=1e3"], ["model_dir=exp", "tag=true"],
+    ["model_dir=exp", "tag=NaN"], ["model_dir=exp", "keep_sharded=false"], ["model_dir=exp", "tag='a b'"],
+    ["model_dir=exp", "tag=${oc.env:HOME}"], ["model_dir=exp", "+extra=1"], ["model_dir=exp", "tag=a,b"],
+    ["model_dir=exp", "dtype=fp64"], ["model_dir=exp", "dryrun=true"], ["tag=epoch_1"], ["model_dir=null"],
+    ["model_dir=exp", "tag=a", "tag=b"], ["--cfg", "job"], ["model_dir=exp", "hydra.verbose=true"],
+    ["model_dir=exp", "dry_run=yes"], ["model_dir=exp", "dtype=Dtype.bf16"],
+]
+
+
+def hydra_reading(argv):
+    """The config Hydra composes for ``argv`` (as the command does), or the error it reports."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from wenet_hooks.convert.options import register_schema
+
+    register_schema()
+    try:
+        with initialize_config_module("wenet_hooks.conf", version_base="1.3"):
+            return OmegaConf.to_object(compose("convert", overrides=list(argv)))
+    except Exception as e:  # noqa: BLE001 - the error is the reading (compared by type: refused)
+        return e
+
+
+def test_plain_command_lines_are_read_as_hydra_reads_them():
+    from wenet_hooks.convert.plain_args import plain_config
+
+    for argv in PLAIN:
+        assert plain_config(argv) == hydra_reading(argv), argv
+    for argv in NOT_PLAIN:
+        assert plain_config(argv) is None, argv
+        if not argv[0].startswith("--"):
+            hydra_reading(argv)  # (Hydra reads or reports them: nothing raised past it)
+
+
+def test_a_plain_command_line_imports_neither_hydra_nor_deepspeed(tmp_path):
+    shutil.copytree(FIXTURES / "t_z2_model_optimizer", tmp_path / "exp")
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    outputs = {}
+    for how, tag in (("plain", "tag=epoch_0"), ("hydra", "tag='epoch_0'")):
+        proc = subprocess.run([CONVERT, f"model_dir={tmp_path / 'exp'}", tag, "dry_run=true"],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert ("hydra" in imported) == (how == "hydra"), how
+        assert "deepspeed" not in imported
+        outputs[how] = proc.stdout
+    assert outputs["plain"] == outputs["hydra"]
+    assert outputs["plain"].splitlines()[-1] == "dry run: 1 tag(s) would be converted; nothing was written"
+
+
 # --- bad input: exit status 2, the whole message, nothing changed ------------------------------------
 
 

@@ -49,7 +49,7 @@ class Pieces:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.numel() for p in self.parts) * torch.empty((), dtype=self.dtype).element_size()
+        return sum(p.numel() for p in self.parts) * self.dtype.itemsize
 
     def tensor(self) -> torch.Tensor:
         """The value as one new tensor (for a cast, or for torch < 2.6's ``torch.save``)."""
@@ -79,7 +79,7 @@ class Entry:
         numel = 1
         for d in self.shape:
             numel *= d
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return numel * self.dtype.itemsize
 
 
 def entries_for(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[Entry], list[torch.Tensor]]:

@@ -12,7 +12,7 @@ once per engine) holds the next step until this rank's copies are complete.
 The check of the masters against the training weights
 (:class:`wenet_hooks.gather.check.ChunkCheck`) reads each chunk of the
 masters in the same pass, right after copying it, so it compares what is
-sent while the chunk is still in cache.
+sent, and the masters are read once for both.
 
 The copies are taken at the save itself instead (:attr:`Staging.deferred` is
 False) when a flat lies on an accelerator, where the device-to-host copy into
@@ -35,8 +35,10 @@ from wenet_hooks.errors import FirstError
 from wenet_hooks.gather.engines import known_state, snapshot_pool, state_of
 from wenet_hooks.gather.snapshots import SnapshotPool
 
-# Elements copied (and checked) at a time: 1 MB of fp32, so a chunk copied is still in cache when it is checked.
-_CHUNK = 1 << 18
+# Elements copied (and checked) at a time: 16 MB of fp32. Each chunk is a few calls that take the GIL back
+# from the training thread, which then waits for it: at 1 MB chunks (copied still in cache when checked) the
+# training thread lost ~40 % of its op rate during a save, at 16 MB ~20 % (bench/README.md, table 10).
+_CHUNK = 1 << 22
 # (offset of the chunk in its flat, the chunk in DeepSpeed's buffer, the chunk as copied, or the same when not copied)
 Inspect = Callable[[int, torch.Tensor, torch.Tensor], None]
 
