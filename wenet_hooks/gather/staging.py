@@ -36,8 +36,9 @@ from wenet_hooks.gather.engines import known_state, snapshot_pool, state_of
 from wenet_hooks.gather.snapshots import SnapshotPool
 
 # Elements copied (and checked) at a time: 16 MB of fp32. Each chunk is a few calls that take the GIL back
-# from the training thread, which then waits for it: at 1 MB chunks (copied still in cache when checked) the
-# training thread lost ~40 % of its op rate during a save, at 16 MB ~20 % (bench/README.md, table 10).
+# from the training thread, which then waits for it: a thread copying in 1 MB calls costs the training
+# thread ~39 % of its op rate, in 16 MB calls ~14 % (bench/README.md, table 11). (1 MB kept each chunk in
+# cache for its check; the check now reads it from memory again.)
 _CHUNK = 1 << 22
 # (offset of the chunk in its flat, the chunk in DeepSpeed's buffer, the chunk as copied, or the same when not copied)
 Inspect = Callable[[int, torch.Tensor, torch.Tensor], None]
