@@ -36,6 +36,7 @@ _BOOLS = {"true": True, "false": False}
 _NULL = "null"
 _FLOATS = {"inf", "nan"}
 _MISSING = "???"  # OmegaConf's mark of a mandatory value
+_REFUSED = object()  # a value the schema does not hold as it is
 
 
 def plain_config(argv: Sequence[str]) -> Optional[ConvertConfig]:
@@ -81,9 +82,6 @@ def _plain_words(argv: Sequence[str], types: dict[str, Any]) -> Optional[dict[st
         else:
             words[key] = value
     return words
-
-
-_REFUSED = object()
 
 
 def _typed(value: Any, kind: Any) -> Any:
