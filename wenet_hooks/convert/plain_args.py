@@ -88,7 +88,7 @@ def _typed(value: Any, kind: Any) -> Any:
     """``value`` as a field of type ``kind`` holds it, or _REFUSED: only what the schema takes as
     it is (a bool, an enum member's name, a string, None where optional)."""
     if value is None:
-        return None if kind in (Optional[str], Optional[bool]) else _REFUSED
+        return None if kind == Optional[str] else _REFUSED
     if kind is bool:
         return value if isinstance(value, bool) else _REFUSED
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
