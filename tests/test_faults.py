@@ -46,6 +46,10 @@ EXPECTED = {
     "background-optimizer@1": "save 'background_optimizer_at_1' failed on rank 1 while gathering the weights and "
     "the optimizer state and writing {dir}/background_optimizer_at_1.pt in the background: rank 1: reading "
     "elements 256..384 of the fp32 partition failed: injected: cannot read the copy",
+    "background-verify@0": "save 'background_verify_at_0' failed on rank 0 while gathering the weights and the "
+    "optimizer state and writing {dir}/background_verify_at_0.pt in the background: "
+    "{dir}/background_verify_at_0.pt failed verification (1 problem(s)):\n  - 'encoder.global_cmvn.mean': values "
+    "differ from those gathered (crc32 <crc>, expected <crc>)",
     "background-commit@0": "save 'background_commit_at_0' failed on rank 0 while gathering the weights and the "
     "optimizer state and writing {dir}/background_commit_at_0.pt in the background: could not write "
     "{dir}/background_commit_at_0.pt: Input/output error (OSError)",
@@ -61,8 +65,14 @@ RAISED = {
     "background@0": "CheckpointWriteError: could not write",
     "background-gather@1": "ConsolidationError: rank 1: reading elements",
     "background-optimizer@1": "ConsolidationError: rank 1: reading elements",
+    "background-verify@0": "VerificationError: ",
     "background-commit@0": "CheckpointWriteError: could not write",
 }
+# scenario -> the files rank 0's verification helper checked during it: a background save's, never another's
+# (background@0: the disk filled before anything was sealed; a failure on rank 1: rank 0 sealed the weights
+# before the vote told it; background-commit@0: both sealed, then the rename failed).
+VERIFIED_IN_HELPER = {"background-gather@1": 1, "background-optimizer@1": 1, "background-verify@0": 1,
+                      "background-commit@0": 2}
 
 
 def message_pattern(template: str, model_dir) -> str:
@@ -74,7 +84,8 @@ def message_pattern(template: str, model_dir) -> str:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_failure_on_one_rank_in_any_phase_ends_the_save_on_every_rank_in_seconds(tmp_path, stage):
     """tests/jobs/fault_job.py injects one failure per save (rank 1 or rank 0; gather, allocation,
-    host copy, write, verify, background write, gather and commit), each followed by a save that must work."""
+    host copy, write, verify, background write, gather, verify and commit), each followed by a save that must
+    work. A background save's files are verified in rank 0's helper process, which finds the corruption."""
     run_torchrun(JOBS / "fault_job.py", str(tmp_path), str(stage), timeout=900)  # every rank exits 0
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert list(seen[0]) == list(EXPECTED)
@@ -92,6 +103,10 @@ def test_a_failure_on_one_rank_in_any_phase_ends_the_save_on_every_rank_in_secon
         print(f"{scenario}: failing save ended on both ranks in "
               f"{max(s[scenario]['seconds'] for s in seen):.2f} s")
         assert all(s[scenario]["seconds"] < 60 for s in seen), scenario
+        assert seen[0][scenario]["helper_verified"] == VERIFIED_IN_HELPER.get(scenario, 0), scenario
+        assert seen[1][scenario]["helper_verified"] == 0 and seen[1][scenario]["helper_pid"] is None, scenario
+        if scenario in VERIFIED_IN_HELPER:  # another process: the helper, still there for the next save
+            assert seen[0][scenario]["helper_pid"] not in (None, seen[0][scenario]["pid"]), scenario
         # A save commits as a whole: the weights sent in full are not published without their optimizer file.
         assert not (tmp_path / f"{tag}.pt").exists() and not (tmp_path / f"{tag}.optim").exists(), scenario
         assert_state_dicts_equal(torch.load(tmp_path / f"{tag}_then.pt", weights_only=True), reference)

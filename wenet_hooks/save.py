@@ -45,7 +45,9 @@ from wenet_hooks.dist import collective_step, first_failure, is_rank0
 from wenet_hooks.errors import ConsolidationError, FirstError, PhaseError
 from wenet_hooks.file.commit import commit as commit_files, fingerprint
 from wenet_hooks.file.optimizer_file import legacy_optimizer_path
-from wenet_hooks.file.publish import PendingFile
+from wenet_hooks.file.publish import PendingFile, Verify
+from wenet_hooks.file.verifier import helper
+from wenet_hooks.file.verify import verify
 from wenet_hooks.file.writer import Entry
 from wenet_hooks.gather import DEFAULT_BUCKET_MB, PendingWeights, prepare_consolidate
 from wenet_hooks.gather.optimizer import PendingOptimizer, prepare_optimizer
@@ -131,12 +133,18 @@ class Save:
         self.optimizer: Optional[PendingOptimizer] = None
         self.files: list[PendingFile] = []  # rank 0: the weights' file, then the optimizer's
         self.failure = FirstError()  # this rank's first failure in the gathers and their files: (phase, error)
+        # A background save's files are verified in rank 0's helper process, off the training thread's GIL.
+        self._verifier: Verify = verify
+        if plan.group is not None and plan.options.verify and is_rank0():
+            self._verifier = helper().verify
 
     def prepare(self) -> None:
         """Collective (default group, at the call): every gather allocated, the host copies registered
         (taken now where they cannot wait for the background); one vote."""
         with collective_step(self.plan.tag, GATHERING_WEIGHTS):
             self._allocate()
+        if self._verifier != verify:
+            helper().start()  # it imports torch while the save gathers
         staging = self.plan.staging
         if staging is not None and not staging.deferred:
             staging.run()
@@ -237,7 +245,7 @@ class Save:
         file = None
         if is_rank0():
             try:
-                file = PendingFile(path, entries(), verify=self.plan.options.verify)
+                file = PendingFile(path, entries(), verify=self.plan.options.verify, verifier=self._verifier)
                 self.files.append(file)
             except Exception as e:  # rank 0 still takes its part in the gather below
                 self.failure.record(f"writing {path}", e)

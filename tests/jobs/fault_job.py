@@ -18,13 +18,17 @@ by a save that must work (the collectives stayed matched):
 - ``background-optimizer@1``: rank 1 cannot read its copy of the optimizer
   state in the background: reported the same way; nothing is published (a save
   commits whole or not at all);
+- ``background-verify@0``: the weights' file rank 0 wrote in a background save
+  is corrupted before its verification, which rank 0's helper process runs
+  (:mod:`wenet_hooks.file.verifier`);
 - ``background-commit@0``: rank 0's first rename of the commit fails (EIO) in
   the background, after every rank's part arrived: the other ranks' jobs have
   ended; reported the same way when the next save settles it.
 
 Writing and verifying happen on rank 0 only; rank 1's part of those phases is
 its vote. Writes ``OUT_DIR/rank<r>.json``: per scenario, the message each rank
-got and how long the failing save took.
+got, how long the failing save took, and how many files the verification
+helper checked meanwhile (and its process id).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import errno
 import importlib
 import json
+import os
 import sys
 import threading
 import time
@@ -45,6 +50,7 @@ from support.tiny_model import build_model
 from support.tiny_training import ds_config, init_engine, train_steps
 from wenet_hooks.background import BackgroundWriter
 from wenet_hooks.errors import SaveError
+from wenet_hooks.file.verifier import helper
 from wenet_hooks.save import SaveOptions, save_consolidated, settle_background
 
 bucketed = importlib.import_module("wenet_hooks.gather.bucketed")
@@ -105,7 +111,7 @@ def disk_full_mid_write(real):
 
 
 def corrupt_before_verify(real):
-    def verify_as(tmp, expected, path):
+    def verify_as(tmp, expected, path, verifier):
         with open(tmp, "rb") as f:
             reader = torch._C.PyTorchFileReader(f)
             record = next(r for r in reader.get_all_records() if r == "data/0" or r.endswith("/data/0"))
@@ -115,7 +121,7 @@ def corrupt_before_verify(real):
             byte = f.read(1)
             f.seek(offset)
             f.write(bytes([byte[0] ^ 0xFF]))
-        return real(tmp, expected, path)
+        return real(tmp, expected, path, verifier)
 
     return verify_as
 
@@ -134,6 +140,7 @@ SCENARIOS = {
     "background-gather@1": (bucketed, "_read_chunk",
                             fail_on(1, 3, RuntimeError("injected: cannot read the copy"), background_only=True)),
     "background-optimizer@1": (optimizer_gather.PendingOptimizer, "finish", reads_failing_in),
+    "background-verify@0": (publish, "_verify_as", corrupt_before_verify),
     "background-commit@0": (publish, "replace_file",
                             fail_on(0, 1, OSError(errno.EIO, "Input/output error"), background_only=True)),
 }
@@ -142,7 +149,7 @@ SCENARIOS = {
 def run_scenario(engine, out: Path, name: str) -> dict:
     owner, attr, make = SCENARIOS[name]
     tag = name.replace("@", "_at_").replace("-", "_")
-    started = time.monotonic()
+    started, verified = time.monotonic(), helper().verified
     try:
         with patched(owner, attr, make):
             if name.startswith("background"):
@@ -158,7 +165,8 @@ def run_scenario(engine, out: Path, name: str) -> dict:
         where = e.remote_traceback
     seconds = time.monotonic() - started
     save_consolidated(engine, out, f"{tag}_then")
-    return {"tag": tag, "message": message, "traceback": where, "seconds": seconds}
+    return {"tag": tag, "message": message, "traceback": where, "seconds": seconds,
+            "helper_verified": helper().verified - verified, "helper_pid": helper().pid, "pid": os.getpid()}
 
 
 def main() -> None:

@@ -85,6 +85,19 @@ class Manifest:
         """The ``{key: [shape, dtype_name]}`` form, for json."""
         return {k: [list(s.shape), dtype_name(s.dtype)] for k, s in self.tensors.items()}
 
+    def to_plain(self) -> dict[str, Any]:
+        """Every field as json-able data (checksums and tied keys too), for another process:
+        ``{"tensors": [[key, shape, dtype_name, crc32 or None], ...], "tied": [[key, ...], ...]}``."""
+        return {"tensors": [[k, list(s.shape), dtype_name(s.dtype), s.checksum] for k, s in self.tensors.items()],
+                "tied": [list(group) for group in self.tied]}
+
+    @classmethod
+    def from_plain(cls, plain: Mapping[str, Any]) -> Manifest:
+        """The inverse of :meth:`to_plain`."""
+        tensors = {key: TensorSpec(tuple(int(d) for d in shape), dtype_from_name(name), checksum)
+                   for key, shape, name, checksum in plain["tensors"]}
+        return cls(tensors, tuple(tuple(group) for group in plain["tied"]))
+
 
 def spec_differences(found: Mapping[str, TensorSpec], expected: Manifest, *, dtypes: bool = True) -> list[str]:
     """Missing and unexpected keys, and shapes (and ``dtypes``) that differ: one line each."""

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 # Suffix of the file being written. A leftover one (a crash mid-write) is
 # recognised by this suffix and removed by the next write of the same path.
 TMP_SUFFIX = ".tmp"
+
+# How a sealed file is verified against what it must hold: in this process (verify), or in a helper process
+# (a background save's: wenet_hooks.file.verifier). Raises VerificationError.
+Verify = Callable[[Path, Manifest], None]
 
 
 def tmp_path_for(path: Union[str, Path]) -> Path:
@@ -101,6 +105,8 @@ class PendingFile:
     file appear at ``path`` complete, on disk and verified, or :meth:`discard`
     removes it. On any failure nothing exists at ``path`` that was not there
     before, and no temporary file is left.
+    ``verifier`` checks the sealed file (default: in this process; a background
+    save's: in its helper process, :mod:`wenet_hooks.file.verifier`).
 
     Raises (each method):
         CheckpointWriteError: the folder is missing or unwritable, the disk is
@@ -110,8 +116,8 @@ class PendingFile:
     """
 
     def __init__(self, path: Union[str, Path], entries: list[Entry], *, verify: bool = True,
-                 expected: Optional[Manifest] = None) -> None:
-        self.path, self.verify, self.expected = Path(path), verify, expected
+                 expected: Optional[Manifest] = None, verifier: Verify = verify_file) -> None:
+        self.path, self.verify, self.expected, self.verifier = Path(path), verify, expected, verifier
         self.nbytes = sum(e.nbytes for e in entries)
         self.tmp = tmp_path_for(self.path)
         self.started = time.perf_counter()
@@ -178,7 +184,7 @@ class PendingFile:
             written = self.writer.close()
             self.writer = None
             if self.verify:
-                _verify_as(self.tmp, self.expected or written, self.path)
+                _verify_as(self.tmp, self.expected or written, self.path, self.verifier)
         except BaseException as e:
             self._fail(e)
         self.sealed = True
@@ -232,9 +238,9 @@ def _check_target(path: Path) -> None:
         raise CheckpointWriteError(path, f"the folder {path.parent} does not exist")
 
 
-def _verify_as(tmp: Path, expected: Manifest, path: Path) -> None:
+def _verify_as(tmp: Path, expected: Manifest, path: Path, verifier: Verify) -> None:
     try:
-        verify_file(tmp, expected)
+        verifier(tmp, expected)
     except VerificationError as e:
         raise VerificationError(path, e.problems) from e
 
