@@ -18,6 +18,14 @@ pytestmark = pytest.mark.skipif(not can_stream(), reason="the streamed writer ne
                                 "torch.serialization.skip_data (torch >= 2.6)")
 
 
+@pytest.fixture(autouse=True)
+def fresh_layout(monkeypatch):
+    """Each test lays its first file out with torch.save: no skeleton kept from another test's entries."""
+    import wenet_hooks.file.skeleton as skeleton
+
+    monkeypatch.setattr(skeleton, "_KEPT", type(skeleton._KEPT)())
+
+
 @pytest.mark.parametrize("fail_at", [1, 3], ids=["first tensor", "third tensor"])
 def test_pwrite_failing_mid_file_publishes_nothing(tmp_path, monkeypatch, fail_at):
     """ENOSPC from the streamed writer's own pwrite, after some bytes landed: nothing at the path, no .tmp."""
@@ -39,6 +47,24 @@ def test_pwrite_failing_mid_file_publishes_nothing(tmp_path, monkeypatch, fail_a
         write_entries(entries, iter([torch.randn(64) for _ in entries]), tmp_path / "x.pt")
     assert len(calls) == fail_at
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+    assert (tmp_path / "x.pt").read_bytes() == b"the previous save"
+
+
+def test_a_kept_skeleton_failing_to_be_written_publishes_nothing(tmp_path, monkeypatch):
+    """ENOSPC while the second file of the same entries is made from the kept skeleton (its first
+    pwrite: the zip's first header, before any tensor): nothing at the path, no .tmp."""
+    entries = [Entry(name, (64,)) for name in "abc"]
+    write_entries(entries, iter([torch.randn(64) for _ in entries]), tmp_path / "first.pt")
+    (tmp_path / "x.pt").write_bytes(b"the previous save")
+
+    def pwrite(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: pytest.fail("laid out by torch.save again"))
+    with pytest.raises(CheckpointWriteError, match=r"^could not write .*x\.pt: no space left on the device of "):
+        write_entries(entries, iter([torch.randn(64) for _ in entries]), tmp_path / "x.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.pt", "x.pt"]
     assert (tmp_path / "x.pt").read_bytes() == b"the previous save"
 
 
@@ -144,6 +170,39 @@ def test_fragments_in_any_order_give_torch_saves_file_bit_for_bit(tmp_path):
     assert_is_torch_saves_file(tmp_path / "ours.pt", state)
 
 
+def test_a_second_file_of_the_same_entries_is_laid_out_from_the_first_bit_for_bit(tmp_path, monkeypatch):
+    """Every save of a model lays out the same skeleton: the second is made from the first's bytes (no
+    torch.save, whose pickler is Python on the background thread), and is the same file, byte for byte,
+    torch.save's record for record (the first's serialization id, as the first itself has it)."""
+    import wenet_hooks.file.skeleton as skeleton
+    from wenet_hooks.file.publish import PendingFile
+
+    embed = torch.randn(50, 30)
+    state = {"embed": embed, "steps": torch.tensor(7), "half": torch.randn(2, 2).to(torch.bfloat16),
+             "empty": torch.zeros(0, 4), "out": embed, "bias": torch.tensor([-0.0, 1.5])}
+    entries = [Entry("embed", (50, 30)), Entry("steps", (), torch.int64), Entry("half", (2, 2), torch.bfloat16),
+               Entry("empty", (0, 4)), Entry("out", alias_of="embed"), Entry("bias", (2,))]
+
+    def write(name: str) -> None:
+        pending = PendingFile(tmp_path / name, entries)
+        for e in reversed(entries):
+            if not e.alias_of:
+                pending.write(e.key, state[e.key])
+        pending.publish()
+
+    write("first.pt")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", lambda *a, **k: pytest.fail("laid out by torch.save again"))
+        write("second.pt")
+    assert (tmp_path / "second.pt").read_bytes() == (tmp_path / "first.pt").read_bytes()
+    assert_is_torch_saves_file(tmp_path / "second.pt", state)
+    entries[0] = Entry("embed", (30, 50))  # another shape: another skeleton, laid out by torch.save
+    state["embed"] = state["out"] = embed.reshape(30, 50)
+    write("third.pt")
+    assert_is_torch_saves_file(tmp_path / "third.pt", state)
+    assert len(skeleton._KEPT) == 2
+
+
 def assert_is_torch_saves_file(path, state) -> None:
     """``path`` holds, record for record, the bytes torch.save writes for ``state`` (its serialization
     id, unique per file, aside), and its zip CRC-32s are right (zipfile's own check reads every record)."""
@@ -192,7 +251,7 @@ def test_the_disks_writes_start_as_the_values_land_in_batches(tmp_path, monkeypa
             b = values[key].reshape(-1)
             pending.write(key, Pieces(tuple(values[key].shape), torch.float32, (b[:100], b[100:])) if key == "b"
                           else values[key])
-        at = {key: offset for key, (_, offset) in pending.writer.records.items()}
+        at = {key: record.offset for key, record in pending.writer.records.items()}
         pending.publish()
         if order == "abc":
             assert started == [(at["a"], at["c"] + 1200 - at["a"])]

@@ -7,8 +7,9 @@ a gather can hand each tensor over as it completes (:class:`FileWriter`).
 
 ``torch.save`` needs the whole state dict in memory. With torch >= 2.6 the file
 is laid out first from shapes and dtypes alone (``torch.serialization.skip_data``
-reserves each storage's bytes), then each tensor is written into its place with
-``pwrite`` and dropped. The result is an ordinary ``torch.save`` file (tied keys
+reserves each storage's bytes; :mod:`wenet_hooks.file.skeleton`, which keeps
+the laid-out bytes for the next file of the same entries), then each tensor is
+written into its place with ``pwrite`` and dropped. The result is an ordinary ``torch.save`` file (tied keys
 share one storage). Older torch writes with ``torch.save``.
 """
 
@@ -18,8 +19,6 @@ import errno
 import math
 import os
 import shutil
-import struct
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from wenet_hooks.compat import can_stream
 from wenet_hooks.file.crc import crc32, crc32_combine
 from wenet_hooks.file.manifest import Manifest, TensorIdentity, TensorSpec, tensor_identity
+from wenet_hooks.file.skeleton import Record, lay_out, write_all, write_crcs
 from wenet_hooks.file.writeback import Writeback
 
 
@@ -150,8 +150,7 @@ class FileWriter:
         self.runs: dict[str, _Runs] = {}  # entries written part by part, not complete yet
         self.fd: Optional[int] = None
         if can_stream():
-            records = _lay_out(entries, tmp)
-            self.records = dict(zip(self.expected, records))
+            self.records: dict[str, Record] = dict(zip(self.expected, lay_out(entries, tmp).records))
             self.crcs: dict[str, int] = {}
             self.fd = os.open(tmp, os.O_RDWR)
             self.writeback = Writeback(self.fd)
@@ -170,12 +169,12 @@ class FileWriter:
         if self.fd is not None:
             # pwrite straight from the tensor or its parts: no copy through Python's buffered writer.
             parts = value.parts if isinstance(value, Pieces) else (value.contiguous(),)
-            start = offset = self.records[key][1]
+            start = offset = self.records[key].offset
             crc = 0
             for part in parts:
                 raw = _raw(part)
                 crc = crc32(raw, crc)
-                _pwrite_all(self.fd, raw, offset)
+                write_all(self.fd, raw, offset)
                 offset += len(raw)
             self.writeback.written(start, offset - start)
             self.crcs[key] = crc
@@ -210,8 +209,8 @@ class FileWriter:
         raw = _raw(part)
         if self.fd is not None:
             at = start * part.element_size()
-            _pwrite_all(self.fd, raw, self.records[key][1] + at)
-            self.writeback.written(self.records[key][1] + at, len(raw))
+            write_all(self.fd, raw, self.records[key].offset + at)
+            self.writeback.written(self.records[key].offset + at, len(raw))
         else:
             if key not in self.held:  # torch < 2.6 keeps every tensor until close anyway
                 self.held[key] = torch.empty(e.shape, dtype=e.dtype)
@@ -238,7 +237,7 @@ class FileWriter:
         if missing:
             raise ValueError(f"{len(missing)} entries were never written (first: '{missing[0]}')")
         if self.fd is not None:
-            _write_zip_crcs(self.fd, self.tmp, {self.records[key]: crc for key, crc in self.crcs.items()})
+            write_crcs(self.fd, [(self.records[key], crc) for key, crc in self.crcs.items()])
             # Without fsync a power loss after the rename can publish a file of zeros.
             os.fsync(self.fd)
             self.abandon()
@@ -299,57 +298,6 @@ def _specs_of(entries: list[Entry], written: dict[str, TensorSpec]) -> dict[str,
     return {e.key: written[e.alias_of] if e.alias_of else written[e.key] for e in entries}
 
 
-def _lay_out(entries: list[Entry], tmp: Path) -> list[tuple[str, int]]:
-    """Write the skeleton file; the zip record of each non-alias entry's storage: (name, byte offset)."""
-    # Uninitialised tensors: the allocator maps their pages but nothing touches
-    # them (skip_data does not read them), so they cost no resident memory.
-    # (FakeTensorMode would do too, but importing it pulls in torch._dynamo: ~2 s.)
-    skeleton: dict[str, torch.Tensor] = {}
-    for e in entries:
-        skeleton[e.key] = skeleton[e.alias_of] if e.alias_of else torch.empty(e.shape, dtype=e.dtype)
-    with torch.serialization.skip_data(), open(tmp, "wb") as f:
-        torch.save(skeleton, f)
-    del skeleton
-    # torch.save numbers storages in the order it first meets them: dict order.
-    with open(tmp, "rb") as f:
-        reader = torch._C.PyTorchFileReader(f)
-        prefix = next(r for r in reader.get_all_records() if r.endswith("data.pkl"))[: -len("data.pkl")]
-        count = sum(1 for e in entries if not e.alias_of)
-        return [(f"{prefix}data/{i}", reader.get_record_offset(f"{prefix}data/{i}")) for i in range(count)]
-
-
-_DATA_DESCRIPTOR = b"PK\x07\x08"
-_CENTRAL_ENTRY = b"PK\x01\x02"
-
-
-def _write_zip_crcs(fd: int, tmp: Path, crcs: dict[tuple[str, int], int]) -> None:
-    """Give each record the CRC-32 of the bytes written into it.
-
-    torch.save's zip records carry their CRC-32 in a data descriptor after the
-    data and in the central directory; ``skip_data`` left them describing no
-    data. torch.load does not read them, but any zip tool does: written here,
-    the file is torch.save's, bit for bit.
-    """
-    # Names inside the archive's top folder ("archive/data/0"), as torch's reader names records.
-    with zipfile.ZipFile(tmp) as archive:
-        sizes = {info.filename.split("/", 1)[-1]: info.file_size for info in archive.infolist()}
-        directory_at = archive.start_dir
-    directory = os.pread(fd, os.fstat(fd).st_size - directory_at, directory_at)
-    entry_of, pos = {}, 0
-    while directory[pos:pos + 4] == _CENTRAL_ENTRY:  # each entry: 46 bytes, then name, extra, comment
-        name_len, extra_len, comment_len = struct.unpack_from("<HHH", directory, pos + 28)
-        entry_of[directory[pos + 46:pos + 46 + name_len].decode("utf-8").split("/", 1)[-1]] = directory_at + pos
-        pos += 46 + name_len + extra_len + comment_len
-    for (name, offset), crc in crcs.items():
-        if not sizes[name]:  # an empty record's CRC-32 is 0 already (and torch reports no offset of its own)
-            continue
-        packed = struct.pack("<I", crc)
-        os.pwrite(fd, packed, entry_of[name] + 16)
-        end = offset + sizes[name]
-        descriptor = end + 4 if os.pread(fd, 4, end) == _DATA_DESCRIPTOR else end
-        os.pwrite(fd, packed, descriptor)
-
-
 def _check_fits(key: str, value: Value, e: Entry) -> None:
     if tuple(value.shape) != tuple(e.shape) or value.dtype != e.dtype:
         raise ValueError(f"'{key}': produced {value.dtype}{list(value.shape)}, laid out as "
@@ -370,12 +318,6 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     if not tensor.is_contiguous():
         raise ValueError("a part of a value must be contiguous")
     return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:  # one pwrite moves at most about 2 GiB on Linux
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 def _torch_save(entries: list[Entry], held: dict[str, torch.Tensor], tmp: Path) -> None:
