@@ -251,7 +251,7 @@ def test_the_disks_writes_start_as_the_values_land_in_batches(tmp_path, monkeypa
             b = values[key].reshape(-1)
             pending.write(key, Pieces(tuple(values[key].shape), torch.float32, (b[:100], b[100:])) if key == "b"
                           else values[key])
-        at = {key: record.offset for key, record in pending.writer.records.items()}
+        at = pending.writer.offsets
         pending.publish()
         if order == "abc":
             assert started == [(at["a"], at["c"] + 1200 - at["a"])]

@@ -44,21 +44,14 @@ class Described(Protocol):
 
 
 @dataclass(frozen=True)
-class Record:
-    """Where one stored tensor's bytes go in the file, and where its CRC-32 is recorded."""
-
-    offset: int  # of its data
-    nbytes: int
-    crc_at: tuple[int, ...]  # its central directory entry's CRC field, its data descriptor's (none when empty)
-
-
-@dataclass(frozen=True)
 class Skeleton:
-    """A laid-out file: its size, every byte outside the records' data, and each stored tensor's record."""
+    """A laid-out file: its size, every byte outside the records' data, and where each stored (non-alias)
+    entry's data and CRC-32 go, in entry order."""
 
     size: int
     sections: tuple[tuple[int, bytes], ...]  # (offset, bytes) of everything but the records' data
-    records: tuple[Record, ...]  # in the order of the stored (non-alias) entries
+    offsets: tuple[int, ...]  # of each stored entry's data
+    crc_at: tuple[tuple[int, ...], ...]  # each one's central directory CRC field and data descriptor's (none: empty)
 
     def write(self, path: Path) -> None:
         """Make ``path`` this file, its records' data holes to be filled."""
@@ -94,17 +87,20 @@ def lay_out(entries: Sequence[Described], path: Path) -> Skeleton:
     return skeleton
 
 
-def write_crcs(fd: int, crcs: Iterable[tuple[Record, int]]) -> None:
+def write_crcs(fd: int, crcs: Iterable[tuple[tuple[int, ...], int]]) -> None:
     """Give each record the CRC-32 of the bytes written into it.
 
     torch.save's zip records carry their CRC-32 in a data descriptor after the
     data and in the central directory; ``skip_data`` left them describing no
     data. torch.load does not read them, but any zip tool does: written here,
     the file is torch.save's, bit for bit.
+
+    Args:
+        crcs: (where a record's CRC-32 goes: its :attr:`Skeleton.crc_at`, the CRC-32), for each record written.
     """
-    for record, crc in crcs:
+    for places, crc in crcs:
         packed = struct.pack("<I", crc)
-        for at in record.crc_at:
+        for at in places:
             os.pwrite(fd, packed, at)
 
 
@@ -139,20 +135,22 @@ def _laid_out_by_torch(entries: Sequence[Described], path: Path) -> Skeleton:
         fd = f.fileno()
         size = os.fstat(fd).st_size
         central = _central_entries(os.pread(fd, size - directory_at, directory_at), directory_at)
-        records = []
+        crc_at, data = [], []
         for name, offset in zip(names, offsets):
             nbytes = sizes[name]  # an empty record's CRC-32 is 0 already (and torch reports no offset of its own)
             end = offset + nbytes
             descriptor = end + 4 if nbytes and os.pread(fd, 4, end) == _DATA_DESCRIPTOR else end
-            records.append(Record(offset, nbytes, (central[name] + 16, descriptor) if nbytes else ()))
+            crc_at.append((central[name] + 16, descriptor) if nbytes else ())
+            if nbytes:
+                data.append((offset, end))
         sections, at = [], 0
-        for lo, hi in sorted((r.offset, r.offset + r.nbytes) for r in records if r.nbytes):
+        for lo, hi in sorted(data):
             if lo > at:
                 sections.append((at, os.pread(fd, lo - at, at)))
             at = hi
         if size > at:
             sections.append((at, os.pread(fd, size - at, at)))
-    return Skeleton(size, tuple(sections), tuple(records))
+    return Skeleton(size, tuple(sections), tuple(offsets), tuple(crc_at))
 
 
 def _central_entries(directory: bytes, directory_at: int) -> dict[str, int]:

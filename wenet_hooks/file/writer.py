@@ -29,7 +29,7 @@ import torch
 from wenet_hooks.compat import can_stream
 from wenet_hooks.file.crc import crc32, crc32_combine
 from wenet_hooks.file.manifest import Manifest, TensorIdentity, TensorSpec, tensor_identity
-from wenet_hooks.file.skeleton import Record, lay_out, write_all, write_crcs
+from wenet_hooks.file.skeleton import lay_out, write_all, write_crcs
 from wenet_hooks.file.writeback import Writeback
 
 
@@ -150,7 +150,9 @@ class FileWriter:
         self.runs: dict[str, _Runs] = {}  # entries written part by part, not complete yet
         self.fd: Optional[int] = None
         if can_stream():
-            self.records: dict[str, Record] = dict(zip(self.expected, lay_out(entries, tmp).records))
+            skeleton = lay_out(entries, tmp)
+            self.offsets = dict(zip(self.expected, skeleton.offsets))  # where each stored entry's bytes go
+            self.crc_at = dict(zip(self.expected, skeleton.crc_at))
             self.crcs: dict[str, int] = {}
             self.fd = os.open(tmp, os.O_RDWR)
             self.writeback = Writeback(self.fd)
@@ -169,7 +171,7 @@ class FileWriter:
         if self.fd is not None:
             # pwrite straight from the tensor or its parts: no copy through Python's buffered writer.
             parts = value.parts if isinstance(value, Pieces) else (value.contiguous(),)
-            start = offset = self.records[key].offset
+            start = offset = self.offsets[key]
             crc = 0
             for part in parts:
                 raw = _raw(part)
@@ -209,8 +211,8 @@ class FileWriter:
         raw = _raw(part)
         if self.fd is not None:
             at = start * part.element_size()
-            write_all(self.fd, raw, self.records[key].offset + at)
-            self.writeback.written(self.records[key].offset + at, len(raw))
+            write_all(self.fd, raw, self.offsets[key] + at)
+            self.writeback.written(self.offsets[key] + at, len(raw))
         else:
             if key not in self.held:  # torch < 2.6 keeps every tensor until close anyway
                 self.held[key] = torch.empty(e.shape, dtype=e.dtype)
@@ -237,7 +239,7 @@ class FileWriter:
         if missing:
             raise ValueError(f"{len(missing)} entries were never written (first: '{missing[0]}')")
         if self.fd is not None:
-            write_crcs(self.fd, [(self.records[key], crc) for key, crc in self.crcs.items()])
+            write_crcs(self.fd, [(self.crc_at[key], crc) for key, crc in self.crcs.items()])
             # Without fsync a power loss after the rename can publish a file of zeros.
             os.fsync(self.fd)
             self.abandon()
