@@ -14,7 +14,10 @@ rank 0, each after the disk has settled (``sync``, 2 s):
   own speed, where writing everything and then flushing (``dd``) is slower than a writer that starts
   the disk's writes as it goes (the save).
 Then one more save, untimed, counting the calls into C on the background thread (see
-:func:`c_calls_of_a_save`). Prints the medians: the op rate's drop against ``idle`` during each, and the save's time against the
+:func:`c_calls_of_a_save`). Then, ``--repeats`` times each, alternating, one training step (forward and
+backward of a ``--step-batch`` batch, long enough to cover the save's host copies, then the optimizer's
+step) timed alone, right after a save's call, and while ``dd`` copies the save's files (rank 0): the
+next step's cost of a save against ``dd``'s (the issue's "next step slower than normal"). Prints the medians: the op rate's drop against ``idle`` during each, and the save's time against the
 floor (issue "The background save at the disk's speed": the save's drop should come within 2 points
 of dd's, and its time within 1.5x of the floor at 1 rank).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +71,47 @@ def c_calls_of_a_save(save: Callable[[], None], settled: Callable[[], None]) -> 
     finally:
         threading.setprofile(None)
     return calls[0]
+
+
+def training_step(engine, batch) -> float:
+    """Seconds of one forward, backward and optimizer step of ``engine`` on ``batch``."""
+    import torch.nn.functional as F
+
+    started = time.perf_counter()
+    engine.backward(F.mse_loss(engine(batch), batch))
+    engine.step()
+    return time.perf_counter() - started
+
+
+def next_step_costs(engine, batch, save: Callable[[], None], settled: Callable[[], None], files: list[Path],
+                    repeats: int, rank0: bool) -> dict[str, float]:
+    """Median seconds of one training step: alone, right after a save's call, while dd copies ``files``
+    (rank 0; the other ranks step alone then); and the seconds the steps after a save waited for its copies."""
+    import torch.distributed as dist
+
+    from wenet_hooks.gather.staging import step_wait_seconds
+
+    took: dict[str, list[float]] = {"alone": [], "save": [], "dd": []}
+    waited_before = step_wait_seconds(engine)
+    for _ in range(repeats):
+        for side in took:
+            settle()
+            dist.barrier()
+            dd = None
+            if side == "save":
+                save()
+            elif side == "dd" and rank0:
+                dd = subprocess.Popen(["sh", "-c", " && ".join(
+                    f"dd if={f} of={f}.dd bs={_MB64} conv=fdatasync status=none" for f in files)])
+            took[side].append(training_step(engine, batch))
+            if side == "save":
+                settled()
+            if dd is not None:
+                dd.wait()
+                for f in files:
+                    Path(f"{f}.dd").unlink()
+    waited = (step_wait_seconds(engine) - waited_before) / repeats
+    return {**{side: statistics.median(v) for side, v in took.items()}, "waited": waited}
 
 
 def settle() -> None:
@@ -130,6 +175,11 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
     calls = c_calls_of_a_save(lambda: save_consolidated(engine, out, "counted", SaveOptions(optimizer=True),
                                                         writer=writer), lambda: settle_background(writer))
+    files = sorted(f for f in out.glob("bench.*") if f.suffix in (".pt", ".optim"))
+    step = next_step_costs(engine, torch.randn(args.step_batch, engine.module[0].in_features),
+                           lambda: save_consolidated(engine, out, "stepped", SaveOptions(optimizer=True),
+                                                     writer=writer),
+                           lambda: settle_background(writer), files, args.repeats, rank0)
     if rank0:
         idle = median(rates["idle"])
         drop = {k: 100 * (1 - median(rates[k]) / idle) for k in ("save", "dd", "dd_direct")}
@@ -141,6 +191,11 @@ def worker(args: argparse.Namespace) -> None:
         print(table(["model", "stage", "ranks", "files (GB)", "idle ops/s", "op-rate drop: save", "drop: dd",
                      "drop: dd direct", "call -> published (s)", "dd + fdatasync (s)", "dd direct (s)",
                      "save / dd", "save / dd direct", "C calls in the background"], [row]), flush=True)
+        print(table(["step batch", "a step alone (s)", "after a save's call (s)", "while dd copies (s)",
+                     "slower: save (s)", "slower: dd (s)", "of which waiting for the copies (s)"],
+                    [[args.step_batch, f"{step['alone']:.2f}", f"{step['save']:.2f}", f"{step['dd']:.2f}",
+                      f"{step['save'] - step['alone']:+.2f}", f"{step['dd'] - step['alone']:+.2f}",
+                      f"{step['waited']:.2f}"]]), flush=True)
 
 
 def main() -> None:
@@ -149,6 +204,8 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--step-batch", type=int, default=32,
+                        help="the timed training step's batch: its forward and backward should outlast the copies")
     parser.add_argument("--out")
     parser.add_argument("--worker", action="store_true")
     args = parser.parse_args()
@@ -159,7 +216,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                str(args.ranks), __file__, "--worker", "--out", tmp, "--params", str(args.params),
-                               "--stage", str(args.stage), "--repeats", str(args.repeats)],
+                               "--stage", str(args.stage), "--repeats", str(args.repeats),
+                               "--step-batch", str(args.step_batch)],
                               env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])

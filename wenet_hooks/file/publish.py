@@ -105,6 +105,7 @@ class PendingFile:
     file appear at ``path`` complete, on disk and verified, or :meth:`discard`
     removes it. On any failure nothing exists at ``path`` that was not there
     before, and no temporary file is left.
+
     ``verifier`` checks the sealed file (default: in this process; a background
     save's: in its helper process, :mod:`wenet_hooks.file.verifier`).
 

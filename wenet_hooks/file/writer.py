@@ -7,10 +7,11 @@ a gather can hand each tensor over as it completes (:class:`FileWriter`).
 
 ``torch.save`` needs the whole state dict in memory. With torch >= 2.6 the file
 is laid out first from shapes and dtypes alone (``torch.serialization.skip_data``
-reserves each storage's bytes; :mod:`wenet_hooks.file.skeleton`, which keeps
-the laid-out bytes for the next file of the same entries), then each tensor is
-written into its place with ``pwrite`` and dropped. The result is an ordinary ``torch.save`` file (tied keys
-share one storage). Older torch writes with ``torch.save``.
+reserves each storage's bytes; :mod:`wenet_hooks.file.skeleton` keeps the
+laid-out bytes for the next file of the same entries), then each tensor is
+written into its place with ``pwrite`` and dropped. The result is an ordinary
+``torch.save`` file (tied keys share one storage). Older torch writes with
+``torch.save``.
 """
 
 from __future__ import annotations
