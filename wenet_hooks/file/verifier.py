@@ -53,7 +53,8 @@ class Verifier:
         self.command = command  # the helper's command line: :func:`serve` in this interpreter
         self._process: Optional[subprocess.Popen] = None
         self._lock = threading.Lock()
-        self._ends_with_us = False  # whether this process ends the helper when it exits
+        self._close_at_exit = False  # close() registered for this process's exit (stdin closes then anyway)
+        self._said_cannot_start = False  # that warning is given once, not at every file
         self.verified = 0  # files the helper verified (a fallback in this process is not counted)
 
     @property
@@ -101,12 +102,14 @@ class Verifier:
             self._process = subprocess.Popen(list(self.command), stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, text=True, encoding="utf-8",
                                              errors="surrogateescape")
-            if not self._ends_with_us:  # (its stdin closes at our end anyway; this waits for its exit)
+            if not self._close_at_exit:  # close() also waits for the helper's exit
                 atexit.register(self.close)
-                self._ends_with_us = True
+                self._close_at_exit = True
         except OSError as e:
-            logger.warning("wenet_hooks: could not start the verification helper (%s); files are verified in "
-                           "the training process", e)
+            if not self._said_cannot_start:
+                self._said_cannot_start = True
+                logger.warning("wenet_hooks: could not start the verification helper (%s); files are verified "
+                               "in the training process", e)
         return self._process
 
     def _ask(self, path: Path, expected: Manifest) -> Optional[list[str]]:
