@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
     from support.tiny_training import ds_config, init_engine
     from wenet_hooks import BackgroundWriter, SaveOptions, save_consolidated, settle_background
     from wenet_hooks.gather import bucketed
-    from wenet_hooks.gather.engines import snapshot_pool
+    from wenet_hooks.gather.masters import state_of
     from wenet_hooks.gather.staging import step_wait_seconds
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -157,7 +157,7 @@ def worker(args: argparse.Namespace) -> None:
     # First the saves alone (rank 0's memory, the background's length), then each followed by a step.
     for i in range(args.repeats):
         round_of_saves(f"s{i}", with_step=False)
-    kept = snapshot_pool(engine).nbytes / 2**20
+    kept = state_of(engine).pool.nbytes / 2**20
     for i in range(args.repeats):
         round_of_saves(f"t{i}", with_step=True)
     # As many votes as a save makes, alone: what agreeing costs on this machine at this world size.

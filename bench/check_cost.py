@@ -57,13 +57,16 @@ def worker(args: argparse.Namespace) -> None:
         for flat in layout.partitions.flats:
             staging.buffer_for(flat)
         if check:
-            staging.add_check(ChunkCheck(layout))
+            staging.add_check(ChunkCheck(layout.partitions, layout.names))
         staging.run()
         assert not staging.failure and staging.problem() is None, (staging.failure.error, staging.problem())
         staging.release()
 
+    def checked(view) -> None:
+        check_masters(view.partitions, view.names)
+
     timings = {name: [] for name in ("gather", "check", "copy", "copy+check")}
-    work = {"gather": lambda: consolidate(engine), "check": lambda: check_masters(inspect_engine(engine)),
+    work = {"gather": lambda: consolidate(engine), "check": lambda: checked(inspect_engine(engine)),
             "copy": lambda: staged(False), "copy+check": lambda: staged(True)}
     for i in range(args.repeats + 1):  # the first round allocates the pool's buffers: not counted
         for name in (list(work) if i % 2 == 0 else list(reversed(work))):

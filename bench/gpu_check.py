@@ -192,7 +192,7 @@ def pinned(out: Path, smoke: bool) -> str:
 
     from support.tiny_training import train_steps
     from wenet_hooks import BackgroundWriter, SaveOptions, save_consolidated, settle_background
-    from wenet_hooks.gather.engines import snapshot_pool
+    from wenet_hooks.gather.masters import state_of
 
     out.mkdir(parents=True, exist_ok=True)
     engine = engine_for(2, smoke)
@@ -202,9 +202,9 @@ def pinned(out: Path, smoke: bool) -> str:
         train_steps(engine, 1, first_step=i)
         save_consolidated(engine, out, f"s{i}", SaveOptions(optimizer=True), writer=writer)
         settle_background(writer)
-        sizes.append(snapshot_pool(engine).nbytes)
+        sizes.append(state_of(engine).pool.nbytes)
     held = _pinned_bytes()
-    pool = snapshot_pool(engine)
+    pool = state_of(engine).pool
     del engine, pool
     gc.collect()
     after = _pinned_bytes()

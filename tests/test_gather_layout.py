@@ -10,7 +10,6 @@ from wenet_hooks.gather.agreement import AgreedLayout, _covers
 from wenet_hooks.errors import FirstError
 from wenet_hooks.file.writer import Entry, InMemory
 from wenet_hooks.gather.bucketed import _Receiver
-from wenet_hooks.gather.engines import state_of
 from wenet_hooks.gather.masters import Fragment
 
 
@@ -45,7 +44,7 @@ def two_ranks():
     values = [torch.arange(8.0).view(2, 4), torch.tensor([10.0, 11.0, 12.0])]
     flats = [torch.tensor([0.0, 1, 2, 3, 4, -1]), torch.tensor([5.0, 6, 7, 10, 11, 12])]
     by_rank = [[Fragment(0, 0, 0, 0, 5)], [Fragment(0, 0, 5, 0, 3), Fragment(0, 1, 0, 3, 3)]]
-    agreed = AgreedLayout([6], by_rank, {0: [by_rank[0][0], by_rank[1][0]], 1: [by_rank[1][1]]})
+    agreed = AgreedLayout([6], by_rank, {0: [by_rank[0][0], by_rank[1][0]], 1: [by_rank[1][1]]}, ((6,), ()))
     params = [torch.nn.Parameter(torch.empty(2, 4)), torch.nn.Parameter(torch.empty(3))]
     return values, flats, agreed, params
 
@@ -87,35 +86,27 @@ def test_receiver_keeps_the_first_failure_and_drops_what_follows():
     assert isinstance(failure.error, OSError)
 
 
-def engine_view(engine, fragments):
-    """What agreement reads of an EngineView: the engine, its parameters and this rank's partitions."""
-    from types import SimpleNamespace
-
+def partitions(fragments):
+    """This rank's partitions of the two parameters below, as the agreement reads them."""
     from wenet_hooks.gather.masters import Partitions
 
-    params = [torch.nn.Parameter(torch.empty(2, 4)), torch.nn.Parameter(torch.empty(3))]
     flat = torch.zeros(11)
-    return SimpleNamespace(state=state_of(engine), params=params, agreed=[],
-                           partitions=Partitions([flat], fragments, None, [flat[:8], flat[8:]]))
+    return Partitions([flat], fragments, None, [flat[:8], flat[8:]])
 
 
-def test_the_plan_is_one_exchange_and_the_agreement_is_kept_with_the_engine_while_unchanged():
-    """agree_with exchanges each rank's word (the optimizer state keys) with its "unchanged" in one
-    collective (one process here: a world of one); the fragments are agreed anew only when they change."""
+def test_the_plan_is_one_exchange_and_the_agreement_is_kept_while_unchanged():
+    """agree exchanges each rank's word (the optimizer state keys) with its "unchanged" in one collective
+    (one process here: a world of one); the fragments are agreed anew only when they change."""
     from wenet_hooks.gather import agreement
-    from wenet_hooks.gather.engines import known_state
 
-    engine = torch.nn.Linear(1, 1)  # any object with weak references
+    params = [torch.nn.Parameter(torch.empty(2, 4)), torch.nn.Parameter(torch.empty(3))]
     whole = [Fragment(0, 0, 0, 0, 8), Fragment(0, 1, 0, 8, 3)]
-    made = agreement.agreements_made
-    first = engine_view(engine, whole)
-    assert agreement.agree_with(first, ["exp_avg", "exp_avg_sq"]) == [["exp_avg", "exp_avg_sq"]]
-    assert agreement.agreements_made == made + 1 and first.agreed[0].flat_numels == [11]
-    again = engine_view(engine, whole)
-    assert agreement.agree_with(again, None) == [None] and agreement.agreements_made == made + 1  # kept
-    assert again.agreed[0] is first.agreed[0] and agreement.agree(again) is first.agreed[0]
-    assert known_state(engine).agreed[1] is first.agreed[0]
+    made, kept = agreement.agreements_made, []  # kept: the engine's (EngineState.agreed)
+    first, words = agreement.agree(partitions(whole), params, kept, ["exp_avg", "exp_avg_sq"])
+    assert words == [["exp_avg", "exp_avg_sq"]] and kept == [first]
+    assert agreement.agreements_made == made + 1 and first.flat_numels == [11]
+    again, words = agreement.agree(partitions(whole), params, kept)
+    assert words == [None] and again is first and agreement.agreements_made == made + 1  # kept
     # Fragments that no longer cover parameter 1: agreed anew, and the gather falls back (None).
-    changed = engine_view(engine, [Fragment(0, 0, 0, 0, 8), Fragment(0, 1, 0, 8, 2)])
-    agreement.agree_with(changed, None)
-    assert agreement.agreements_made == made + 2 and changed.agreed == [None]
+    changed, _ = agreement.agree(partitions([Fragment(0, 0, 0, 0, 8), Fragment(0, 1, 0, 8, 2)]), params, kept)
+    assert agreement.agreements_made == made + 2 and changed is None and kept == [first]

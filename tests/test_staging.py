@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from wenet_hooks.gather.check import ChunkCheck
-from wenet_hooks.gather.engines import known_state
-from wenet_hooks.gather.masters import Fragment, Partitions
+import wenet_hooks.gather.masters as masters
+from wenet_hooks.gather.masters import Fragment, Partitions, known_state, state_of, torch_optimizers
 from wenet_hooks.gather.snapshots import SnapshotPool
 import wenet_hooks.gather.staging as staging_module
-from wenet_hooks.gather.staging import Staging, new_staging, step_wait_seconds, torch_optimizers, wait_for_copies
+from wenet_hooks.gather.staging import Staging, step_wait_seconds, wait_for_copies
 
 
 @pytest.fixture
@@ -24,12 +24,11 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(staging_module, "_CHUNK", 3)  # every fragment below straddles chunks
 
 
-def layout_of(flat: torch.Tensor, weights: list[torch.Tensor]) -> SimpleNamespace:
+def checked(flat: torch.Tensor, weights: list[torch.Tensor]) -> ChunkCheck:
     # Two parameters in one flat, listed out of offset order, with 2 elements of padding between them.
     fragments = [Fragment(group=0, param=1, start=4, offset=9, numel=5),
                  Fragment(group=0, param=0, start=0, offset=0, numel=7)]
-    parts = Partitions([flat], fragments, process_group=None, weights=weights)
-    return SimpleNamespace(partitions=parts, names=["encoder.w", "decoder.b"])
+    return ChunkCheck(Partitions([flat], fragments, process_group=None, weights=weights), ["encoder.w", "decoder.b"])
 
 
 def test_copies_every_chunk_and_finds_a_wrong_element_in_a_later_chunk(small_chunks):
@@ -37,7 +36,7 @@ def test_copies_every_chunk_and_finds_a_wrong_element_in_a_later_chunk(small_chu
     good = [flat[9:14].clone(), flat[0:7].clone()]
     staging = Staging(SnapshotPool(), deferred=True)
     copy = staging.buffer_for(flat)
-    staging.add_check(ChunkCheck(layout_of(flat, good)))
+    staging.add_check(checked(flat, good))
     staging.run()
     assert staging.done.is_set() and not staging.failure and staging.problem() is None
     assert torch.equal(copy, flat)
@@ -46,7 +45,7 @@ def test_copies_every_chunk_and_finds_a_wrong_element_in_a_later_chunk(small_chu
     bad[0][-1] += 1  # decoder.b's last element, in the flat's last chunk
     staging = Staging(SnapshotPool(), deferred=True)
     staging.buffer_for(flat)
-    staging.add_check(ChunkCheck(layout_of(flat, bad)))
+    staging.add_check(checked(flat, bad))
     staging.run()
     assert staging.problem().startswith("rank 0: the fp32 masters read for 1 parameter(s) do not equal the "
                                         "module's own training weights once cast to their dtype: 'decoder.b' "
@@ -57,7 +56,7 @@ def test_checks_bf16_weights_against_the_masters_rounded(small_chunks):
     flat = torch.randn(14)
     weights = [flat[9:14].to(torch.bfloat16), flat[0:7].to(torch.bfloat16)]
     staging = Staging(SnapshotPool(), deferred=True)
-    staging.add_check(ChunkCheck(layout_of(flat, weights)))  # read only: nothing copied
+    staging.add_check(checked(flat, weights))  # read only: nothing copied
     staging.run()
     assert staging.problem() is None
 
@@ -76,6 +75,16 @@ class Engine:
     def __init__(self) -> None:
         self.param = torch.nn.Parameter(torch.ones(3))
         self.optimizer = SimpleNamespace(optimizer=torch.optim.SGD([self.param], lr=0.5))
+
+
+def new_staging(engine, on_host: bool, steppers: list, writes_in_backward: bool = False) -> Staging:
+    """staging.new_staging with the parts of an EngineView it reads: the engine's state, its partitions
+    (in host memory, or not), the optimizers whose steps can be held."""
+    flat = torch.zeros(1, device="cpu" if on_host else "meta")
+    view = SimpleNamespace(state=state_of(engine), partitions=SimpleNamespace(flats=[flat]), steppers=steppers,
+                           writes_in_backward=writes_in_backward)
+    staging_module.guard_steps(engine, view)
+    return staging_module.new_staging(view)
 
 
 def test_the_next_step_waits_until_the_copies_are_taken():
@@ -185,9 +194,10 @@ def test_saves_of_optimizers_that_write_the_masters_during_backward_take_their_c
     for cls in classes:
         engine = Engine()
         engine.optimizer = object.__new__(cls)  # the class is what is read; nothing of it runs
-        assert staging_module.writes_masters_during_backward(engine)
-        assert not new_staging(engine, True, [torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)]).deferred
-    assert not staging_module.writes_masters_during_backward(Engine())
+        assert masters.writes_masters_during_backward(engine)
+        assert not new_staging(engine, True, [torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)],
+                               masters.writes_masters_during_backward(engine)).deferred
+    assert not masters.writes_masters_during_backward(Engine())
 
 
 @pytest.fixture
@@ -215,7 +225,14 @@ def test_a_save_refused_at_the_call_holds_no_step(tmp_path, monkeypatch, world_o
 
     model = torch.nn.Linear(2, 2)
     model.optimizer = SimpleNamespace(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    monkeypatch.setattr(plan, "_on_host", lambda view: True)  # as DeepSpeed's CPU partitions are
+    inspect = masters.inspect_engine
+
+    def on_host(engine):  # as DeepSpeed's CPU partitions are
+        view = inspect(engine)
+        view.partitions = Partitions([p.data for p in model.parameters()], [], None, [])
+        return view
+
+    monkeypatch.setattr(plan, "inspect_engine", on_host)
     writer = BackgroundWriter()
     with pytest.raises(TypeError):
         save_consolidated(model, None, "step_1", SaveOptions(), writer=writer)

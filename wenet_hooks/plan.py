@@ -3,7 +3,7 @@
 :func:`plan_save` is the only step of a save that reads the engine: it
 inspects it once (:func:`~wenet_hooks.gather.masters.inspect_engine`) and, in
 one collective, every rank says whether its partitions are still as agreed and
-which optimizer state it keeps (:func:`~wenet_hooks.gather.agreement.agree_with`;
+which optimizer state it keeps (:func:`~wenet_hooks.gather.agreement.agree`;
 a second collective, of every rank's fragments, at an engine's first save or
 after its partitions changed). Every later step reads the plan.
 """
@@ -19,11 +19,11 @@ from typing import Any, Mapping, Optional, Union
 from wenet_hooks.dist import background_group, log_rank0
 from wenet_hooks.dtypes import DtypeLike
 from wenet_hooks.file.optimizer_file import optimizer_path
-from wenet_hooks.gather.agreement import agree_with
+from wenet_hooks.gather.agreement import AgreedLayout, agree
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB
 from wenet_hooks.gather.masters import EngineView, inspect_engine
 from wenet_hooks.gather.optimizer import agreed_state_keys, state_keys
-from wenet_hooks.gather.staging import Staging, new_staging, torch_optimizers
+from wenet_hooks.gather.staging import Staging, guard_steps, new_staging
 
 logger = logging.getLogger(__name__)
 _said: set[str] = set()  # warnings already logged in this process
@@ -70,22 +70,16 @@ class SavePlan:
     """One save as every rank agreed on it (:func:`plan_save`)."""
 
     path: Path  # <model_dir>/<tag>.pt
+    optimizer_path: Path  # <model_dir>/<tag>.optim
     tag: str
+    what: str  # what the save gathers, for messages
     options: SaveOptions
-    view: EngineView  # the engine, read once, and the layout every rank agreed on (view.agreed)
+    view: EngineView  # the engine, read once
+    agreed: Optional[AgreedLayout]  # the partitions' layout every rank agreed on; None: gathered per parameter
     optimizer_keys: Optional[list[str]]  # the optimizer state tensors gathered into <tag>.optim; None: no file
     group: Any = None  # the gloo group of a background save; None: the default group, before the call returns
     staging: Optional[Staging] = None  # a background save's host copies, and the check that reads them
     record: Optional[dict[str, Any]] = None  # written as <tag>.yaml at the commit; copied at the call
-
-    @property
-    def optimizer_path(self) -> Path:
-        return optimizer_path(self.path)
-
-    @property
-    def what(self) -> str:
-        """What the save gathers, for messages."""
-        return "the weights and the optimizer state" if self.optimizer_keys is not None else "the weights"
 
 
 def plan_save(engine: Any, model_dir: Union[str, Path], tag: str, options: SaveOptions, *, background: bool,
@@ -101,13 +95,17 @@ def plan_save(engine: Any, model_dir: Union[str, Path], tag: str, options: SaveO
     record = copy.deepcopy(dict(record)) if record is not None else None
     view = inspect_engine(engine)
     group = background_group() if background else None
-    reports = agree_with(view, state_keys(view) if options.optimizer else None)
+    mine = state_keys(view.partitions, view.optimizer, view.wrapper) if options.optimizer else None
+    agreed, reports = agree(view.partitions, view.params, view.state.agreed, mine)  # kept for the next save
     keys = _optimizer_keys(agreed_state_keys(reports)) if options.optimizer else None
+    what = "the weights and the optimizer state" if keys is not None else "the weights"
     # Last, once nothing else can fail: the host copies (and the check that reads them) are taken by the
     # background job, the next optimizer step waiting for them, where the partitions lie in host memory
     # (else at the call, before returning). From here the Save releases them, whatever happens.
-    staging = new_staging(engine, _on_host(view), torch_optimizers(engine)) if background else None
-    return SavePlan(path, tag, options, view, keys, group, staging, record)
+    if background and view.state.guard is None:
+        guard_steps(engine, view)  # once per engine
+    staging = new_staging(view) if background else None
+    return SavePlan(path, optimizer_path(path), tag, what, options, view, agreed, keys, group, staging, record)
 
 
 def _optimizer_keys(keys: Union[list[str], str]) -> Optional[list[str]]:
@@ -121,9 +119,3 @@ def _optimizer_keys(keys: Union[list[str], str]) -> Optional[list[str]]:
         log_rank0(logger, logging.WARNING, "wenet_hooks: no <tag>.optim is written: %s; a resume from these "
                   "saves restarts the optimizer", keys)
     return None
-
-
-def _on_host(view: EngineView) -> bool:
-    """Whether every flat partition (and so its optimizer state) lies in host memory."""
-    parts = view.partitions
-    return parts is not None and all(flat.device.type == "cpu" for flat in parts.flats)

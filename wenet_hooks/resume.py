@@ -65,7 +65,7 @@ def restore(engine: Any, weights: Union[str, Path], optimizer_file: Union[str, P
     """
     weights, optimizer_file = Path(weights), Path(optimizer_file)
     view = inspect_engine(engine)
-    params = {view.names[i]: view.params[i] for i in view.trainable()}
+    params = {view.names[i]: view.params[i] for i in view.trainable}
     values, meta, state, problems = _read_and_check(view, params, weights, optimizer_file)
     # Every rank read the same files; agreeing still keeps one rank from changing alone.
     problems = first_failure(problems or None)
@@ -75,7 +75,7 @@ def restore(engine: Any, weights: Union[str, Path], optimizer_file: Union[str, P
     with torch.no_grad():
         _ensure_state(view, meta["state_keys"], meta["step"])
         _write_partitions(view, values, state, meta["state_keys"])
-        check_masters(view, "the fp32 masters restored")
+        check_masters(view.partitions, view.names, "the fp32 masters restored")
     _restore_counters(engine, view, meta)
     return Restored(len(params), tuple(meta["state_keys"]), meta["step"],
                     f"ZeRO-{meta['zero_stage']} on {meta['world_size']} ranks",
@@ -233,7 +233,7 @@ def _write_partitions(view: EngineView, values, state, keys: list[str]) -> None:
     assert parts is not None
     targets = [(parts.flats, values)]
     targets += [([view.optimizer.state[flat][key] for flat in parts.flats],
-                 {names[i]: state[names[i]][key] for i in view.trainable()}) for key in keys]
+                 {names[i]: state[names[i]][key] for i in view.trainable}) for key in keys]
     for flats, full in targets:
         for f in parts.fragments:
             source = full[names[f.param]].reshape(-1).narrow(0, f.start, f.numel)

@@ -217,12 +217,12 @@ class Save:
 
     def _allocate(self) -> None:
         plan = self.plan
-        self.weights = prepare_consolidate(plan.view, plan.options.dtype, plan.options.bucket_mb, plan.group,
-                                           plan.staging)
+        self.weights = prepare_consolidate(plan.view, plan.agreed, plan.options.dtype, plan.options.bucket_mb,
+                                           plan.group, plan.staging)
         self.weights.host.raise_if_failed()
         if plan.optimizer_keys is not None:
             try:  # never per parameter: no such path
-                self.optimizer = prepare_optimizer(plan.view, plan.optimizer_keys,
+                self.optimizer = prepare_optimizer(plan.view, plan.agreed, plan.optimizer_keys,
                                                    plan.options.bucket_mb or DEFAULT_BUCKET_MB, plan.group,
                                                    plan.staging)
                 self.optimizer.host.raise_if_failed()

@@ -107,7 +107,9 @@ def run_case(case: str, out_dir: Path) -> None:
     bf16 = consolidate(engine, dtype="bf16")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     failure = FirstError()
-    gather = prepare_gather(inspect_engine(engine), torch.float32, 2**20, failure)
+    view = inspect_engine(engine)
+    agreed, _ = agreement.agree(view.partitions, view.params, view.state.agreed)
+    gather = prepare_gather(view.partitions, agreed, torch.float32, 2**20, failure)
     bucketed = gather.indices
     gather.release()
     assert not failure, (failure.what, failure.error)
@@ -119,7 +121,9 @@ def run_case(case: str, out_dir: Path) -> None:
     # counted by the receiver itself: what it held at most at once, against the parameters' sizes.
     peaks = []
     for dtype, name in (("fp32", "streamed"), ("bf16", "streamed_bf16")):
-        streamed = prepare_consolidate(inspect_engine(engine), dtype=dtype, bucket_mb=1 / 1024)
+        view = inspect_engine(engine)
+        agreed, _ = agreement.agree(view.partitions, view.params, view.state.agreed)  # the kept one: no exchange
+        streamed = prepare_consolidate(view, agreed, dtype=dtype, bucket_mb=1 / 1024)
         file = PendingFile(case_dir / f"{TAG}.{name}.pt", streamed.entries) if dist.get_rank() == 0 else None
         streamed.finish(file.write if file else None, file.write_part if file else None)
         if file is not None:

@@ -164,7 +164,7 @@ def run_shifted(engine, folder: Path) -> dict:
         except WenetHooksError as e:
             refused_background = str(e).splitlines()[0]
         published = sorted(p.name for p in folder.glob("refused*"))
-        check.check_masters, original = (lambda layout, what="": None), check.check_masters
+        check.check_masters, original = (lambda *args: None), check.check_masters
         import wenet_hooks.gather as gather
 
         gather.check_masters = check.check_masters

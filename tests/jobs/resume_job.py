@@ -100,8 +100,10 @@ def exact(out: Path, cases: list[str]) -> dict:
             with slow_copies():
                 save_consolidated(engine, folder, TAG, SaveOptions(optimizer=True), writer=writer)
                 # (its own group: the save's background gather is using the package's)
-                layout = inspect_engine(engine)
-                late = prepare_optimizer(layout, state_keys(layout), background_group=dist.new_group(backend="gloo"))
+                view = inspect_engine(engine)
+                keys = state_keys(view.partitions, view.optimizer, view.wrapper)
+                late = prepare_optimizer(view, view.state.agreed[0], keys,  # the layout the save agreed on
+                                         background_group=dist.new_group(backend="gloo"))
                 straight = train_steps(engine, 1, first_step=3)  # its step waits for the save's slow copies
             held = step_wait_seconds(engine)
             late_state = late.in_memory()

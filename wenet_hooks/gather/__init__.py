@@ -29,6 +29,7 @@ from wenet_hooks.dist import is_rank0
 from wenet_hooks.dtypes import DtypeLike, resolve_dtype
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.file.writer import Entry, InMemory
+from wenet_hooks.gather.agreement import AgreedLayout, agree
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, PendingGather, Write, WritePart, prepare_gather
 from wenet_hooks.gather.check import ChunkCheck, check_masters
 from wenet_hooks.gather.masters import EngineView, full_numel, full_shape, inspect_engine, unwrap_model
@@ -42,7 +43,6 @@ __all__ = ["DEFAULT_BUCKET_MB", "consolidate", "unwrap_model"]
 
 def consolidate(
     engine: Any, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB,
-    view: Optional[EngineView] = None,
 ) -> Optional["OrderedDict[str, torch.Tensor]"]:
     """Collective: must be called on all ranks. Gather the full state dict onto rank 0's CPU.
 
@@ -63,7 +63,6 @@ def consolidate(
         dtype: floating tensors are cast to this (``"fp32"``, ``"bf16"``,
             ``"fp16"``); integer buffers keep their dtype.
         bucket_mb: megabytes rank 0 receives per collective.
-        view: the engine already inspected for this save (else it is inspected here).
 
     Returns:
         On rank 0, an ordered ``dict[str, Tensor]`` on CPU whose keys are exactly
@@ -78,7 +77,9 @@ def consolidate(
             failed, after every collective of the gather has run on every rank.
     """
     started = time.perf_counter()
-    pending = prepare_consolidate(view or inspect_engine(engine), dtype, bucket_mb)
+    view = inspect_engine(engine)
+    agreed, _ = agree(view.partitions, view.params, view.state.agreed)
+    pending = prepare_consolidate(view, agreed, dtype, bucket_mb)
     try:
         pending.host.raise_if_failed_anywhere()  # every rank allocated its part, or none gathers
     except ConsolidationError:
@@ -94,13 +95,15 @@ def consolidate(
 
 
 def prepare_consolidate(
-    view: EngineView, dtype: DtypeLike = "fp32", bucket_mb: float = DEFAULT_BUCKET_MB,
-    background_group: Any = None, staging: Optional[Staging] = None,
+    view: EngineView, agreed: Optional[AgreedLayout], dtype: DtypeLike = "fp32",
+    bucket_mb: float = DEFAULT_BUCKET_MB, background_group: Any = None, staging: Optional[Staging] = None,
 ) -> PendingWeights:
     """Collective: :func:`consolidate` up to the bucketed gather, which :meth:`PendingWeights.finish` runs.
 
-    Now: the check of the masters against the training weights, the layout
-    agreed, and everything gathered parameter by parameter (frozen parameters,
+    ``agreed``: the layout of the partitions every rank agreed on
+    (:func:`~wenet_hooks.gather.agreement.agree`; None: none usable, every
+    parameter gathered the per-parameter way). Now: the check of the masters
+    against the training weights, and everything gathered parameter by parameter (frozen parameters,
     buffers, layouts the bucketed gather does not know). With
     ``background_group`` each rank also copies its flat partitions to host
     memory now, so ``finish`` can run later, off the training thread, over
@@ -117,11 +120,11 @@ def prepare_consolidate(
     host = ToHost(resolve_dtype(dtype), enabled=is_rank0())
     with torch.no_grad():
         if staging is not None:
-            staging.add_check(ChunkCheck(view))
+            staging.add_check(ChunkCheck(view.partitions, view.names))
         else:
-            check_masters(view)
-        bucketed = prepare_gather(view, host.target, int(bucket_mb * 2**20), host.failure,
-                                  background_group=background_group, staging=staging)
+            check_masters(view.partitions, view.names)
+        bucketed = prepare_gather(view.partitions, agreed, host.target, int(bucket_mb * 2**20), host.failure,
+                                  background_group=background_group, staging=staging, pool=view.state.pool)
     covered = {id(view.params[i]) for i in bucketed.indices}
     # Tied weights are one Parameter object under several keys: gather it once
     # and reuse the CPU host, so the file stores it once, as torch.save would.

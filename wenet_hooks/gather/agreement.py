@@ -3,9 +3,12 @@
 Agreeing means every rank sends its fragment list to every other
 (``all_gather_object``): O(world x parameters), once per engine. At the
 following saves each rank only compares its own description with the one
-agreed, and the ranks vote on one boolean: the description is re-agreed only
-when some rank's partitions changed (a new engine, DeepSpeed's
-``offload_states``/``reload_states``).
+agreed (which the engine keeps: :attr:`~wenet_hooks.gather.masters.EngineState.agreed`),
+and the ranks vote on one boolean: the description is re-agreed only when
+some rank's partitions changed (a new engine, DeepSpeed's
+``offload_states``/``reload_states``). A save's plan makes that vote
+(:func:`wenet_hooks.plan.plan_save`), and every gather of the save reads
+the layout from the plan.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from wenet_hooks.dist import all_reports, log_rank0
-from wenet_hooks.gather.masters import EngineView, Fragment, Partitions, full_numel
+from wenet_hooks.gather.masters import Fragment, Partitions, full_numel
 
 logger = logging.getLogger(__name__)
 
@@ -27,51 +30,39 @@ Description = tuple[tuple[int, ...], tuple[Fragment, ...]]  # (flat sizes, fragm
 
 @dataclass(frozen=True)
 class AgreedLayout:
-    """What every rank agreed on: flat buffer sizes and who holds which fragment."""
+    """What every rank agreed on: flat buffer sizes and who holds which fragment; and what this rank
+    described (a later save reuses the layout while every rank still describes the same)."""
 
     flat_numels: list[int]
     by_rank: list[list[Fragment]]
     by_param: dict[int, list[Fragment]]
+    described: Description  # this rank's description when it was agreed
 
 
 agreements_made = 0  # full agreements (all_gather_object of every fragment list) in this process
 
 
-def agree(view: EngineView) -> Optional[AgreedLayout]:
-    """Collective (unless this save agreed already): the layout if every rank's description is usable and
-    complete, else None.
+def agree(parts: Optional[Partitions], params: Sequence[torch.nn.Parameter], kept: list[AgreedLayout],
+          mine: Any = None) -> tuple[Optional[AgreedLayout], list[Any]]:
+    """Collective: the layout of ``parts`` (this rank's partitions of ``params``) if every rank's is usable
+    and complete, else None; and every rank's ``mine`` (a save's optimizer state keys), in rank order,
+    exchanged in the same collective.
 
-    Reused from the engine's last agreement while every rank's partitions are
-    still described the same; agreed anew (and remembered) otherwise. Within one
-    save (one ``view``) the ranks agree once: the save's plan
-    (:func:`agree_with`), or the first gather that asks.
+    One exchange while every rank's partitions are described as in ``kept`` (the engine's last
+    agreement, :attr:`~wenet_hooks.gather.masters.EngineState.agreed`: empty, or that one layout, which
+    is then returned); a second, of every rank's fragment list, when they are not (the first save of an
+    engine, ``offload_states``...): a usable layout then replaces the one in ``kept``.
     """
-    if not view.agreed:
-        agree_with(view, None)
-    return view.agreed[0]
-
-
-def agree_with(view: EngineView, mine: Any) -> list[Any]:
-    """Collective: agree on the layout as :func:`agree` does, exchanging each rank's ``mine`` in the same
-    collective (a save's plan: its optimizer state keys); every rank's ``mine``, in rank order.
-
-    One exchange while every rank's partitions are described as at the
-    engine's last agreement; a second, of every rank's fragment list, when
-    they are not (the first save of an engine, ``offload_states``...).
-    """
-    described = describe(view.partitions)
-    state = view.state  # the engine's last agreement is kept with it
-    known = state.agreed
-    unchanged = described is not None and known is not None and known[0] == described
+    described = describe(parts)
+    unchanged = described is not None and bool(kept) and kept[0].described == described
     reports = all_reports((unchanged, mine))
-    if known is not None and all(same for same, _ in reports):
-        agreed: Optional[AgreedLayout] = known[1]
-    else:
-        agreed = _agree_anew(described, view.params)
-        if agreed is not None and described is not None:
-            state.agreed = (described, agreed)
-    view.agreed[:] = [agreed]
-    return [theirs for _, theirs in reports]
+    theirs = [other for _, other in reports]
+    if kept and all(same for same, _ in reports):
+        return kept[0], theirs
+    agreed = _agree_anew(described, params)
+    if agreed is not None:
+        kept[:] = [agreed]
+    return agreed, theirs
 
 
 def describe(parts: Optional[Partitions]) -> Optional[Description]:
@@ -95,7 +86,8 @@ def _agree_anew(mine: Optional[Description], params: Sequence[torch.nn.Parameter
     for index, fragments in by_param.items():
         if not _covers(fragments, full_numel(params[index])):
             return _unusable(f"fragments of parameter {index} do not cover it exactly once")
-    return AgreedLayout(sizes, [list(r[1]) for r in reports], dict(by_param))
+    assert mine is not None  # (every report is one)
+    return AgreedLayout(sizes, [list(r[1]) for r in reports], dict(by_param), mine)
 
 
 def _covers(fragments: list[Fragment], numel: int) -> bool:

@@ -29,8 +29,8 @@ import torch.distributed as dist
 
 from wenet_hooks.dist import is_distributed
 from wenet_hooks.errors import ConsolidationError, FirstError
-from wenet_hooks.gather.agreement import AgreedLayout, agree
-from wenet_hooks.gather.masters import EngineView, Fragment
+from wenet_hooks.gather.agreement import AgreedLayout
+from wenet_hooks.gather.masters import Fragment, Partitions
 from wenet_hooks.gather.snapshots import SnapshotPool
 from wenet_hooks.gather.staging import Staging
 
@@ -53,49 +53,49 @@ WritePart = Callable[[str, int, torch.Tensor], None]
 
 
 def prepare_gather(
-    view: EngineView,
+    parts: Optional[Partitions],
+    agreed: Optional[AgreedLayout],
     target: torch.dtype,
     bucket_bytes: int,
     failure: FirstError,
     state_key: Optional[str] = None,
     background_group: Any = None,
     staging: Optional[Staging] = None,
+    pool: Optional[SnapshotPool] = None,
 ) -> PendingGather:
-    """The gather of the fp32 masters that DeepSpeed partitions, agreed on by every rank (a collective
-    unless this save's plan agreed already) and allocated here (the caller votes on every rank's
+    """The gather of this rank's flat partitions ``parts`` (of the fp32 masters, or of optimizer state
+    ``state_key``: flat tensors of the masters' own layout) in the layout every rank ``agreed`` on (the
+    save's plan: :mod:`wenet_hooks.gather.agreement`), allocated here (the caller votes on every rank's
     allocations); :meth:`PendingGather.run` moves them to rank 0.
 
-    With ``state_key``, that optimizer state of each parameter (``exp_avg``...)
-    instead: it lies in flat tensors of the masters' own layout.
-
-    Parameters (indices into ``view.params``) not in the result's ``indices``
-    are not gathered here (frozen, or a layout this does not know); the caller
-    gets them the per-parameter way. Local failures are recorded in ``failure``
-    and the collectives continue.
+    Parameters (indices into the view's ``params``) not in the result's
+    ``indices`` are not gathered here (frozen, or a layout this does not know:
+    ``agreed`` is None); the caller gets them the per-parameter way. Local
+    failures are recorded in ``failure`` and the collectives continue.
 
     With ``background_group`` (a gloo group of every rank), each rank copies its
-    flat partitions to host memory now (with ``staging``, when the staging
-    runs: :mod:`wenet_hooks.gather.staging`), and ``run`` may be called later,
-    off the training thread, while training changes the originals: its
-    collectives go over that group, never interleaving with training's.
+    flat partitions to host memory: into ``staging``'s buffers when the staging
+    runs (:mod:`wenet_hooks.gather.staging`), else now, into buffers lent by
+    ``pool``; and ``run`` may be called later, off the training thread, while
+    training changes the originals: its collectives go over that group, never
+    interleaving with training's.
     """
-    if not is_distributed() or bucket_bytes <= 0:
-        return PendingGather(set())
-    agreed = agree(view)  # no collective where the save's plan agreed already
-    if agreed is None:
+    if not is_distributed() or bucket_bytes <= 0 or agreed is None:
         return PendingGather(set())
     gather = PendingGather(set(agreed.by_param))
     # Every rank described its partitions. An optimizer state's flats share the masters' layout, and
     # every rank holds the state (the save's plan agreed on its keys first: optimizer.agreed_state_keys).
-    parts = view.partitions if state_key is None else view.state_partitions(state_key)
     try:
         if parts is None:  # reported at the caller's vote, which every rank reaches
             raise ConsolidationError(f"optimizer state '{state_key}' is missing on rank {dist.get_rank()}")
         flats, group = parts.flats, parts.process_group
         if background_group is not None:
-            if staging is None:  # lent by the engine's pool until sent (else the staging gives its buffers back)
-                gather.pool = view.state.pool
-            host_copy = staging.buffer_for if staging is not None else gather.pool.snapshot
+            if staging is not None:  # the staging gives its buffers back
+                host_copy = staging.buffer_for
+            else:  # lent by the engine's pool until sent
+                assert pool is not None, "a background gather without a staging copies into the engine's pool"
+                gather.pool = pool
+                host_copy = pool.snapshot
             flats, group = [host_copy(flat) for flat in flats], background_group
         gather.allocate(flats, agreed, bucket_bytes, group, target, failure)
     except Exception as e:

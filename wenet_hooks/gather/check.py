@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from wenet_hooks.dist import Failure, first_failure, get_rank
 from wenet_hooks.errors import ConsolidationError
-from wenet_hooks.gather.masters import EngineView, Fragment, Partitions
+from wenet_hooks.gather.masters import Fragment, Partitions
 
 # Elements compared at a time: bounds the temporary cast (and its device copy) whatever the parameter's size.
 _CHUNK = 1 << 22
@@ -99,17 +99,18 @@ def _line(names: list[str], fragment: Fragment) -> str:
     return f"'{names[fragment.param]}' (elements {fragment.start}..{fragment.start + fragment.numel})"
 
 
-def check_masters(view: EngineView, what: str = "the fp32 masters read") -> None:
-    """Collective: every rank checks its fragments of the masters against its training weights.
+def check_masters(parts: Optional[Partitions], names: list[str], what: str = "the fp32 masters read") -> None:
+    """Collective: every rank checks its fragments of the masters (``parts``, None: no partitions) against
+    its training weights (``names``: each parameter's key, for the message).
 
     Raises:
         ConsolidationError: on every rank when any rank found a mismatch,
             naming the rank and the parameters.
     """
     mine = None
-    if view.partitions is not None:
+    if parts is not None:
         try:
-            wrong = mismatched(view.partitions, view.names)
+            wrong = mismatched(parts, names)
             mine = Failure(get_rank(), mismatch_message(wrong, what)) if wrong else None
         except Exception as e:  # reading the weights failed: say so on every rank, never hang one
             mine = Failure.from_exception(e)
@@ -124,8 +125,8 @@ class ChunkCheck:
     checked is what is sent, and the masters are read once for both. The ranks' vote is the
     caller's (the save's background job)."""
 
-    def __init__(self, view: EngineView, what: str = "the fp32 masters read") -> None:
-        self._parts, self._names, self._what = view.partitions, view.names, what
+    def __init__(self, parts: Optional[Partitions], names: list[str], what: str = "the fp32 masters read") -> None:
+        self._parts, self._names, self._what = parts, names, what
         self._wrong: dict[int, str] = {}  # index of the fragment -> its line
 
     def inspectors(self) -> dict[int, tuple[torch.Tensor, Callable[[int, torch.Tensor, torch.Tensor], None]]]:

@@ -25,19 +25,27 @@ the data really is, not from DeepSpeed's bookkeeping alone:
 Each fragment also carries the training weight's elements it must equal
 (:mod:`wenet_hooks.gather.check`). Optimizer states (Adam's ``exp_avg``...)
 lie in flat tensors of the masters' own layout, keyed by the flat master in
-the base optimizer's ``state`` (:meth:`EngineView.state_partitions`).
+the base optimizer's ``state`` (:meth:`Partitions.of_state`).
 
 Unpartitioned (bf16/fp16 without ZeRO): :mod:`wenet_hooks.gather.fp16_masters`.
 Anything not recognised (NVMe-swapped optimizer states, a process group that
 is not the whole world) has no partitions, and the gather falls back to
 DeepSpeed's per-parameter ``safe_get_full_fp32_param``.
+
+What the package keeps for an engine between its saves (the host buffers its
+background gathers send, the guard that holds its next optimizer step, the
+layout its ranks last agreed on) is one :class:`EngineState` in a weak
+registry here, handed to each save in its view (:attr:`EngineView.state`) and
+dropped, with whatever it installed on the engine undone, when the engine is
+collected.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,8 +54,8 @@ from torch import nn
 from wenet_hooks.dist import is_distributed
 from wenet_hooks.errors import ConsolidationError
 from wenet_hooks.file.optimizer_file import ENGINE_COUNTERS
-from wenet_hooks.gather.engines import EngineState, state_of
 from wenet_hooks.gather.fp16_masters import unpartitioned_masters
+from wenet_hooks.gather.snapshots import SnapshotPool
 
 logger = logging.getLogger(__name__)
 _said: set[str] = set()  # warnings already logged in this process
@@ -75,9 +83,59 @@ class Partitions:
     process_group: Any
     weights: list[torch.Tensor]
 
-    def with_flats(self, flats: list[torch.Tensor]) -> Partitions:
-        """The same fragments over other flat tensors of the same layout (an optimizer state)."""
+    def of_state(self, state: Mapping[Any, Any], key: str) -> Optional[Partitions]:
+        """This rank's partitions of optimizer state ``key`` (``state``: the base optimizer's): the same
+        fragments over the state's flat tensors. ``None`` when a flat master has no such state tensor of
+        its own shape (no step taken yet, or a state kept elsewhere)."""
+        flats = []
+        for flat in self.flats:
+            value = state[flat].get(key) if flat in state else None
+            if not (torch.is_tensor(value) and value.shape == flat.shape):
+                return None
+            flats.append(value)
         return replace(self, flats=flats)
+
+
+@dataclass
+class EngineState:
+    """What one engine's saves share, kept between them (one per engine: :func:`state_of`)."""
+
+    pool: SnapshotPool = field(default_factory=SnapshotPool)  # host buffers of its background gathers
+    guard: Any = None  # its step guard (staging._StepGuard), once a save deferred its copies
+    agreed: list[Any] = field(default_factory=list)  # the layout its ranks last agreed on (agreement.agree)
+    undo: list[Callable[[], None]] = field(default_factory=list)  # what to undo when the engine goes
+
+    def forget(self) -> None:
+        for undo in self.undo:
+            undo()
+        self.undo = []
+        self.pool.clear()
+
+
+_STATES: dict[int, EngineState] = {}  # id(engine) -> its state, dropped when the engine is collected
+
+
+def state_of(engine: Any) -> EngineState:
+    """``engine``'s state, made on first use (kept for the process's life if it has no weak references)."""
+    key = id(engine)
+    if key not in _STATES:
+        _STATES[key] = EngineState()
+        try:
+            weakref.finalize(engine, _forget, key)
+        except TypeError:
+            pass
+    return _STATES[key]
+
+
+def known_state(engine: Any) -> Optional[EngineState]:
+    """``engine``'s state if a save made one, else None (nothing is made)."""
+    return _STATES.get(id(engine))
+
+
+def _forget(key: int) -> None:
+    state = _STATES.pop(key, None)
+    if state is not None:
+        state.forget()
 
 
 @dataclass
@@ -90,6 +148,7 @@ class EngineView:
     entries: dict[str, torch.Tensor]  # state_dict(keep_vars=True): parameters as Parameter objects
     params: list[nn.Parameter]  # each parameter once (tied ones under their first key), state_dict order
     names: list[str]  # the first key of each parameter
+    trainable: list[int]  # indices of the parameters the optimizer trains (``requires_grad``)
     masters: dict[int, torch.Tensor]  # id(param) -> unpartitioned fp32 master (FP16_Optimizer)
     partitions: Optional[Partitions]  # None: not partitioned, or a layout this module does not know
     stage: int
@@ -98,30 +157,8 @@ class EngineView:
     scheduler: Any  # the engine's learning rate scheduler, or None
     counters: dict[str, int]  # the engine's step counters (ENGINE_COUNTERS)
     hint: str  # what to do when DeepSpeed's per-parameter gather reads the wrong slices, if the cause is known
-    # What the ranks agreed on for this save (gather.agreement.agree, once per save: the weights'
-    # gather and each optimizer state's share the layout); a one-element list once agreed.
-    agreed: list[Any] = field(default_factory=list)
-
-    def trainable(self) -> list[int]:
-        """Indices of the parameters the optimizer trains (``requires_grad``)."""
-        return [i for i, p in enumerate(self.params) if p.requires_grad]
-
-    def state_partitions(self, key: str) -> Optional[Partitions]:
-        """This rank's partitions of optimizer state ``key``: same fragments, the state's flat tensors.
-
-        ``None`` when a flat master has no such state tensor of its own shape
-        (no step taken yet, or a state kept elsewhere).
-        """
-        if self.partitions is None:
-            return None
-        state = getattr(self.optimizer, "state", {})
-        flats = []
-        for flat in self.partitions.flats:
-            value = state[flat].get(key) if flat in state else None
-            if not (torch.is_tensor(value) and value.shape == flat.shape):
-                return None
-            flats.append(value)
-        return self.partitions.with_flats(flats)
+    steppers: list[torch.optim.Optimizer]  # every torch optimizer whose step changes the masters (torch_optimizers)
+    writes_in_backward: bool  # the optimizer changes the masters outside its step (SuperOffload, ZenFlow)
 
 
 def inspect_engine(engine: Any) -> EngineView:
@@ -136,16 +173,18 @@ def inspect_engine(engine: Any) -> EngineView:
             unique[id(tensor)] = (key, tensor)
     names = [key for key, _ in unique.values()]
     params = [param for _, param in unique.values()]
+    wrapper = getattr(engine, "optimizer", None)
     try:
-        partitions = find_partitions(engine, params)
+        partitions = find_partitions(wrapper, params)
     except Exception:
         logger.warning("wenet_hooks: could not read DeepSpeed's fp32 partitions here", exc_info=True)
         partitions = None
-    wrapper = getattr(engine, "optimizer", None)
     counters = {name: int(getattr(engine, name)) for name in ENGINE_COUNTERS if hasattr(engine, name)}
-    return EngineView(state_of(engine), module, entries, params, names, unpartitioned_masters(wrapper), partitions,
-                      zero_stage(engine), base_optimizer(engine), wrapper, getattr(engine, "lr_scheduler", None),
-                      counters, _per_parameter_hint(engine))
+    trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    return EngineView(state_of(engine), module, entries, params, names, trainable, unpartitioned_masters(wrapper),
+                      partitions, zero_stage(engine), base_optimizer(engine), wrapper,
+                      getattr(engine, "lr_scheduler", None), counters, _per_parameter_hint(engine),
+                      torch_optimizers(engine), writes_masters_during_backward(engine))
 
 
 def _per_parameter_hint(engine: Any) -> str:
@@ -170,12 +209,10 @@ def full_numel(tensor: torch.Tensor) -> int:
     return getattr(tensor, "ds_numel", tensor.numel())
 
 
-def find_partitions(engine: Any, params: Sequence[torch.nn.Parameter]) -> Optional[Partitions]:
-    """This rank's fp32 partitions of ``params``, or ``None`` if the layout is not one we know."""
-    if not is_distributed():
-        return None
-    optimizer = getattr(engine, "optimizer", None)
-    if optimizer is None:
+def find_partitions(optimizer: Any, params: Sequence[torch.nn.Parameter]) -> Optional[Partitions]:
+    """This rank's fp32 partitions of ``params`` in DeepSpeed's ``optimizer`` (the engine's), or ``None``
+    if the layout is not one we know."""
+    if not is_distributed() or optimizer is None:
         return None
     index_of = {id(p): i for i, p in enumerate(params)}
     if hasattr(optimizer, "fp32_partitioned_groups_flat"):
@@ -208,6 +245,31 @@ def base_optimizer(engine: Any) -> Any:
     """The torch (or DeepSpeed CPU/fused) optimizer that holds the state, inside DeepSpeed's wrapper."""
     wrapper = getattr(engine, "optimizer", None)
     return getattr(wrapper, "optimizer", wrapper)
+
+
+# Optimizers that write the masters during backward (outside any step a pre-hook can hold): a background save
+# of theirs takes its copies at the call. SuperOffload steps its CPU sub-groups in a worker process; ZenFlow
+# overwrites the masters in backward_prologue.
+WRITE_DURING_BACKWARD = ("SuperOffload", "ZenFlow")
+
+
+def writes_masters_during_backward(engine: Any) -> bool:
+    """Whether ``engine``'s optimizer changes the masters outside its step (SuperOffload, ZenFlow)."""
+    wrapper = getattr(engine, "optimizer", None)
+    classes = [c.__name__ for c in type(wrapper).__mro__] if wrapper is not None else []
+    return any(name.startswith(prefix) for name in classes for prefix in WRITE_DURING_BACKWARD)
+
+
+def torch_optimizers(engine: Any) -> list[torch.optim.Optimizer]:
+    """Every torch optimizer whose step changes ``engine``'s masters or optimizer state: the engine's
+    optimizer, DeepSpeed's base optimizer under it, and ZeRO-3's optimizer for the sub-groups it keeps
+    on the accelerator (``offload_optimizer.ratio`` < 1)."""
+    found: list[torch.optim.Optimizer] = []
+    top = getattr(engine, "optimizer", None)
+    for candidate in (top, getattr(top, "optimizer", None), getattr(top, "backup_optimizer", None)):
+        if isinstance(candidate, torch.optim.Optimizer) and not any(candidate is f for f in found):
+            found.append(candidate)
+    return found
 
 
 # (training weights per group, their flat buffers, this rank's fp32 partitions) as DeepSpeed names them:

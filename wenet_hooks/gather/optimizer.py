@@ -27,9 +27,9 @@ from wenet_hooks.file.optimizer_file import (
     plain,
 )
 from wenet_hooks.file.writer import Entry, InMemory
-from wenet_hooks.gather.agreement import agree_with
+from wenet_hooks.gather.agreement import AgreedLayout, agree
 from wenet_hooks.gather.bucketed import DEFAULT_BUCKET_MB, OnFragment, PendingGather, Write, WritePart, prepare_gather
-from wenet_hooks.gather.masters import EngineView, full_shape, inspect_engine
+from wenet_hooks.gather.masters import EngineView, Partitions, full_shape, inspect_engine
 from wenet_hooks.gather.per_param import ToHost
 from wenet_hooks.gather.staging import Staging
 
@@ -60,10 +60,12 @@ def consolidate_optimizer(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> 
             failed on this rank (after every collective ran on every rank).
     """
     view = inspect_engine(engine)
-    keys = agreed_state_keys(agree_with(view, state_keys(view)))
+    agreed, reports = agree(view.partitions, view.params, view.state.agreed,
+                            state_keys(view.partitions, view.optimizer, view.wrapper))
+    keys = agreed_state_keys(reports)
     if isinstance(keys, str):
         raise ConsolidationError(f"the optimizer state cannot be gathered: {keys}")
-    pending = prepare_optimizer(view, keys, bucket_mb)
+    pending = prepare_optimizer(view, agreed, keys, bucket_mb)
     try:
         pending.host.raise_if_failed_anywhere()  # every rank allocated its part, or none gathers
     except ConsolidationError:
@@ -119,10 +121,11 @@ class PendingOptimizer:
         return lambda index, start, values: write_part(file_key(state_key, self.names[index]), start, values)
 
 
-def prepare_optimizer(view: EngineView, keys: list[str], bucket_mb: float = DEFAULT_BUCKET_MB,
-                      background_group: Any = None, staging: Optional[Staging] = None) -> PendingOptimizer:
-    """Collective unless the save agreed on the layout already: take the meta (step, scheduler...) now, allocate
-    the gather of each state in ``keys`` (:func:`agreed_state_keys`: the same on every rank).
+def prepare_optimizer(view: EngineView, agreed: Optional[AgreedLayout], keys: list[str],
+                      bucket_mb: float = DEFAULT_BUCKET_MB, background_group: Any = None,
+                      staging: Optional[Staging] = None) -> PendingOptimizer:
+    """Take the meta (step, scheduler...) now, allocate the gather of each state in ``keys``
+    (:func:`agreed_state_keys`: the same on every rank) in the layout every rank ``agreed`` on.
 
     With ``background_group``, every rank also copies its partitions of the
     state to host memory now, so :meth:`PendingOptimizer.finish` can run in
@@ -132,13 +135,16 @@ def prepare_optimizer(view: EngineView, keys: list[str], bucket_mb: float = DEFA
     Raises:
         ConsolidationError: the state is not in DeepSpeed's flat layout (on every rank alike).
     """
-    names = {i: view.names[i] for i in view.trainable()}
+    names = {i: view.names[i] for i in view.trainable}
     host = ToHost(torch.float32, enabled=is_rank0())
+    state = getattr(view.optimizer, "state", {})
     gathers = {}
     with torch.no_grad():
         for state_key in keys:
-            pending = prepare_gather(view, torch.float32, int(bucket_mb * 2**20), host.failure,
-                                     state_key=state_key, background_group=background_group, staging=staging)
+            parts = view.partitions.of_state(state, state_key) if view.partitions is not None else None
+            pending = prepare_gather(parts, agreed, torch.float32, int(bucket_mb * 2**20), host.failure,
+                                     state_key=state_key, background_group=background_group, staging=staging,
+                                     pool=view.state.pool)
             if pending.indices != set(names):  # the layout every rank agreed on
                 raise ConsolidationError(
                     f"rank {get_rank()}: optimizer state '{state_key}' is not in the flat layout of DeepSpeed's "
@@ -160,30 +166,29 @@ def agreed_state_keys(reports: list[Union[list[str], str]]) -> Union[list[str], 
     return reports[0]
 
 
-def state_keys(view: EngineView) -> Union[list[str], str]:
-    """The state tensors kept for every flat partition, in the partitions' own shape (none before the
-    first step), or where else the state is kept (a reason why it cannot be gathered)."""
-    parts = view.partitions
+def state_keys(parts: Optional[Partitions], optimizer: Any, wrapper: Any) -> Union[list[str], str]:
+    """The state tensors ``optimizer`` (the base optimizer, inside DeepSpeed's ``wrapper``) keeps for every
+    flat partition of ``parts``, in the partitions' own shape (none before the first step), or where else
+    the state is kept (a reason why it cannot be gathered)."""
     if parts is None:
         return "a layout wenet_hooks does not know (ZeRO-0, NVMe-swapped optimizer states)"
-    elsewhere = _kept_elsewhere(view)
+    elsewhere = _kept_elsewhere(wrapper)
     if elsewhere:
         return elsewhere
-    state = getattr(view.optimizer, "state", {})
+    state = getattr(optimizer, "state", {})
     per_flat = [sorted(k for k, v in state.get(flat, {}).items() if torch.is_tensor(v) and v.shape == flat.shape)
                 for flat in parts.flats]
     if any(keys != per_flat[0] for keys in per_flat):
         return "a place wenet_hooks does not read for some of its flat partitions (their state keys differ)"
-    step = optimizer_step(view.optimizer)
+    step = optimizer_step(optimizer)
     if per_flat and not per_flat[0] and step > 0:
-        return (f"a place wenet_hooks does not read: {type(view.optimizer).__name__} has taken {step:g} steps "
+        return (f"a place wenet_hooks does not read: {type(optimizer).__name__} has taken {step:g} steps "
                 "but its state holds no tensor shaped like DeepSpeed's flat partitions")
     return per_flat[0] if per_flat else []
 
 
-def _kept_elsewhere(view: EngineView) -> Optional[str]:
-    """Optimizer state DeepSpeed keeps outside the base optimizer's ``state``."""
-    wrapper = view.wrapper
+def _kept_elsewhere(wrapper: Any) -> Optional[str]:
+    """Optimizer state DeepSpeed (its optimizer ``wrapper``) keeps outside the base optimizer's ``state``."""
     if "SuperOffload" in type(wrapper).__name__:
         return "another process (DeepSpeed's SuperOffload)"
     backup = getattr(wrapper, "backup_optimizer", None)

@@ -22,7 +22,7 @@ class SnapshotPool:
     copy itself (1 GB: 0.5 s against 0.13 s here); kept, each rank holds its
     share of the masters and the optimizer state once more in host memory
     while the engine lives (its pool is emptied when the engine is collected:
-    :mod:`wenet_hooks.gather.engines`).
+    :class:`wenet_hooks.gather.masters.EngineState`).
     Pinned when the partition lies on an accelerator, so the copy runs at full
     speed: torch's caching host allocator rounds each pinned block up to a
     power of two, so the pool asks for exactly that and counts what it really

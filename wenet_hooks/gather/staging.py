@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from wenet_hooks.errors import FirstError
-from wenet_hooks.gather.engines import known_state, snapshot_pool, state_of
+from wenet_hooks.gather.masters import EngineView, known_state
 from wenet_hooks.gather.snapshots import SnapshotPool
 
 # Elements copied (and checked) at a time: 16 MB of fp32. Each chunk is a few calls that take the GIL back
@@ -130,14 +130,51 @@ def _copy_and_inspect(entry: _Flat) -> None:
             inspect(lo, piece, copied)
 
 
-def new_staging(engine: Any, flats_on_host: bool, optimizers: list[torch.optim.Optimizer]) -> Staging:
-    """The staging of one background save of ``engine``: deferred to the background job (the next step of
-    ``optimizers`` held until it has run) when the flats lie in host memory and there are steps to hold."""
-    deferred = flats_on_host and bool(optimizers) and not writes_masters_during_backward(engine)
-    staging = Staging(snapshot_pool(engine), deferred)
-    if deferred:
-        _guard(engine, optimizers).hold(staging)
+# DeepSpeed's entry points that write the masters or the optimizer state outside a step (0.14-0.19.8): each
+# waits for the copies in flight first. Those of the engine, then those of its ZeRO / bf16 / fp16 optimizer.
+ENGINE_WRITERS = ("load_checkpoint", "_load_checkpoint", "_load_zero_checkpoint")
+OPTIMIZER_WRITERS = ("load_state_dict", "refresh_fp32_params", "_restore_from_bit16_weights",
+                     "_load_universal_checkpoint", "_load_legacy_checkpoint",
+                     "load_hp_checkpoint_state_from_checkpoint_dir_stage3")
+
+
+def new_staging(view: EngineView) -> Staging:
+    """The staging of one background save of the engine ``view`` was inspected from: deferred to the
+    background job, the next optimizer step held until it has run (by the engine's guard:
+    :func:`guard_steps`, once per engine), where the steps can be held."""
+    staging = Staging(view.state.pool, can_defer(view))
+    if staging.deferred:
+        view.state.guard.hold(staging)
     return staging
+
+
+def can_defer(view: EngineView) -> bool:
+    """Whether a background save's copies may wait for its job: every flat lies in host memory, there are
+    steps to hold, and the optimizer changes the masters only in them."""
+    parts = view.partitions
+    on_host = parts is not None and all(flat.device.type == "cpu" for flat in parts.flats)
+    return on_host and bool(view.steppers) and not view.writes_in_backward
+
+
+def guard_steps(engine: Any, view: EngineView) -> None:
+    """Once per engine (no-op after), before its first deferred save: its steps (and DeepSpeed's writers of
+    the masters outside a step) held while a save's copies are taken. Every hook is in place before the
+    guard is kept (a save never defers with nothing held); they are undone when the engine is collected."""
+    if view.state.guard is not None or not can_defer(view):
+        return
+    guard = _StepGuard()
+    undo: list[Callable[[], None]] = []
+    try:
+        for optimizer in view.steppers:
+            undo.append(optimizer.register_step_pre_hook(guard).remove)
+        undo += _wait_before(engine, ENGINE_WRITERS, guard)
+        undo += _wait_before(getattr(engine, "optimizer", None), OPTIMIZER_WRITERS, guard)
+    except BaseException:
+        for remove in undo:
+            remove()
+        raise
+    view.state.undo += undo
+    view.state.guard = guard
 
 
 def step_wait_seconds(engine: Any) -> float:
@@ -182,37 +219,6 @@ class _StepGuard:
             self.waited += time.perf_counter() - started
 
 
-# DeepSpeed's entry points that write the masters or the optimizer state outside a step (0.14-0.19.8): each
-# waits for the copies in flight first. Those of the engine, then those of its ZeRO / bf16 / fp16 optimizer.
-ENGINE_WRITERS = ("load_checkpoint", "_load_checkpoint", "_load_zero_checkpoint")
-OPTIMIZER_WRITERS = ("load_state_dict", "refresh_fp32_params", "_restore_from_bit16_weights",
-                     "_load_universal_checkpoint", "_load_legacy_checkpoint",
-                     "load_hp_checkpoint_state_from_checkpoint_dir_stage3")
-# Optimizers that write the masters during backward (outside any step a pre-hook can hold): a save of theirs
-# takes its copies at the call. SuperOffload steps its CPU sub-groups in a worker process; ZenFlow overwrites
-# the masters in backward_prologue.
-WRITE_DURING_BACKWARD = ("SuperOffload", "ZenFlow")
-
-
-def _guard(engine: Any, optimizers: list[torch.optim.Optimizer]) -> _StepGuard:
-    state = state_of(engine)
-    if state.guard is None:
-        guard = _StepGuard()
-        undo: list[Callable[[], None]] = []
-        try:  # every hook in place before the guard is published: a save never defers with nothing held
-            for optimizer in optimizers:
-                undo.append(optimizer.register_step_pre_hook(guard).remove)
-            undo += _wait_before(engine, ENGINE_WRITERS, guard)
-            undo += _wait_before(getattr(engine, "optimizer", None), OPTIMIZER_WRITERS, guard)
-        except BaseException:
-            for remove in undo:
-                remove()
-            raise
-        state.undo += undo  # undone when the engine is collected
-        state.guard = guard
-    return state.guard
-
-
 def _guard_of(engine: Any) -> Optional[_StepGuard]:
     state = known_state(engine)
     return state.guard if state is not None else None
@@ -244,22 +250,3 @@ def _remove_attribute(owner_ref: Callable[[], Any], name: str) -> None:
     owner = owner_ref()
     if owner is not None and name in vars(owner):
         delattr(owner, name)
-
-
-def writes_masters_during_backward(engine: Any) -> bool:
-    """Whether ``engine``'s optimizer changes the masters outside its step (SuperOffload, ZenFlow)."""
-    wrapper = getattr(engine, "optimizer", None)
-    classes = [c.__name__ for c in type(wrapper).__mro__] if wrapper is not None else []
-    return any(name.startswith(prefix) for name in classes for prefix in WRITE_DURING_BACKWARD)
-
-
-def torch_optimizers(engine: Any) -> list[torch.optim.Optimizer]:
-    """Every torch optimizer whose step changes ``engine``'s masters or optimizer state: the engine's
-    optimizer, DeepSpeed's base optimizer under it, and ZeRO-3's optimizer for the sub-groups it keeps
-    on the accelerator (``offload_optimizer.ratio`` < 1)."""
-    found: list[torch.optim.Optimizer] = []
-    top = getattr(engine, "optimizer", None)
-    for candidate in (top, getattr(top, "optimizer", None), getattr(top, "backup_optimizer", None)):
-        if isinstance(candidate, torch.optim.Optimizer) and not any(candidate is f for f in found):
-            found.append(candidate)
-    return found
