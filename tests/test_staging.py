@@ -64,7 +64,7 @@ def test_checks_bf16_weights_against_the_masters_rounded(small_chunks):
 def test_an_error_while_copying_is_kept_and_still_releases_the_steps():
     staging = Staging(SnapshotPool(), deferred=True)
     staging.buffer_for(torch.zeros(4))
-    staging._flats[next(iter(staging._flats))].buffer = torch.zeros(3)  # a buffer too small: copy_ raises
+    staging._buffers[next(iter(staging._buffers))] = torch.zeros(3)  # a buffer too small: copy_ raises
     staging.run()
     assert isinstance(staging.failure.error, RuntimeError) and staging.done.is_set()
 

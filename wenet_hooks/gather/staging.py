@@ -26,7 +26,6 @@ import functools
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
 import torch
@@ -54,19 +53,15 @@ class Check(Protocol):
         """One line naming what was wrong, or None."""
 
 
-@dataclass
-class _Flat:
-    source: torch.Tensor
-    buffer: Optional[torch.Tensor] = None  # the host copy (None: read, not copied)
-    inspect: list[Inspect] = field(default_factory=list)
-
-
 class Staging:
     """One save's host copies of flat partitions, and the checks that read them, taken in one pass."""
 
     def __init__(self, pool: SnapshotPool, deferred: bool) -> None:
         self._pool = pool
-        self._flats: dict[int, _Flat] = {}
+        # Keyed by id(flat): the masters' check and their copy name the same tensor object.
+        self._sources: dict[int, torch.Tensor] = {}  # every flat read, in the order it is read
+        self._buffers: dict[int, torch.Tensor] = {}  # the host copy of each flat copied (others are only read)
+        self._inspect: dict[int, list[Inspect]] = {}  # what reads each chunk of a flat
         self._checks: list[Check] = []
         self.deferred = deferred
         self.done = threading.Event()  # set once :meth:`run` has ended, however it ended
@@ -74,24 +69,25 @@ class Staging:
 
     def buffer_for(self, flat: torch.Tensor) -> torch.Tensor:
         """A host buffer that holds ``flat``'s values once :meth:`run` has run."""
-        entry = self._entry(flat)
-        if entry.buffer is None:
-            entry.buffer = self._pool.take(flat)
-        return entry.buffer
+        self._sources.setdefault(id(flat), flat)
+        if id(flat) not in self._buffers:
+            self._buffers[id(flat)] = self._pool.take(flat)
+        return self._buffers[id(flat)]
 
     def add_check(self, check: Check) -> None:
         """Let ``check`` read the chunks of its flats in the copying pass."""
         self._checks.append(check)
         for flat, inspect in check.inspectors().values():
-            self._entry(flat).inspect.append(inspect)
+            self._sources.setdefault(id(flat), flat)
+            self._inspect.setdefault(id(flat), []).append(inspect)
 
     def run(self) -> None:
         """Copy every flat and run the checks on the copied chunks (local: no collective). An error is
         kept in :attr:`failure`; :attr:`done` is set in every case, releasing the held steps."""
         try:
             with torch.no_grad():
-                for entry in self._flats.values():
-                    _copy_and_inspect(entry)
+                for key, source in self._sources.items():
+                    _copy_and_inspect(source, self._buffers.get(key), self._inspect.get(key, []))
         except Exception as e:  # reported by the caller's vote, on every rank
             self.failure.record("copying the masters to host memory", e)
         finally:
@@ -107,26 +103,22 @@ class Staging:
 
     def release(self) -> None:
         """The copies were sent (or never will be): back to the pool for the next save."""
-        self._pool.give_back([e.buffer for e in self._flats.values() if e.buffer is not None])
-        self._flats.clear()
+        self._pool.give_back(list(self._buffers.values()))
+        self._sources, self._buffers, self._inspect = {}, {}, {}
         self._checks = []  # (their findings were voted on before)
 
-    def _entry(self, flat: torch.Tensor) -> _Flat:
-        # Keyed by identity: the masters' check and their copy name the same tensor object.
-        if id(flat) not in self._flats:
-            self._flats[id(flat)] = _Flat(flat)
-        return self._flats[id(flat)]
 
-
-def _copy_and_inspect(entry: _Flat) -> None:
-    source = entry.source.detach().reshape(-1)
+def _copy_and_inspect(flat: torch.Tensor, buffer: Optional[torch.Tensor], inspectors: list[Inspect]) -> None:
+    """``flat`` copied into ``buffer`` (None: only read) chunk by chunk, each chunk read by ``inspectors``
+    right after it is copied."""
+    source = flat.detach().reshape(-1)
     for lo in range(0, source.numel(), _CHUNK):
         piece = source[lo:lo + _CHUNK]
         copied = piece
-        if entry.buffer is not None:
-            copied = entry.buffer[lo:lo + piece.numel()]
+        if buffer is not None:
+            copied = buffer[lo:lo + piece.numel()]
             copied.copy_(piece)
-        for inspect in entry.inspect:
+        for inspect in inspectors:
             inspect(lo, piece, copied)
 
 
